@@ -1,0 +1,9 @@
+"""The explicit list of builtin passes. Importing this module registers them."""
+
+from __future__ import annotations
+
+from compress.quant import rtn as _rtn
+
+__all__ = ["BUILTIN_PASS_MODULES"]
+
+BUILTIN_PASS_MODULES = (_rtn,)

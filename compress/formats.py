@@ -1,0 +1,164 @@
+"""Numeric formats as pure functions: quantize, dequantize, describe.
+
+One definition of each format, shared by the algorithms (which choose codes), export (which packs
+them) and the kernels (which compute with them).
+
+Integer format, ``b`` bits, weight ``W`` of shape ``(out_features, in_features)`` split along the
+input dimension into groups of ``group_size`` columns (``None``: one group per row):
+
+* codes are unsigned integers in ``[0, 2**b - 1]``;
+* ``W ≈ (code - zero) * scale`` per group;
+* symmetric: ``zero`` is the constant ``2**(b-1)`` and is not stored; the scale maps the group's
+  absolute maximum to ``2**(b-1) - 1``;
+* asymmetric: ``zero`` is an integer in ``[0, 2**b - 1]`` stored per group (at ``b`` bits), the
+  scale maps the group's range onto all ``2**b`` levels;
+* scales are stored in ``scale_dtype`` (fp16 by default) and the codes are computed with the
+  already-rounded scale, so the dequantized weight is exactly what a loader reproduces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from compress.errors import FormatError
+
+__all__ = [
+    "SCALE_DTYPES",
+    "IntFormat",
+    "dequantize_int",
+    "quantize_int",
+]
+
+SCALE_DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """Group-wise integer format for a weight matrix."""
+
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = True
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    kind = "int"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise FormatError(f"integer bits must be in 2..8, got {self.bits}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise FormatError(f"group_size must be positive, got {self.group_size}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise FormatError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}")
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def midpoint(self) -> int:
+        """The implicit zero point of symmetric codes."""
+        return 1 << (self.bits - 1)
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def groups(self, in_features: int) -> int:
+        """Groups per row; raises if the group size does not divide ``in_features``."""
+        size = self.group_size or in_features
+        if in_features % size:
+            divisors = [d for d in (32, 64, 96, 128, 192, 256) if in_features % d == 0]
+            raise FormatError(
+                f"group_size {size} does not divide the input dimension {in_features}",
+                hint=f"use a divisor of {in_features}"
+                + (f" such as {divisors}" if divisors else "")
+                + " or group_size: null for per-channel scales",
+            )
+        return in_features // size
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Nominal stored cost: code bits plus scale (and zero) bits spread over each group."""
+        size = self.group_size or in_features
+        scale_bits = torch.finfo(self.torch_scale_dtype).bits
+        zero_bits = 0 if self.symmetric else self.bits
+        return self.bits + (scale_bits + zero_bits) / size
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IntFormat:
+        fields = {k: v for k, v in data.items() if k != "kind"}
+        if data.get("kind", "int") != "int":
+            raise FormatError(f"not an integer format: {data!r}")
+        return cls(**fields)
+
+
+def _grouped(weight: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    # (out, in) -> (out, groups, group_size)
+    out_features, in_features = weight.shape
+    groups = fmt.groups(in_features)
+    return weight.reshape(out_features, groups, in_features // groups)
+
+
+def quantize_int(
+    weight: torch.Tensor,
+    fmt: IntFormat,
+    *,
+    clip_ratio: torch.Tensor | float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest codes of ``weight`` (out, in) in ``fmt``.
+
+    ``clip_ratio`` (scalar or (out, groups)) shrinks the range before the scale is chosen; an
+    MSE observer searches it, min-max uses 1.0.
+
+    Returns ``codes`` (out, in) uint8, ``scales`` (out, groups) in ``fmt.scale_dtype`` and
+    ``zeros`` (out, groups) uint8 or ``None`` when symmetric.
+    """
+    if weight.dim() != 2:
+        raise FormatError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    w = _grouped(weight.detach().to(torch.float32), fmt)
+    ratio = torch.as_tensor(clip_ratio, dtype=torch.float32)
+    if ratio.dim() == 2:
+        ratio = ratio.unsqueeze(-1)
+    tiny = torch.finfo(fmt.torch_scale_dtype).tiny
+    if fmt.symmetric:
+        absmax = w.abs().amax(dim=-1, keepdim=True) * ratio
+        scale = (absmax / (fmt.midpoint - 1)).clamp_min(tiny)
+        scale = scale.to(fmt.torch_scale_dtype).to(torch.float32)
+        codes = torch.round(w / scale) + fmt.midpoint
+        codes = codes.clamp_(0, fmt.levels - 1)
+        zeros = None
+    else:
+        low = (w.amin(dim=-1, keepdim=True) * ratio).clamp(max=0)
+        high = (w.amax(dim=-1, keepdim=True) * ratio).clamp(min=0)
+        scale = ((high - low) / (fmt.levels - 1)).clamp_min(tiny)
+        scale = scale.to(fmt.torch_scale_dtype).to(torch.float32)
+        zero = torch.round(-low / scale).clamp_(0, fmt.levels - 1)
+        codes = (torch.round(w / scale) + zero).clamp_(0, fmt.levels - 1)
+        zeros = zero.squeeze(-1).to(torch.uint8)
+    codes_2d = codes.reshape(weight.shape).to(torch.uint8)
+    return codes_2d, scale.squeeze(-1).to(fmt.torch_scale_dtype), zeros
+
+
+def dequantize_int(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    fmt: IntFormat,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(code - zero) * scale`` per group; codes (out, in) → weight (out, in) in ``dtype``."""
+    grouped = _grouped(codes, fmt).to(torch.float32)
+    zero: torch.Tensor | float
+    zero = float(fmt.midpoint) if zeros is None else zeros.to(torch.float32).unsqueeze(-1)
+    weight = (grouped - zero) * scales.to(torch.float32).unsqueeze(-1)
+    return weight.reshape(codes.shape).to(dtype)

@@ -1,0 +1,1 @@
+"""Quantization algorithms. Siblings of prune/ and distill/: they never import each other."""

@@ -1,0 +1,88 @@
+"""Round-to-nearest weight quantization (RTN).
+
+Calibration-free: each group of a weight row gets a scale (and zero point when asymmetric) from
+its range, and every weight is rounded to the nearest level. The baseline every calibrated
+method is measured against.
+
+Example recipe entry::
+
+    passes:
+      - {pass: rtn, bits: 4, group_size: 64, symmetric: true}
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compress.errors import FormatError, PassError
+from compress.formats import IntFormat, quantize_int
+from compress.ir import QuantizedWeight, set_quantized
+from compress.registry import PassConfig, PassContext, PassReport, register_pass
+from compress.utils.modules import select_linears
+
+__all__ = ["RTNConfig", "quantization_error", "rtn"]
+
+
+class RTNConfig(PassConfig):
+    """Settings of the ``rtn`` pass."""
+
+    bits: int = Field(4, ge=2, le=8, description="code width in bits (2..8)")
+    group_size: int | None = Field(
+        128, gt=0, description="columns sharing one scale; null = one scale per output channel"
+    )
+    symmetric: bool = Field(True, description="symmetric codes (no stored zero point)")
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    targets: list[str] | None = Field(
+        None, description="glob patterns of module names; default: every Linear in decoder blocks"
+    )
+    ignore: list[str] = Field(default_factory=list, description="glob patterns to leave as is")
+
+    def int_format(self) -> IntFormat:
+        return IntFormat(self.bits, self.group_size, self.symmetric, self.scale_dtype)
+
+
+def quantization_error(weight: torch.Tensor, record: QuantizedWeight) -> float:
+    """Relative Frobenius error ``||W - Q(W)|| / ||W||`` of one weight."""
+    reference = weight.detach().to(torch.float32)
+    diff = reference - record.dequantize(torch.float32)
+    return float(diff.norm() / reference.norm().clamp_min(1e-30))
+
+
+@register_pass("rtn", RTNConfig)
+def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport:
+    """Round-to-nearest integer quantization of Linear weights."""
+    fmt = config.int_format()
+    modules, skipped = select_linears(model, config.targets, config.ignore)
+    if not modules:
+        raise PassError(
+            "rtn: no Linear module matched targets="
+            f"{config.targets if config.targets is not None else '<decoder blocks>'}",
+            hint="check the targets/ignore patterns against model.named_modules()",
+        )
+    _check_shapes(modules, fmt)
+    report = PassReport(name="rtn", skipped=skipped)
+    errors = []
+    for name, module in context.progress.track(modules.items(), "rtn", total=len(modules)):
+        codes, scales, zeros = quantize_int(module.weight, fmt)
+        record = QuantizedWeight(codes, scales, zeros, fmt)
+        error = quantization_error(module.weight, record)
+        set_quantized(module, record)
+        report.touched.append(name)
+        report.per_module[name] = {"relative_error": error}
+        errors.append(error)
+    report.metrics["mean_relative_error"] = sum(errors) / len(errors)
+    report.metrics["max_relative_error"] = max(errors)
+    return report
+
+
+def _check_shapes(modules: dict[str, nn.Linear], fmt: IntFormat) -> None:
+    """Fail before touching anything if one module cannot take the format."""
+    for name, module in modules.items():
+        try:
+            fmt.groups(module.in_features)
+        except FormatError as error:
+            raise FormatError(f"layer {name}: {error.message}", hint=error.hint) from None

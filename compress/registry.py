@@ -1,0 +1,136 @@
+"""The pass registry: a pass is a typed config plus a function, registered by name.
+
+Builtin passes are registered by the explicit import list in :mod:`compress.builtins`, never by
+scanning packages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from compress.errors import PassError, RecipeError, nearest
+from compress.utils.progress import NullProgress, Progress
+
+__all__ = [
+    "PassConfig",
+    "PassContext",
+    "PassFn",
+    "PassReport",
+    "RegisteredPass",
+    "available_passes",
+    "config_for",
+    "get_pass",
+    "register_pass",
+]
+
+
+class PassConfig(BaseModel):
+    """Base of every pass config: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+C = TypeVar("C", bound=PassConfig)
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model and its config."""
+
+    progress: Progress = field(default_factory=NullProgress)
+    strict: bool = False
+
+
+@dataclass
+class PassReport:
+    """What a pass did: modules touched, modules skipped (with why), and error metrics."""
+
+    name: str
+    touched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_module: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def check_strict(self, strict: bool) -> None:
+        """Under ``--strict`` a skipped module is a failure, not a note."""
+        if strict and self.skipped:
+            first, reason = next(iter(self.skipped.items()))
+            raise PassError(
+                f"pass {self.name!r} skipped {len(self.skipped)} module(s), e.g. {first}: {reason}",
+                hint="remove --strict, or add the modules to the pass's ignore list",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "touched": list(self.touched),
+            "skipped": dict(self.skipped),
+            "metrics": dict(self.metrics),
+            "per_module": {k: dict(v) for k, v in self.per_module.items()},
+        }
+
+
+PassFn = Callable[[nn.Module, Any, PassContext], PassReport]
+
+
+@dataclass(frozen=True)
+class RegisteredPass(Generic[C]):
+    name: str
+    config_cls: type[C]
+    fn: Callable[[nn.Module, C, PassContext], PassReport]
+    summary: str
+
+
+_REGISTRY: dict[str, RegisteredPass[Any]] = {}
+
+
+def register_pass(
+    name: str, config_cls: type[C]
+) -> Callable[
+    [Callable[[nn.Module, C, PassContext], PassReport]],
+    Callable[[nn.Module, C, PassContext], PassReport],
+]:
+    """Register ``fn`` as pass ``name`` configured by ``config_cls``; returns ``fn`` unchanged."""
+
+    def decorate(
+        fn: Callable[[nn.Module, C, PassContext], PassReport],
+    ) -> Callable[[nn.Module, C, PassContext], PassReport]:
+        if name in _REGISTRY:
+            raise ValueError(f"pass {name!r} is already registered")
+        if not issubclass(config_cls, PassConfig):
+            raise TypeError(f"{config_cls.__name__} must derive from PassConfig")
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        _REGISTRY[name] = RegisteredPass(name, config_cls, fn, summary)
+        return fn
+
+    return decorate
+
+
+def get_pass(name: str) -> RegisteredPass[Any]:
+    """The registered pass ``name``; an unknown name raises with the nearest valid one."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        guess = nearest(name, _REGISTRY)
+        raise RecipeError(
+            f"unknown pass {name!r}",
+            hint=(f"did you mean {guess!r}? " if guess else "")
+            + f"available passes: {', '.join(sorted(_REGISTRY))}",
+        ) from None
+
+
+def available_passes() -> dict[str, RegisteredPass[Any]]:
+    return dict(sorted(_REGISTRY.items()))
+
+
+def config_for(config: PassConfig) -> RegisteredPass[Any]:
+    """The registered pass whose config class is ``type(config)``."""
+    for entry in _REGISTRY.values():
+        if type(config) is entry.config_cls:
+            return entry
+    raise PassError(f"{type(config).__name__} is not the config of any registered pass")
