@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from compress import builtins as _builtins  # noqa: F401  (registers builtin passes)
 from compress.errors import CompressError
+from compress.export.hf import register as _register_with_transformers
 
 __all__ = ["CompressError", "__version__"]
 
 __version__ = "0.1.0"
+
+_register_with_transformers()

@@ -30,14 +30,17 @@ __all__ = ["RTNConfig", "quantization_error", "rtn"]
 class RTNConfig(PassConfig):
     """Settings of the ``rtn`` pass."""
 
-    bits: int = Field(4, ge=2, le=8, description="code width in bits (2..8)")
+    bits: int = Field(default=4, ge=2, le=8, description="code width in bits (2..8)")
     group_size: int | None = Field(
-        128, gt=0, description="columns sharing one scale; null = one scale per output channel"
+        default=128,
+        gt=0,
+        description="columns sharing one scale; null = one scale per output channel",
     )
-    symmetric: bool = Field(True, description="symmetric codes (no stored zero point)")
+    symmetric: bool = Field(default=True, description="symmetric codes (no stored zero point)")
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     targets: list[str] | None = Field(
-        None, description="glob patterns of module names; default: every Linear in decoder blocks"
+        default=None,
+        description="glob patterns of module names; default: every Linear in decoder blocks",
     )
     ignore: list[str] = Field(default_factory=list, description="glob patterns to leave as is")
 

@@ -1,0 +1,283 @@
+"""The ``compress`` command line: thin wrappers that parse, call the library and print.
+
+Every :class:`~compress.errors.CompressError` (bad recipe, missing model, corrupted export...)
+ends the command with its message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichBar
+from rich.table import Table
+
+from compress.errors import CompressError
+
+__all__ = ["app", "main", "run"]
+
+T = TypeVar("T")
+
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    name="compress",
+    help="Compress Hugging Face causal LMs: quantize, pack, export, load, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipes_app = typer.Typer(help="List and validate recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+class RichProgress:
+    """:class:`compress.utils.progress.Progress` drawn with rich bars on stderr."""
+
+    def __init__(self) -> None:
+        self._bar = RichBar(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+
+    def __enter__(self) -> RichProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def track(self, items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)  # type: ignore[arg-type]
+        task = self._bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            self._bar.advance(task)
+
+    def log(self, message: str) -> None:
+        self._bar.console.log(message)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")]
+
+
+@app.command()
+def apply(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    export_dir: Annotated[
+        Path | None, typer.Option("--export-dir", "-o", help="Override export.dir.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
+    evaluate: Annotated[bool, typer.Option(help="Run the recipe's evaluate block.")] = True,
+    strict: Annotated[bool, typer.Option(help="Fail when a pass skips a module.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run a recipe: load, compress, export, evaluate, report."""
+    from compress.pipeline import Pipeline
+    from compress.recipe import ExportSpec, load_recipe
+    from compress.report import summary_rows
+
+    _setup_logging(verbose)
+    loaded = load_recipe(recipe)
+    updates: dict[str, Any] = {}
+    if export_dir is not None or overwrite:
+        base = loaded.export or ExportSpec(dir=export_dir or Path("out"))
+        updates["export"] = base.model_copy(
+            update={"dir": export_dir or base.dir, "overwrite": overwrite or base.overwrite}
+        )
+    if not evaluate:
+        updates["evaluate"] = None
+    if updates:
+        loaded = loaded.model_copy(update=updates)
+    with RichProgress() as progress:
+        result = Pipeline.from_recipe(loaded, progress=progress, strict=strict).run()
+    table = Table(title=f"compress apply {recipe}")
+    table.add_column("metric")
+    table.add_column("original", justify="right")
+    table.add_column("compressed", justify="right")
+    for row in summary_rows(result.report):
+        table.add_row(*row)
+    out.print(table)
+    if result.export_dir is not None:
+        out.print(f"export: {result.export_dir}  (report: {result.export_dir / 'report.md'})")
+
+
+@app.command()
+def fetch(
+    names: Annotated[list[str], typer.Argument(help="Builtin models or datasets to cache.")],
+    verbose: Verbose = False,
+) -> None:
+    """Download and convert builtin models (smollm2-135m) and datasets (builtin:wiki)."""
+    from compress.data import fetch_dataset
+    from compress.models import fetch_model
+
+    _setup_logging(verbose)
+    with RichProgress() as progress:
+        for name in names:
+            path = fetch_dataset(name, progress) if name.startswith("builtin:") else None
+            path = path or fetch_model(name, progress)
+            out.print(f"{name}: {path}")
+
+
+@app.command()
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="An export folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    verify: Annotated[bool, typer.Option(help="Check file checksums.")] = True,
+) -> None:
+    """Show what an export holds: formats, sizes, bits per weight, kernels, recipe."""
+    from compress.export.summary import summarize_export
+
+    summary = summarize_export(directory, verify=verify)
+    if as_json:
+        out.print_json(json.dumps(summary.to_dict()))
+        return
+    table = Table(title=f"{directory}  (format v{summary.format_version})")
+    for column in ("format", "modules", "params", "stored MB", "bits/weight", "nominal"):
+        table.add_column(column, justify="left" if column == "format" else "right")
+    for label, group in summary.per_format.items():
+        table.add_row(
+            label,
+            str(group.modules),
+            f"{group.params:,}",
+            f"{group.stored_bytes / 1e6:.2f}",
+            f"{group.bits_per_weight:.3f}",
+            f"{group.nominal_bits_per_weight:.3f}",
+        )
+    out.print(table)
+    out.print(
+        f"tensors {summary.tensor_bytes / 1e6:.1f} MB, files {summary.files_bytes / 1e6:.1f} MB; "
+        f"{summary.params:,} params, {summary.model_bits_per_weight:.3f} bits/weight overall, "
+        f"{summary.quantized_bits_per_weight:.3f} in quantized layers"
+    )
+    out.print(f"CPU kernels (fp32, batch 1): {', '.join(sorted(_kernels(directory)))}")
+    if summary.recipe:
+        out.print("recipe:")
+        out.print_json(json.dumps(summary.recipe))
+
+
+def _kernels(directory: Path) -> set[str]:
+    """The CPU kernels the modules of an export would run with fp32 activations at batch 1."""
+    import torch
+
+    from compress.export import kernels
+    from compress.export.manifest import read_manifest
+    from compress.formats import IntFormat
+
+    return {
+        kernels.select(
+            IntFormat.from_dict(entry["format"]),
+            entry["shape"][1],
+            rows=1,
+            dtype=torch.float32,
+            device="cpu",
+        )
+        for entry in read_manifest(directory)["modules"].values()
+    }
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="An export folder with a report.")],
+) -> None:
+    """Print the report of a finished run."""
+    from compress.report import read_report, render_markdown
+
+    out.print(render_markdown(read_report(directory)), markup=False, highlight=False)
+
+
+@recipes_app.command("validate")
+def recipes_validate(
+    files: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")],
+) -> None:
+    """Check recipes against the schema; exit 2 on the first invalid one."""
+    from compress.recipe import load_recipe
+
+    for path in files:
+        recipe = load_recipe(path)
+        out.print(f"[green]ok[/green] {path}: passes {', '.join(recipe.pass_names()) or '-'}")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the registered passes and their options."""
+    from compress.registry import available_passes
+
+    table = Table(title="passes")
+    table.add_column("pass")
+    table.add_column("options")
+    table.add_column("summary")
+    for name, entry in available_passes().items():
+        table.add_row(name, ", ".join(entry.config_cls.model_fields), entry.summary)
+    out.print(table)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv``; return the exit code (2 for bad input)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except CompressError as error:
+        console.print(f"[bold red]error:[/bold red] {error.message}", highlight=False)
+        if error.hint:
+            console.print(f"  [yellow]hint:[/yellow] {error.hint}", highlight=False)
+        return 2
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.exceptions.Abort:
+        console.print("aborted")
+        return 130
+    return 0
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The transformers plug-in: ``quant_method: compress`` in ``config.json`` loads packed modules.
+
+``import compress`` calls :func:`register`, after which
+``AutoModelForCausalLM.from_pretrained(export_dir)`` verifies the manifest checksums, swaps the
+quantized Linear layers for :class:`QuantLinear` on the meta device and lets transformers load the
+packed buffers straight into them: no dense copy of a quantized weight is ever made.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from compress.errors import ExportError
+from compress.export.manifest import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    check_format_version,
+    read_manifest,
+    verify_files,
+)
+from compress.export.qlinear import QuantLinear
+from compress.formats import IntFormat
+
+__all__ = ["CompressHfQuantizer", "CompressQuantizationConfig", "register"]
+
+log = logging.getLogger(__name__)
+
+
+class CompressQuantizationConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a compress export: format version and per-module formats."""
+
+    def __init__(
+        self,
+        modules: dict[str, dict[str, Any]] | None = None,
+        format_version: int = FORMAT_VERSION,
+        verify_checksums: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # not a builtin method
+        self.format_version = format_version
+        self.modules = dict(modules or {})
+        self.verify_checksums = verify_checksums
+        check_format_version(format_version, "config.json quantization_config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "modules": self.modules,
+        }
+
+    def formats(self) -> dict[str, IntFormat]:
+        return {name: IntFormat.from_dict(spec) for name, spec in self.modules.items()}
+
+
+class CompressHfQuantizer(HfQuantizer):
+    """Loads pre-quantized compress exports; quantizing on the fly is `compress apply`'s job."""
+
+    requires_calibration = True
+    quantization_config: CompressQuantizationConfig
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            raise ExportError(
+                "quant_method 'compress' only loads exports made by `compress apply`",
+                hint="quantize with `compress apply recipe.yaml` instead",
+            )
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        files = kwargs.get("checkpoint_files") or []
+        if files and self.quantization_config.verify_checksums:
+            directory = Path(files[0]).parent
+            verify_files(directory, read_manifest(directory))
+        dtype = kwargs.get("dtype")
+        replace_linears_(model, self.quantization_config.formats(), dtype=dtype)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        kernels = {m.kernel for m in model.modules() if isinstance(m, QuantLinear)}
+        log.info("compress export loaded; CPU kernels: %s", ", ".join(sorted(kernels)))
+
+    def is_serializable(self) -> bool:
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def replace_linears_(model: nn.Module, formats: dict[str, IntFormat], dtype: Any = None) -> None:
+    """Swap each named Linear for an empty :class:`QuantLinear` of its format, in place."""
+    modules = dict(model.named_modules())
+    for name, fmt in formats.items():
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise ExportError(
+                f"quantization_config names module {name!r}, which is "
+                + ("missing" if linear is None else f"a {type(linear).__name__}, not a Linear")
+                + f" in {type(model).__name__}",
+                hint="the export does not match its config.json; re-export it",
+            )
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        bias_dtype = linear.bias.dtype if linear.bias is not None else linear.weight.dtype
+        replacement = QuantLinear(
+            linear.in_features,
+            linear.out_features,
+            fmt,
+            bias=linear.bias is not None,
+            dtype=bias_dtype,
+            device=linear.weight.device,
+        )
+        setattr(parent, child, replacement)
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Make transformers aware of ``quant_method: compress`` (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(CompressQuantizationConfig)
+        register_quantizer(QUANT_METHOD)(CompressHfQuantizer)
+    _REGISTERED = True

@@ -1,0 +1,103 @@
+"""Fixtures shared by the whole test suite.
+
+- ``tiny_llama``: a tiny random ``LlamaForCausalLM`` (hidden 64, 2 layers, vocab 256), built from a
+  config with a fixed seed; no download. Session-scoped, so treat it as read-only; tests that
+  change weights in place take ``tiny_llama_copy``.
+- ``byte_tokenizer``: a byte-level tokenizer with exactly 256 tokens, matching ``tiny_llama``.
+- ``smollm2``: ``(model, tokenizer)`` of the real builtin ``smollm2-135m`` (fetched once into the
+  compress cache). Only for tests marked ``@pytest.mark.slow``; collection enforces it.
+- ``wiki_eval_texts``: the evaluation split of ``builtin:wiki`` (a ``datasets.Dataset``).
+- ``hub_offline``: make the Hugging Face hub fail at once instead of after network retries.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import datasets
+import huggingface_hub.constants
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+TINY_LLAMA_SEED = 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "smollm2" in fixtures and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the smollm2 fixture but is not marked @pytest.mark.slow"
+            )
+
+
+def tiny_llama_config() -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> LlamaForCausalLM:
+    """A random tiny Llama in eval mode, the same weights on every run. Do not modify it."""
+    torch.manual_seed(TINY_LLAMA_SEED)
+    model = LlamaForCausalLM(tiny_llama_config())
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama_copy(tiny_llama: LlamaForCausalLM) -> LlamaForCausalLM:
+    """A private copy of ``tiny_llama`` that a test may change in place."""
+    return copy.deepcopy(tiny_llama)
+
+
+def make_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2-style byte-level tokenizer with no merges: one token per UTF-8 byte, 256 tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    return make_byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from compress.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def wiki_eval_texts() -> datasets.Dataset:
+    from compress.data import load_texts
+
+    return load_texts("builtin:wiki", "evaluation")
+
+
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No hub here: without this, each hub call retries for ~25 s before it fails."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    yield

@@ -1,0 +1,66 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.export import kernels
+from compress.export.qlinear import QuantLinear
+from compress.formats import IntFormat, quantize_int
+from compress.ir import QuantizedWeight
+
+# (out, in, group): dims not multiples of 64, a group that is not a power of two, per-channel
+SHAPES = [(24, 72, 24), (17, 100, None), (64, 96, 32), (3, 40, 8)]
+
+
+def make(out_features, in_features, fmt, bias=True, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    codes, scales, zeros = quantize_int(linear.weight, fmt)
+    record = QuantizedWeight(codes, scales, zeros, fmt)
+    return linear, record, QuantLinear.from_record(linear, record)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_forward_matches_dense_dequantized(bits, symmetric, shape, batch):
+    out_features, in_features, group = shape
+    linear, record, module = make(out_features, in_features, IntFormat(bits, group, symmetric))
+    x = torch.randn(batch, in_features)
+    expected = F.linear(x, record.dequantize(), linear.bias)
+    assert torch.allclose(module(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_buffers_are_the_stored_tensors():
+    _, record, module = make(24, 72, IntFormat(3, 24, False))
+    buffers = dict(module.named_buffers())
+    assert set(buffers) == {"qweight", "scales", "qzeros"}
+    assert buffers["qweight"].shape == (24, 27) and buffers["qweight"].dtype == torch.uint8
+    assert buffers["scales"].shape == (24, 3) and buffers["scales"].dtype == torch.float16
+    assert buffers["qzeros"].shape == (27,)  # 24 rows x 3 zero points x 3 bits = 27 bytes
+    assert not any(p.dim() == 2 for p in module.parameters())  # no dense weight
+    assert torch.equal(module.codes(), record.codes)
+    assert torch.equal(module.zeros(), record.zeros)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_torch_int8_kernel_matches_reference(dtype, batch):
+    _, _, module = make(40, 72, IntFormat(8, None, True))
+    x = torch.randn(2, batch, 72, dtype=dtype)
+    assert module._select(rows=2 * batch, dtype=dtype) == "torch_int8"
+    fast = kernels.KERNELS["torch_int8"](module, x).float()
+    reference = kernels.KERNELS["reference"](module, x).float()
+    assert fast.shape == (2, batch, 40)
+    assert torch.allclose(fast, reference, rtol=2e-2, atol=2e-2)
+
+
+def test_kernel_selection_and_override(monkeypatch):
+    int8 = IntFormat(8, None, True)
+    assert kernels.select(int8, 64, rows=1, dtype=torch.bfloat16) == "torch_int8"
+    assert kernels.select(int8, 64, rows=1, dtype=torch.float32) == "reference"
+    assert kernels.select(int8, 64, rows=512, dtype=torch.bfloat16) == "reference"
+    assert kernels.select(IntFormat(4, 32), 64, rows=1, dtype=torch.bfloat16) == "reference"
+    monkeypatch.setenv("COMPRESS_KERNEL", "reference")
+    assert kernels.select(int8, 64, rows=1, dtype=torch.bfloat16) == "reference"
