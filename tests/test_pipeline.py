@@ -1,0 +1,116 @@
+"""The pipeline end to end: passes, export, reload through transformers, evaluation, report."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from compress.export.qlinear import QuantLinear
+from compress.pipeline import Pipeline
+from compress.quant.rtn import RTNConfig
+from compress.recipe import EvaluateSpec, ExportSpec, load_recipe
+
+
+def test_python_api_exports_a_model_that_reloads(tiny_llama_copy, byte_tokenizer, tmp_path):
+    result = Pipeline(
+        model=tiny_llama_copy,
+        passes=[RTNConfig(bits=4, group_size=32)],
+        tokenizer=byte_tokenizer,
+        export=tmp_path / "export",
+    ).run()
+    assert result.export_dir == tmp_path / "export"
+    manifest = json.loads((result.export_dir / "compress_manifest.json").read_text())
+    assert manifest["recipe"]["passes"][0] == {
+        "pass": "rtn",
+        "bits": 4,
+        "group_size": 32,
+        "symmetric": True,
+        "scale_dtype": "float16",
+        "targets": None,
+        "ignore": [],
+    }
+    assert result.report["size"]["quantized_bits_per_weight"] == pytest.approx(4.5)
+    reloaded = AutoModelForCausalLM.from_pretrained(result.export_dir)
+    ids = torch.arange(40).reshape(2, 20)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_module_without_tokenizer_cannot_export(tiny_llama_copy, tmp_path):
+    with pytest.raises(ValueError, match="tokenizer"):
+        Pipeline(model=tiny_llama_copy, passes=[RTNConfig(group_size=32)], export=tmp_path).run()
+
+
+def test_passes_only_leaves_no_files(tiny_llama_copy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = Pipeline(model=tiny_llama_copy, passes=[RTNConfig(bits=8, group_size=None)]).run()
+    assert result.export_dir is None
+    assert list(tmp_path.iterdir()) == []
+    assert result.report["passes"][0]["name"] == "rtn"
+
+
+@pytest.mark.slow
+def test_smollm2_reloaded_export_matches_in_memory_model(smollm2, tmp_path):
+    """Acceptance: packed modules after from_pretrained, logits within 1e-4 relative error."""
+    _, tokenizer = smollm2
+    result = Pipeline(
+        model="smollm2-135m",
+        passes=[RTNConfig(bits=4, group_size=64)],
+        export=ExportSpec(dir=tmp_path / "w4"),
+    ).run()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "w4")
+    packed = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == 7 * 30
+    # no dense weight of a quantized layer anywhere in the loaded model
+    assert not any(
+        isinstance(m, torch.nn.Linear) and ".layers." in n for n, m in loaded.named_modules()
+    )
+    dense_bytes = sum(
+        t.numel() * t.element_size() for n, t in loaded.state_dict().items() if ".layers." in n
+    )
+    packed_bytes = sum(b.numel() * b.element_size() for m in packed for b in m.buffers())
+    assert packed_bytes / dense_bytes > 0.99  # the decoder layers are (almost) all packed codes
+
+    prompt = tokenizer("The Eiffel Tower is located in the city of", return_tensors="pt")
+    with torch.no_grad():
+        expected = result.model(**prompt).logits
+        actual = loaded(**prompt).logits
+    relative = (actual - expected).norm() / expected.norm()
+    assert relative < 1e-4
+    text = tokenizer.decode(loaded.generate(**prompt, max_new_tokens=6, do_sample=False)[0])
+    assert text.startswith("The Eiffel Tower is located in the city of")
+
+
+@pytest.mark.slow
+def test_smollm2_int8_recipe_quality(tmp_path):
+    """Acceptance: the shipped int8 RTN recipe keeps top-1 >= 95% and KL <= 0.005 nats/token."""
+    recipe = load_recipe("recipes/smollm2-w8-rtn.yaml")
+    assert recipe.export is not None and recipe.evaluate is not None
+    recipe = recipe.model_copy(
+        update={"export": recipe.export.model_copy(update={"dir": tmp_path / "w8"})}
+    )
+    result = Pipeline.from_recipe(recipe).run()
+    quality = result.report["quality"]["builtin:wiki"]
+    assert quality["windows"] == recipe.evaluate.max_windows
+    assert quality["top1_agreement"] >= 0.95
+    assert quality["kl_mean"] <= 0.005
+    assert quality["perplexity"] == pytest.approx(quality["reference_perplexity"], rel=0.01)
+    assert result.report["size"]["quantized_bits_per_weight"] == pytest.approx(
+        8 + 16 / 576, rel=0.01
+    )
+    assert (tmp_path / "w8" / "report.md").read_text().count("builtin:wiki") >= 1
+
+
+@pytest.mark.slow
+def test_smollm2_int2_is_visibly_damaged(tmp_path):
+    """The metrics can fail: int2 RTN must show a large KL and a perplexity blow-up."""
+    result = Pipeline(
+        model="smollm2-135m",
+        passes=[RTNConfig(bits=2, group_size=64)],
+        evaluate=EvaluateSpec(max_windows=2, seq_len=256),
+    ).run()
+    quality = result.report["quality"]["builtin:wiki"]
+    assert quality["kl_mean"] > 1.0
+    assert quality["perplexity"] > 3 * quality["reference_perplexity"]
+    assert quality["top1_agreement"] < 0.6
