@@ -24,7 +24,7 @@ from torch import nn
 from compress.data import load_texts, token_windows
 from compress.evaluate import compare_to_reference, generation_sample, perplexity
 from compress.export.summary import summarize_export
-from compress.export.writer import export_model
+from compress.export.writer import check_export_target, export_model
 from compress.ir import quantized_modules
 from compress.models import load_model
 from compress.recipe import EvaluateSpec, ExportSpec, ModelSpec, Recipe, load_recipe, parse_recipe
@@ -113,6 +113,8 @@ class Pipeline:
         return parse_recipe(data).resolved()
 
     def run(self) -> RunResult:
+        if self.export is not None:
+            check_export_target(self.export.dir, overwrite=self.export.overwrite)
         timings: dict[str, float] = {}
         start = time.perf_counter()
         model, tokenizer, source = self._load()

@@ -39,7 +39,9 @@ def test_python_api_exports_a_model_that_reloads(tiny_llama_copy, byte_tokenizer
 
 def test_module_without_tokenizer_cannot_export(tiny_llama_copy, tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
-        Pipeline(model=tiny_llama_copy, passes=[RTNConfig(group_size=32)], export=tmp_path).run()
+        Pipeline(
+            model=tiny_llama_copy, passes=[RTNConfig(group_size=32)], export=tmp_path / "out"
+        ).run()
 
 
 def test_passes_only_leaves_no_files(tiny_llama_copy, tmp_path, monkeypatch):

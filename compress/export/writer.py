@@ -24,7 +24,7 @@ from compress.ir import quantized_modules
 from compress.utils.fs import atomic_directory, sha256_file
 from compress.utils.progress import NullProgress, Progress
 
-__all__ = ["export_model", "packed_state"]
+__all__ = ["check_export_target", "export_model", "packed_state"]
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -67,6 +67,20 @@ def _shards(
         yield shard
 
 
+def check_export_target(directory: Path, *, overwrite: bool) -> None:
+    """Refuse an existing target up front, before any expensive work is done."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise ExportError(
+            f"{directory}: export folder already exists",
+            hint="choose another export.dir, or set export.overwrite: true (--overwrite)",
+        )
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(
+            f"{directory}: exists and is not a folder", hint="choose another export.dir"
+        )
+
+
 def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     """The ``quantization_config`` block of ``config.json``, or None if nothing is quantized."""
     records = quantized_modules(model)
@@ -92,11 +106,7 @@ def export_model(
     """Write ``model`` (with its quantization records) as a loadable export folder."""
     progress = progress or NullProgress()
     directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise ExportError(
-            f"{directory}: export folder already exists",
-            hint="choose another export.dir, or set export.overwrite: true (--overwrite)",
-        )
+    check_export_target(directory, overwrite=overwrite)
     config = getattr(model, "config", None)
     if config is None:
         raise ExportError(f"{type(model).__name__} has no Hugging Face config to export")
