@@ -17,6 +17,7 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -80,7 +81,7 @@ class RichProgress:
             self._bar.advance(task)
 
     def log(self, message: str) -> None:
-        self._bar.console.log(message)
+        self._bar.console.log(escape(message))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -122,6 +123,11 @@ def apply(
     _setup_logging(verbose)
     loaded = load_recipe(recipe)
     updates: dict[str, Any] = {}
+    if overwrite and export_dir is None and loaded.export is None:
+        raise CompressError(
+            f"{recipe}: --overwrite given but the recipe has no export section",
+            hint="add export: {dir: ...} to the recipe, or pass --export-dir DIR",
+        )
     if export_dir is not None or overwrite:
         base = loaded.export or ExportSpec(dir=export_dir or Path("out"))
         updates["export"] = base.model_copy(
@@ -133,7 +139,7 @@ def apply(
         loaded = loaded.model_copy(update=updates)
     with RichProgress() as progress:
         result = Pipeline.from_recipe(loaded, progress=progress, strict=strict).run()
-    table = Table(title=f"compress apply {recipe}")
+    table = Table(title=escape(f"compress apply {recipe}"))
     table.add_column("metric")
     table.add_column("original", justify="right")
     table.add_column("compressed", justify="right")
@@ -141,7 +147,8 @@ def apply(
         table.add_row(*row)
     out.print(table)
     if result.export_dir is not None:
-        out.print(f"export: {result.export_dir}  (report: {result.export_dir / 'report.md'})")
+        report_path = result.export_dir / "report.md"
+        out.print(f"export: {result.export_dir}  (report: {report_path})", markup=False)
 
 
 @app.command()
@@ -158,7 +165,7 @@ def fetch(
         for name in names:
             path = fetch_dataset(name, progress) if name.startswith("builtin:") else None
             path = path or fetch_model(name, progress)
-            out.print(f"{name}: {path}")
+            out.print(f"{name}: {path}", markup=False)
 
 
 @app.command()
@@ -174,7 +181,7 @@ def inspect(
     if as_json:
         out.print_json(json.dumps(summary.to_dict()))
         return
-    table = Table(title=f"{directory}  (format v{summary.format_version})")
+    table = Table(title=escape(f"{directory}  (format v{summary.format_version})"))
     for column in ("format", "modules", "params", "stored MB", "bits/weight", "nominal"):
         table.add_column(column, justify="left" if column == "format" else "right")
     for label, group in summary.per_format.items():
@@ -225,7 +232,7 @@ def report(
     """Print the report of a finished run."""
     from compress.report import read_report, render_markdown
 
-    out.print(render_markdown(read_report(directory)), markup=False, highlight=False)
+    out.print(render_markdown(read_report(directory)), markup=False, highlight=False, end="")
 
 
 @recipes_app.command("validate")
@@ -237,7 +244,8 @@ def recipes_validate(
 
     for path in files:
         recipe = load_recipe(path)
-        out.print(f"[green]ok[/green] {path}: passes {', '.join(recipe.pass_names()) or '-'}")
+        passes = ", ".join(recipe.pass_names()) or "-"
+        out.print(f"[green]ok[/green] {escape(str(path))}: passes {escape(passes)}")
 
 
 @recipes_app.command("list")
@@ -259,9 +267,9 @@ def run(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except CompressError as error:
-        console.print(f"[bold red]error:[/bold red] {error.message}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {escape(error.message)}", highlight=False)
         if error.hint:
-            console.print(f"  [yellow]hint:[/yellow] {error.hint}", highlight=False)
+            console.print(f"  [yellow]hint:[/yellow] {escape(error.hint)}", highlight=False)
         return 2
     except click.exceptions.Exit as done:
         return done.exit_code

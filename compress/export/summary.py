@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from compress.errors import ExportError
 from compress.export.manifest import read_manifest, verify_files
 from compress.formats import IntFormat
 
@@ -78,10 +79,16 @@ class ExportSummary:
 def _tensor_shapes(directory: Path) -> dict[str, tuple[list[int], str]]:
     shapes: dict[str, tuple[list[int], str]] = {}
     for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                piece = handle.get_slice(key)
-                shapes[key] = (list(piece.get_shape()), piece.get_dtype())
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    piece = handle.get_slice(key)
+                    shapes[key] = (list(piece.get_shape()), piece.get_dtype())
+        except (SafetensorError, OSError) as error:
+            raise ExportError(
+                f"{path}: unreadable safetensors file: {error}",
+                hint="the export is corrupted; re-run `compress apply` or restore the file",
+            ) from None
     return shapes
 
 
