@@ -21,13 +21,21 @@ from typing import Any
 
 from torch import nn
 
-from compress.data import load_texts, token_windows
+from compress.data import calibration_batch, load_texts, token_windows
 from compress.evaluate import compare_to_reference, generation_sample, perplexity
 from compress.export.summary import summarize_export
 from compress.export.writer import check_export_target, export_model
 from compress.ir import quantized_modules
 from compress.models import load_model
-from compress.recipe import EvaluateSpec, ExportSpec, ModelSpec, Recipe, load_recipe, parse_recipe
+from compress.recipe import (
+    CalibrationSpec,
+    EvaluateSpec,
+    ExportSpec,
+    ModelSpec,
+    Recipe,
+    load_recipe,
+    parse_recipe,
+)
 from compress.registry import PassConfig, PassContext, PassReport, config_for
 from compress.report import collect_environment, write_report
 from compress.utils.progress import NullProgress, Progress
@@ -62,6 +70,7 @@ class Pipeline:
         passes: Sequence[PassConfig] = (),
         *,
         tokenizer: Any = None,
+        calibration: CalibrationSpec | None = None,
         export: ExportSpec | str | Path | None = None,
         evaluate: EvaluateSpec | None = None,
         recipe: Recipe | None = None,
@@ -72,6 +81,7 @@ class Pipeline:
             export = ExportSpec(dir=Path(export))
         self.model_source = model
         self.passes = list(passes)
+        self.calibration = calibration or CalibrationSpec()
         self.tokenizer = tokenizer
         self.export = export
         self.evaluate = evaluate
@@ -84,6 +94,7 @@ class Pipeline:
         return cls(
             recipe.model,
             recipe.passes,
+            calibration=recipe.calibration,
             export=recipe.export,
             evaluate=recipe.evaluate,
             recipe=recipe,
@@ -106,6 +117,7 @@ class Pipeline:
         if isinstance(spec, nn.Module):
             data["model"] = {"name": getattr(spec, "name_or_path", type(spec).__name__)}
             return data
+        data["calibration"] = self.calibration.model_dump(mode="json")
         if self.export is not None:
             data["export"] = self.export.model_dump(mode="json")
         if self.evaluate is not None:
@@ -125,6 +137,15 @@ class Pipeline:
 
         start = time.perf_counter()
         context = PassContext(progress=self.progress, strict=self.strict)
+        if any(config_for(c).calibrated for c in self.passes):
+            spec = self.calibration
+            self.progress.log(
+                f"calibration: {spec.samples} x {spec.seq_len} tokens of {spec.dataset}"
+            )
+            context.calibration = calibration_batch(
+                tokenizer, spec.dataset, spec.samples, spec.seq_len, spec.seed
+            )
+            context.calibration_source = spec.dataset
         reports = []
         for config in self.passes:
             entry = config_for(config)

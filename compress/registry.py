@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -44,6 +45,9 @@ class PassContext:
 
     progress: Progress = field(default_factory=NullProgress)
     strict: bool = False
+    # (samples, seq_len) token ids from the recipe's calibration block; set for calibrated passes
+    calibration: torch.Tensor | None = None
+    calibration_source: str = ""
 
 
 @dataclass
@@ -84,18 +88,22 @@ class RegisteredPass(Generic[C]):
     config_cls: type[C]
     fn: Callable[[nn.Module, C, PassContext], PassReport]
     summary: str
+    calibrated: bool = False  # needs PassContext.calibration
 
 
 _REGISTRY: dict[str, RegisteredPass[Any]] = {}
 
 
 def register_pass(
-    name: str, config_cls: type[C]
+    name: str, config_cls: type[C], *, calibrated: bool = False
 ) -> Callable[
     [Callable[[nn.Module, C, PassContext], PassReport]],
     Callable[[nn.Module, C, PassContext], PassReport],
 ]:
-    """Register ``fn`` as pass ``name`` configured by ``config_cls``; returns ``fn`` unchanged."""
+    """Register ``fn`` as pass ``name`` configured by ``config_cls``; returns ``fn`` unchanged.
+
+    ``calibrated`` passes receive calibration token ids in ``PassContext.calibration``.
+    """
 
     def decorate(
         fn: Callable[[nn.Module, C, PassContext], PassReport],
@@ -105,7 +113,7 @@ def register_pass(
         if not issubclass(config_cls, PassConfig):
             raise TypeError(f"{config_cls.__name__} must derive from PassConfig")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = RegisteredPass(name, config_cls, fn, summary)
+        _REGISTRY[name] = RegisteredPass(name, config_cls, fn, summary, calibrated)
         return fn
 
     return decorate

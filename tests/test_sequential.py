@@ -1,0 +1,90 @@
+import pytest
+import torch
+from torch import nn
+
+from compress.errors import PassError
+from compress.sequential import capture_layer_inputs, run_sequential
+from compress.utils.hooks import capture_inputs
+
+
+def ids(samples=6, length=12, seed=0):
+    return torch.randint(0, 256, (samples, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_layer_chain_reproduces_the_model(tiny_llama):
+    batches = capture_layer_inputs(tiny_llama, ids(), batch_size=4)
+    assert [h.shape[0] for h in batches.hidden] == [4, 2]
+    for layer in tiny_llama.model.layers:
+        batches.hidden = batches.run(layer)
+    with torch.no_grad():
+        expected = tiny_llama(ids(), output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(tiny_llama.model.norm(torch.cat(batches.hidden)), expected)
+
+
+def test_steps_run_in_order_and_hooks_see_every_sample(tiny_llama):
+    seen = []
+
+    def step(index, name, layer, run):
+        rows = {}
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        with capture_inputs(
+            linears, lambda n, x: rows.__setitem__(n, rows.get(n, 0) + x.shape[0] * x.shape[1])
+        ):
+            run()
+        seen.append((index, name, rows))
+
+    run_sequential(tiny_llama, ids(samples=5, length=7), step, batch_size=2)
+    assert [(i, n) for i, n, _ in seen] == [(0, "model.layers.0"), (1, "model.layers.1")]
+    for _, _, rows in seen:
+        assert set(rows) == {
+            f"{p}_proj"
+            for p in (
+                "self_attn.q",
+                "self_attn.k",
+                "self_attn.v",
+                "self_attn.o",
+                "mlp.gate",
+                "mlp.up",
+                "mlp.down",
+            )
+        }
+        assert set(rows.values()) == {5 * 7}
+    # hooks were removed
+    assert not any(m._forward_pre_hooks for m in tiny_llama.modules())
+
+
+def test_later_layers_see_compressed_outputs(tiny_llama_copy):
+    model = tiny_llama_copy
+    captured = {}
+
+    def step(index, name, layer, run):
+        with capture_inputs(
+            {"q": layer.self_attn.q_proj}, lambda n, x: captured.setdefault(index, x)
+        ):
+            run()
+        if index == 0:  # "compress" layer 0 by zeroing its MLP output
+            with torch.no_grad():
+                layer.mlp.down_proj.weight.zero_()
+
+    run_sequential(model, ids(samples=2), step, batch_size=2)
+    batches = capture_layer_inputs(model, ids(samples=2), batch_size=2)
+    after_compressed_layer0 = batches.run(model.model.layers[0])[0]
+    normed = model.model.layers[1].input_layernorm(after_compressed_layer0)
+    assert torch.allclose(captured[1], normed, atol=1e-6)
+
+
+def test_model_without_decoder_layers_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(PassError, match="cannot find the decoder layers of Sequential"):
+        run_sequential(model, ids(), lambda *a: None)
+
+
+def test_hooks_are_removed_on_error(tiny_llama):
+    def step(index, name, layer, run):
+        with capture_inputs({"q": layer.self_attn.q_proj}, lambda n, x: None):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_sequential(tiny_llama, ids(), step)
+    assert not any(m._forward_pre_hooks for m in tiny_llama.modules())
+    assert not tiny_llama.training
