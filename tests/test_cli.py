@@ -184,7 +184,7 @@ def test_unknown_pass_names_it_and_lists_the_available_ones(
     result = invoke(capsys, "apply", recipe)
     assert result.code == 2
     assert f"{recipe}:3: passes[0].pass: unknown pass 'gtpq'" in result.err
-    assert "hint:" in result.err and "available passes: rtn" in result.err
+    assert "hint:" in result.err and "available passes: gptq, rtn" in result.err
     assert_nothing_left(parent)
 
 
@@ -298,7 +298,9 @@ def test_recipes_list_shows_rtn_and_its_options(capsys) -> None:
     result = invoke(capsys, "recipes", "list")
     assert result.code == 0, result.err
     _, options, summary = row_cells(result.out, "rtn")
-    assert options == "bits, group_size, symmetric, scale_dtype, targets, ignore"
+    assert options == "bits, group_size, symmetric, scale_dtype, observer, targets, ignore"
+    _, gptq_options, _ = row_cells(result.out, "gptq")
+    assert gptq_options.endswith("block_size, damp, act_order, batch_size")
     assert summary.startswith("Round-to-nearest")
 
 

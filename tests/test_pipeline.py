@@ -29,6 +29,7 @@ def test_python_api_exports_a_model_that_reloads(tiny_llama_copy, byte_tokenizer
         "scale_dtype": "float16",
         "targets": None,
         "ignore": [],
+        "observer": "minmax",
     }
     assert result.report["size"]["quantized_bits_per_weight"] == pytest.approx(4.5)
     reloaded = AutoModelForCausalLM.from_pretrained(result.export_dir)

@@ -7,7 +7,7 @@ method is measured against.
 Example recipe entry::
 
     passes:
-      - {pass: rtn, bits: 4, group_size: 64, symmetric: true}
+      - {pass: rtn, bits: 4, group_size: 64, symmetric: true, observer: mse}
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from compress.errors import FormatError, PassError
 from compress.formats import IntFormat, quantize_int
 from compress.ir import QuantizedWeight, set_quantized
+from compress.quant.observers import choose_clip
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.utils.modules import select_linears
 
@@ -38,6 +39,11 @@ class RTNConfig(PassConfig):
     )
     symmetric: bool = Field(default=True, description="symmetric codes (no stored zero point)")
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    observer: Literal["minmax", "mse"] = Field(
+        default="minmax",
+        description="range of each group: minmax = full range; mse = clip ratio searched per "
+        "group to minimise the weight reconstruction error",
+    )
     targets: list[str] | None = Field(
         default=None,
         description="glob patterns of module names; default: every Linear in decoder blocks",
@@ -70,7 +76,8 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
     report = PassReport(name="rtn", skipped=skipped)
     errors = []
     for name, module in context.progress.track(modules.items(), "rtn", total=len(modules)):
-        codes, scales, zeros = quantize_int(module.weight, fmt)
+        clip = choose_clip(module.weight, fmt, config.observer)
+        codes, scales, zeros = quantize_int(module.weight, fmt, clip_ratio=clip)
         record = QuantizedWeight(codes, scales, zeros, fmt)
         error = quantization_error(module.weight, record)
         set_quantized(module, record)

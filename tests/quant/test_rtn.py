@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from compress.errors import FormatError, PassError
 from compress.ir import get_quantized, quantized_modules
@@ -72,3 +73,34 @@ def test_group_size_not_dividing_names_the_layer_and_changes_nothing(tiny_llama)
 def test_no_match_is_an_error(tiny_llama):
     with pytest.raises(PassError, match="no Linear module matched"):
         rtn(copy.deepcopy(tiny_llama), RTNConfig(targets=["nothing.*"]), PassContext())
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(3, True), (4, True), (3, False)])
+def test_mse_observer_lowers_the_error(tiny_llama, bits, symmetric):
+    errors = {}
+    for observer in ("minmax", "mse"):
+        config = RTNConfig(bits=bits, group_size=32, symmetric=symmetric, observer=observer)
+        report = rtn(copy.deepcopy(tiny_llama), config, PassContext())
+        errors[observer] = report.metrics["mean_relative_error"]
+    assert errors["mse"] < 0.97 * errors["minmax"]
+
+
+def test_mse_observer_weight_is_its_dequantized_value(tiny_llama):
+    model = copy.deepcopy(tiny_llama)
+    rtn(model, RTNConfig(bits=3, group_size=32, observer="mse"), PassContext())
+    module = model.model.layers[0].self_attn.o_proj
+    record = get_quantized(module)
+    assert record is not None and record.zeros is None
+    assert torch.equal(module.weight, record.dequantize(module.weight.dtype))
+    # clipping shrinks the scales
+    minmax = copy.deepcopy(tiny_llama)
+    rtn(minmax, RTNConfig(bits=3, group_size=32), PassContext())
+    minmax_record = get_quantized(minmax.model.layers[0].self_attn.o_proj)
+    assert minmax_record is not None
+    assert float(record.scales.float().mean()) < float(minmax_record.scales.float().mean())
+
+
+def test_observer_default_and_validation():
+    assert RTNConfig().observer == "minmax"
+    with pytest.raises(ValidationError, match="observer"):
+        RTNConfig(observer="percentile")  # type: ignore[arg-type]

@@ -1,0 +1,134 @@
+"""GPTQ: layer-wise quantization that corrects rounding error with second-order information.
+
+For each Linear, the inputs it sees on calibration text give the Hessian ``H = 2 XᵀX`` of the
+layer's squared output error; columns are rounded one at a time and the error of each is spread
+over the columns not yet rounded, weighted by ``H⁻¹`` (Frantar et al., "GPTQ: Accurate
+Post-Training Quantization for Generative Pre-trained Transformers", 2022). Layers are processed
+in order by :mod:`compress.sequential`, so each one is calibrated on the outputs of the already
+quantized layers before it. The maths lives in :mod:`compress.quant.gptq_math`.
+
+Example recipe entry::
+
+    calibration: {dataset: builtin:wiki, samples: 128, seq_len: 512}
+    passes:
+      - {pass: gptq, bits: 4, group_size: 64, act_order: true, observer: mse}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compress.errors import FormatError, PassError
+from compress.formats import IntFormat
+from compress.ir import QuantizedWeight, set_quantized
+from compress.quant.gptq_math import accumulate_hessian, gptq_quantize
+from compress.quant.rtn import RTNConfig, quantization_error
+from compress.registry import PassContext, PassReport, register_pass
+from compress.sequential import run_sequential
+from compress.utils.hooks import capture_inputs
+from compress.utils.modules import decoder_layers, select_linears
+
+__all__ = ["GPTQConfig", "gptq"]
+
+
+class GPTQConfig(RTNConfig):
+    """Settings of the ``gptq`` pass: the RTN format options plus GPTQ's own."""
+
+    block_size: int = Field(default=128, gt=0, description="columns per lazy-update block")
+    damp: float = Field(
+        default=0.01, gt=0, le=1, description="dampening, as a fraction of mean(diag H)"
+    )
+    act_order: bool = Field(
+        default=False, description="round columns in order of decreasing Hessian diagonal"
+    )
+    batch_size: int = Field(default=8, gt=0, description="calibration samples per forward")
+
+
+@register_pass("gptq", GPTQConfig, calibrated=True)
+def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassReport:
+    """GPTQ weight quantization, calibrated layer by layer."""
+    if context.calibration is None:
+        raise PassError(
+            "gptq needs calibration data",
+            hint="add calibration: {dataset: builtin:wiki, samples: 128, seq_len: 512}",
+        )
+    fmt = config.int_format()
+    modules, skipped = select_linears(model, config.targets, config.ignore)
+    prefix, _ = decoder_layers(model)
+    for name in [n for n in modules if not n.startswith(prefix + ".")]:
+        del modules[name]
+        skipped[name] = "outside the decoder layers: gptq calibrates decoder layers only"
+    if not modules:
+        raise PassError(
+            "gptq: no Linear module in the decoder layers matched the targets",
+            hint="check the targets/ignore patterns against model.named_modules()",
+        )
+    for name, module in modules.items():
+        try:
+            fmt.groups(module.in_features)
+        except FormatError as error:
+            raise FormatError(f"layer {name}: {error.message}", hint=error.hint) from None
+
+    report = PassReport(name="gptq", skipped=skipped)
+
+    def step(index: int, layer_name: str, layer: nn.Module, run: Callable[[], None]) -> None:
+        mine = {n: m for n, m in modules.items() if n.startswith(layer_name + ".")}
+        if not mine:
+            return
+        hessians: dict[str, tuple[torch.Tensor | None, int]] = dict.fromkeys(mine, (None, 0))
+
+        def collect(name: str, inputs: torch.Tensor) -> None:
+            hessian, count = hessians[name]
+            hessians[name] = accumulate_hessian(hessian, inputs, count)
+
+        with capture_inputs(mine, collect):
+            run()
+        for name, module in mine.items():
+            hessian, count = hessians[name]
+            if hessian is None or count == 0:
+                raise PassError(f"gptq: layer {name} saw no calibration input")
+            _quantize_module(name, module, hessian, fmt, config, report)
+
+    run_sequential(
+        model,
+        context.calibration,
+        step,
+        batch_size=config.batch_size,
+        description="gptq layers",
+        progress=context.progress,
+    )
+    errors = [m["relative_error"] for m in report.per_module.values()]
+    report.metrics["mean_relative_error"] = sum(errors) / len(errors)
+    report.metrics["max_relative_error"] = max(errors)
+    report.metrics["calibration_tokens"] = float(context.calibration.numel())
+    return report
+
+
+def _quantize_module(
+    name: str,
+    module: nn.Linear,
+    hessian: torch.Tensor,
+    fmt: IntFormat,
+    config: GPTQConfig,
+    report: PassReport,
+) -> None:
+    result = gptq_quantize(
+        module.weight.detach(),
+        hessian,
+        fmt,
+        block_size=config.block_size,
+        damp=config.damp,
+        act_order=config.act_order,
+        observer=config.observer,
+    )
+    record = QuantizedWeight(result.codes, result.scales, result.zeros, fmt)
+    report.per_module[name] = {
+        "relative_error": quantization_error(module.weight, record),
+        "gptq_loss": result.error,
+    }
+    set_quantized(module, record)
+    report.touched.append(name)

@@ -1,0 +1,263 @@
+"""GPTQ as pure tensor functions: Hessian accumulation and column-by-column quantization.
+
+GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", 2022) minimises the layer's output error ``||X Wᵀ - X Qᵀ||²`` one input column at a
+time, in the Optimal Brain Surgeon way: after column ``i`` is rounded, its error is spread over the
+columns not yet quantized through the inverse Hessian ``H⁻¹`` (``H = 2 XᵀX / n``), so later
+columns absorb what earlier roundings lost. The practical algorithm, followed here:
+
+* dead inputs (``H[i, i] == 0``, a channel that is always zero) get ``H[i, i] = 1`` and a zero
+  weight; the diagonal is dampened by ``damp · mean(diag H)``;
+* the updates use the rows of the upper Cholesky factor of ``H⁻¹`` (numerically stable, and what
+  the sequential OBS updates reduce to), taken in float64; a factorisation that fails is
+  retried with 10x the dampening a few times, then raises :class:`~compress.errors.PassError`;
+* columns go in blocks of ``block_size``: inside a block updates are immediate, the remaining
+  columns get one batched (lazy) update per block — the result does not depend on the block size;
+* group-wise formats take each group's scale/zero from the group's *current* (error-updated)
+  weights when the group's first column is reached; per-channel scales come from the whole
+  weight up front;
+* ``act_order`` processes columns by decreasing ``diag(H)`` (most active inputs first, while the
+  most columns remain to absorb their error).
+
+act_order with groups uses *static* groups: every group's scale/zero is computed up front from
+the original weight in natural column order, and the permuted loop rounds each column with its
+own group's fixed scale. The stored layout therefore stays the plain group-wise format (group
+``j // group_size`` for column ``j``, no ``g_idx`` indirection for export or kernels), at the
+price of scales that do not see the error updates.
+
+Codes are computed exactly as :func:`compress.formats.quantize_int` computes them for the chosen
+(storage-dtype rounded) scales, so ``dequantize_int(codes, scales, zeros, fmt)`` is the weight the
+model will use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.errors import PassError
+from compress.formats import IntFormat, quantize_int
+from compress.quant.observers import Observer, choose_clip
+
+__all__ = ["GPTQResult", "accumulate_hessian", "gptq_quantize"]
+
+_CHOLESKY_RETRIES = 4
+
+
+def accumulate_hessian(
+    hessian: torch.Tensor | None, inputs: torch.Tensor, count: int
+) -> tuple[torch.Tensor, int]:
+    """Fold a batch into the running mean ``H = 2/n Σ x xᵀ`` over all rows seen so far.
+
+    ``inputs`` (..., in_features), every leading index is one row (token); ``hessian`` (in, in)
+    or ``None`` before the first batch; ``count`` rows already folded in. The batch product is
+    taken in float32 and accumulated in the dtype of ``hessian`` (float32 when it starts as
+    ``None``; pass a float64 zero matrix to accumulate in float64).
+
+    Returns the updated (in, in) Hessian and the new row count.
+    """
+    if count < 0:
+        raise ValueError(f"count must be non-negative, got {count}")
+    in_features = inputs.shape[-1]
+    rows = inputs.detach().reshape(-1, in_features).to(torch.float32)
+    if hessian is None:
+        if count:
+            raise ValueError(f"count must be 0 when starting a Hessian, got {count}")
+        hessian = torch.zeros(in_features, in_features, device=rows.device)
+    elif hessian.shape != (in_features, in_features):
+        raise ValueError(
+            f"Hessian shape {tuple(hessian.shape)} does not match {in_features} input features"
+        )
+    added = rows.shape[0]
+    if added == 0:
+        return hessian, count
+    total = count + added
+    product = (rows.T @ rows).to(hessian.dtype)  # (in, in)
+    hessian = hessian * (count / total) + product * (2.0 / total)
+    return hessian, total
+
+
+@dataclass
+class GPTQResult:
+    """Codes of one weight in the format of :func:`compress.formats.quantize_int`.
+
+    codes:  (out_features, in_features) uint8, values in [0, 2**bits - 1]
+    scales: (out_features, groups) in ``fmt.scale_dtype``
+    zeros:  (out_features, groups) uint8, or None for symmetric formats
+    error:  the summed OBS loss ``Σ (w - q)² / (2 [H⁻¹]ᵢᵢ)``, for reporting
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    error: float
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: IntFormat,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    observer: Observer = "minmax",
+) -> GPTQResult:
+    """GPTQ codes of ``weight`` (out, in) given the input Hessian ``hessian`` (in, in).
+
+    ``damp`` is the fraction of ``mean(diag H)`` added to the diagonal; when the Cholesky
+    factorisation still fails it is retried with 10x the dampening a few times before a
+    :class:`~compress.errors.PassError`. ``observer`` chooses each group's clip ratio
+    (:func:`compress.quant.observers.choose_clip`). Neither input is modified.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(
+            f"Hessian shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}"
+        )
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if damp < 0:
+        raise ValueError(f"damp must be non-negative, got {damp}")
+    groups = fmt.groups(in_features)  # FormatError when the group size does not divide
+    size = in_features // groups
+
+    w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place below
+    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()  # (in, in)
+    if not bool(torch.isfinite(h).all()):
+        raise PassError(
+            "gptq: the calibration Hessian has non-finite entries",
+            hint="check the calibration data and the layer inputs for inf/nan activations",
+        )
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0  # an input that is always zero: its weight is free, zero is cheapest
+
+    # Scales known before the loop: per-channel, or static groups under act_order.
+    dynamic_groups = fmt.group_size is not None and not act_order
+    scales = torch.empty(out_features, groups, device=w.device)  # float32 copy of stored scales
+    zeros = torch.full((out_features, groups), float(fmt.midpoint), device=w.device)
+    if not dynamic_groups:
+        _, fixed_scales, fixed_zeros = quantize_int(
+            w, fmt, clip_ratio=choose_clip(w, fmt, observer)
+        )
+        scales.copy_(fixed_scales.to(torch.float32))
+        if fixed_zeros is not None:
+            zeros.copy_(fixed_zeros.to(torch.float32))
+
+    perm: torch.Tensor | None = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    hinv = _inverse_hessian_factor(h, damp)  # (in, in) upper triangular, float32
+
+    group_of_column = torch.arange(in_features, device=w.device) // size  # natural order
+    if perm is not None:
+        group_of_column = group_of_column[perm]
+    column_scales = column_zeros = torch.empty(0)
+    if not dynamic_groups:
+        # (out, in) in processing order: each column's own group's scale/zero
+        column_scales = scales[:, group_of_column]
+        column_zeros = zeros[:, group_of_column]
+    group_fmt = IntFormat(fmt.bits, size, fmt.symmetric, fmt.scale_dtype)
+
+    max_code = float(fmt.levels - 1)
+    codes = torch.empty(out_features, in_features, device=w.device)  # float, processing order
+    losses = torch.zeros(out_features, device=w.device)
+    scale = zero = torch.empty(0)  # (out,) of the current group
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        block = w[:, start:stop].clone()  # (out, count): exact current weights of the block
+        errors = torch.zeros_like(block)  # scaled errors (w - q) / [H⁻¹]ᵢᵢ
+        hinv_block = hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            column = start + i
+            if dynamic_groups:
+                if column % size == 0:  # first column of a group: scale from current weights
+                    current = _current_group(w, block, errors, hinv, start, stop, column, size)
+                    scale, zero = _group_params(current, group_fmt, observer)
+                    scales[:, column // size] = scale
+                    zeros[:, column // size] = zero
+            else:
+                scale, zero = column_scales[:, column], column_zeros[:, column]
+            x = block[:, i]
+            code = torch.round(x / scale).add_(zero).clamp_(0.0, max_code)
+            error = (x - (code - zero) * scale).div_(hinv_block[i, i])
+            codes[:, column] = code
+            errors[:, i] = error
+            block[:, i + 1 :].addr_(error, hinv_block[i, i + 1 :], alpha=-1.0)
+        losses += errors.square().sum(dim=1) / 2
+        w[:, stop:].sub_(errors @ hinv[start:stop, stop:])
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    stored_scales = scales.to(fmt.torch_scale_dtype)
+    stored_zeros = None if fmt.symmetric else zeros.to(torch.uint8)
+    return GPTQResult(codes.to(torch.uint8), stored_scales, stored_zeros, float(losses.sum()))
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of the dampened ``H⁻¹`` (``UᵀU = H⁻¹``); float64 inside.
+
+    With ``J`` the index reversal and ``J H J = L Lᵀ``, ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and
+    ``J L⁻¹ J`` is upper triangular with a positive diagonal, so it *is* the factor: one
+    Cholesky and one triangular inverse instead of Cholesky, inverse, Cholesky.
+    """
+    h = hessian.to(torch.float64)
+    mean_diag = float(torch.diagonal(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    reversed_h = h.flip(0, 1)
+    fraction = damp
+    for _ in range(_CHOLESKY_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(reversed_h + eye * (fraction * mean_diag))
+        if int(info) == 0:
+            lower_inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
+            factor = lower_inverse.flip(0, 1).to(torch.float32)
+            if bool(torch.isfinite(factor).all()):
+                return factor
+        fraction = fraction * 10 if fraction > 0 else 1e-3
+    raise PassError(
+        f"gptq: the Hessian is not positive definite even with dampening {fraction / 10:g} "
+        f"of mean(diag H) (started at {damp:g})",
+        hint="use more calibration samples, or a larger damp",
+    )
+
+
+def _current_group(
+    w: torch.Tensor,
+    block: torch.Tensor,
+    errors: torch.Tensor,
+    hinv: torch.Tensor,
+    start: int,
+    stop: int,
+    column: int,
+    size: int,
+) -> torch.Tensor:
+    """(out, size) current weights of the group starting at ``column``.
+
+    Columns inside the block are up to date in ``block``; columns past it have not yet had this
+    block's lazy update, so it is applied here for the columns quantized so far.
+    """
+    end = column + size
+    inside = block[:, column - start : min(end, stop) - start]
+    if end <= stop:
+        return inside
+    done = column - start
+    outside = w[:, stop:end] - errors[:, :done] @ hinv[start:column, stop:end]
+    return torch.cat([inside, outside], dim=1)
+
+
+def _group_params(
+    current: torch.Tensor, group_fmt: IntFormat, observer: Observer
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out,) float32 scale and zero of one group from its current weights (out, size)."""
+    clip = choose_clip(current, group_fmt, observer)
+    _, scale, zero = quantize_int(current, group_fmt, clip_ratio=clip)
+    scale_f32 = scale[:, 0].to(torch.float32)
+    if zero is None:
+        return scale_f32, torch.full_like(scale_f32, float(group_fmt.midpoint))
+    return scale_f32, zero[:, 0].to(torch.float32)
