@@ -79,16 +79,11 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
         mine = {n: m for n, m in modules.items() if n.startswith(layer_name + ".")}
         if not mine:
             return
-        hessians: dict[str, tuple[torch.Tensor | None, int]] = dict.fromkeys(mine, (None, 0))
-
-        def collect(name: str, inputs: torch.Tensor) -> None:
-            hessian, count = hessians[name]
-            hessians[name] = accumulate_hessian(hessian, inputs, count)
-
-        with capture_inputs(mine, collect):
+        hessians = _SharedHessians()
+        with capture_inputs(mine, hessians.collect):
             run()
         for name, module in mine.items():
-            hessian, count = hessians[name]
+            hessian, count = hessians.get(name)
             if hessian is None or count == 0:
                 raise PassError(f"gptq: layer {name} saw no calibration input")
             _quantize_module(name, module, hessian, fmt, config, report)
@@ -106,6 +101,39 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
     report.metrics["max_relative_error"] = max(errors)
     report.metrics["calibration_tokens"] = float(context.calibration.numel())
     return report
+
+
+class _SharedHessians:
+    """Hessian accumulators, one per distinct input: q/k/v (and gate/up) read the same tensor.
+
+    Sharing is decided on the first batch, while every module's first input is held alive, so a
+    matching storage pointer can only mean the very same tensor.
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[str, torch.Tensor] = {}
+        self._owner: dict[str, str] = {}
+        self._sums: dict[str, tuple[torch.Tensor | None, int]] = {}
+
+    def collect(self, name: str, inputs: torch.Tensor) -> None:
+        if name not in self._owner:
+            self._owner[name] = next(
+                (
+                    other
+                    for other, seen in self._first.items()
+                    if seen.data_ptr() == inputs.data_ptr() and seen.shape == inputs.shape
+                ),
+                name,
+            )
+            self._first[name] = inputs
+        owner = self._owner[name]
+        if owner != name:
+            return
+        hessian, count = self._sums.get(name, (None, 0))
+        self._sums[name] = accumulate_hessian(hessian, inputs, count)
+
+    def get(self, name: str) -> tuple[torch.Tensor | None, int]:
+        return self._sums.get(self._owner.get(name, name), (None, 0))
 
 
 def _quantize_module(

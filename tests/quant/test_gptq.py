@@ -9,6 +9,7 @@ from compress.errors import FormatError, PassError
 from compress.export.writer import export_model
 from compress.ir import get_quantized, quantized_modules
 from compress.quant.gptq import GPTQConfig, gptq
+from compress.quant.gptq_math import accumulate_hessian
 from compress.quant.rtn import RTNConfig, rtn
 from compress.registry import PassContext
 from compress.utils.hooks import capture_inputs
@@ -107,3 +108,30 @@ def test_group_size_error_names_the_layer_before_any_work(tiny_llama):
     with pytest.raises(FormatError, match=r"layer model\.layers\.0\.\S+: group_size 48"):
         gptq(model, GPTQConfig(group_size=48), PassContext(calibration=calibration()))
     assert not quantized_modules(model)
+
+
+def test_modules_reading_one_input_share_a_hessian(tiny_llama):
+    from compress.quant.gptq import _SharedHessians
+
+    layer = tiny_llama.model.layers[0]
+    named = {
+        "q": layer.self_attn.q_proj,
+        "k": layer.self_attn.k_proj,
+        "o": layer.self_attn.o_proj,
+        "up": layer.mlp.up_proj,
+        "down": layer.mlp.down_proj,
+    }
+    shared = _SharedHessians()
+    with capture_inputs(named, shared.collect), torch.no_grad():
+        for seed in range(3):
+            tiny_llama(calibration(samples=2, length=8, seed=seed))
+    assert shared._owner == {"q": "q", "k": "q", "o": "o", "up": "up", "down": "down"}
+    q_hessian, q_count = shared.get("q")
+    k_hessian, k_count = shared.get("k")
+    assert k_hessian is q_hessian and k_count == q_count == 3 * 2 * 8
+    # equal to a Hessian accumulated from k's own inputs
+    own, count = None, 0
+    for seed in range(3):
+        x = module_inputs(tiny_llama, calibration(samples=2, length=8, seed=seed))
+        own, count = accumulate_hessian(own, x["model.layers.0.self_attn.k_proj"], count)
+    assert own is not None and torch.allclose(k_hessian, own, rtol=1e-5, atol=1e-6)
