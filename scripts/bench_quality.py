@@ -112,6 +112,15 @@ def quantize_hqq(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> f
     return options["bits"] + (16 + options["bits"]) / options["group_size"]
 
 
+PEERS_NOT_RUN = {
+    "optimum-quanto 0.2.7": "installs, but its import fails against transformers 5.23 "
+    "(ModuleNotFoundError for PreTrainedModel).",
+    "llm-compressor GPTQ": "not run yet: it needs its own virtual environment (with the CPU "
+    "torch), which this benchmark does not set up so far.",
+    "GGUF k-quants (Q4_K, Q3_K, Q2_K)": "the gguf package can only dequantize them; producing "
+    "them needs llama.cpp's C code.",
+}
+
 QUANTIZERS: dict[str, Callable[[nn.Module, Any, dict[str, Any]], float]] = {
     "recipe": quantize_recipe,
     "gguf": quantize_gguf,
@@ -177,6 +186,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     reference = next((r["reference_perplexity"] for r in rows if "error" not in r), None)
     if reference is not None:
         lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
+    lines += ["", "Peers not in the table:", ""]
+    lines += [f"- {peer}: {why}" for peer, why in PEERS_NOT_RUN.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -188,10 +199,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quality")
     parser.add_argument("--peers-path", type=Path, default=None, help="folder with hqq installed")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     args = parser.parse_args()
 
     if args.one:
         print(json.dumps(run_one(args.one, args.windows, args.seq_len)))
+        return
+
+    if args.render_only:
+        data = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text(render(data["rows"], data["meta"]))
         return
 
     env = dict(os.environ)
