@@ -73,6 +73,19 @@ def assert_nothing_left(parent: Path) -> None:
     assert leftovers == []
 
 
+def apply_failing(
+    capsys, tmp_path: Path, model: Path, eval_text: Path, passes: str, *args: str
+) -> tuple[Result, Path]:
+    """``apply`` on a recipe that must fail: exit code 2 and nothing left in the export parent."""
+    parent = tmp_path / "exports"
+    text = recipe_text(model, eval_text, parent / "out", pass_lines=passes)
+    recipe = write_recipe(tmp_path, text)
+    result = invoke(capsys, "apply", recipe, *args)
+    assert result.code == 2
+    assert_nothing_left(parent)
+    return result, recipe
+
+
 def row_cells(text: str, label: str) -> list[str]:
     """The cells of the rich table row whose first cell is ``label``."""
     for line in text.splitlines():
@@ -176,85 +189,52 @@ def export_copy(exported: Exported, tmp_path: Path) -> Path:
 def test_unknown_pass_names_it_and_lists_the_available_ones(
     capsys, tmp_path, model_dir, eval_text
 ) -> None:
-    parent = tmp_path / "exports"
-    text = recipe_text(
-        model_dir, eval_text, parent / "out", pass_lines="  - {pass: gtpq, bits: 4}\n"
-    )
-    recipe = write_recipe(tmp_path, text)
-    result = invoke(capsys, "apply", recipe)
-    assert result.code == 2
+    passes = "  - {pass: gtpq, bits: 4}\n"
+    result, recipe = apply_failing(capsys, tmp_path, model_dir, eval_text, passes)
     assert f"{recipe}:3: passes[0].pass: unknown pass 'gtpq'" in result.err
     assert "hint:" in result.err and "available passes: gptq, rtn" in result.err
-    assert_nothing_left(parent)
 
 
 def test_unknown_pass_key_suggests_the_nearest(capsys, tmp_path, model_dir, eval_text) -> None:
-    parent = tmp_path / "exports"
     passes = "  - pass: rtn\n    bits: 4\n    grup_size: 32\n"
-    recipe = write_recipe(
-        tmp_path, recipe_text(model_dir, eval_text, parent / "out", pass_lines=passes)
-    )
-    result = invoke(capsys, "apply", recipe)
-    assert result.code == 2
+    result, recipe = apply_failing(capsys, tmp_path, model_dir, eval_text, passes)
     assert f"{recipe}:5" in result.err
     assert "unknown key 'grup_size'" in result.err
     assert "did you mean 'group_size'?" in result.err
-    assert_nothing_left(parent)
 
 
 def test_wrong_type_names_key_and_value(capsys, tmp_path, model_dir, eval_text) -> None:
-    parent = tmp_path / "exports"
     passes = "  - pass: rtn\n    bits: four\n    group_size: 32\n"
-    recipe = write_recipe(
-        tmp_path, recipe_text(model_dir, eval_text, parent / "out", pass_lines=passes)
-    )
-    result = invoke(capsys, "apply", recipe)
-    assert result.code == 2
+    result, recipe = apply_failing(capsys, tmp_path, model_dir, eval_text, passes)
     assert f"{recipe}:4: passes[0].bits: 'four' is not valid" in result.err
     assert "integer" in result.err
     assert "hint: bits: code width in bits (2..8)" in result.err
-    assert_nothing_left(parent)
 
 
 def test_group_size_not_dividing_a_layer_names_the_layer(
     capsys, tmp_path, model_dir, eval_text
 ) -> None:
-    parent = tmp_path / "exports"
     passes = "  - {pass: rtn, bits: 4, group_size: 48}\n"
-    recipe = write_recipe(
-        tmp_path, recipe_text(model_dir, eval_text, parent / "out", pass_lines=passes)
-    )
-    result = invoke(capsys, "apply", recipe)
-    assert result.code == 2
+    result, _ = apply_failing(capsys, tmp_path, model_dir, eval_text, passes)
     assert "layer model.layers.0.self_attn.q_proj" in result.err
     assert "group_size 48 does not divide the input dimension 64" in result.err
     assert "hint: use a divisor of 64" in result.err
-    assert_nothing_left(parent)
 
 
 def test_missing_model_names_the_path(capsys, tmp_path, eval_text) -> None:
-    parent = tmp_path / "exports"
     missing = tmp_path / "no-such-model"
-    recipe = write_recipe(tmp_path, recipe_text(missing, eval_text, parent / "out"))
-    result = invoke(capsys, "apply", recipe)
-    assert result.code == 2
+    passes = "  - {pass: rtn, bits: 4, group_size: 32}\n"
+    result, _ = apply_failing(capsys, tmp_path, missing, eval_text, passes)
     assert str(missing) in result.err and "does not exist" in result.err
     assert "hint:" in result.err and "smollm2-135m" in result.err
-    assert_nothing_left(parent)
 
 
 def test_strict_fails_on_a_skipped_module(capsys, tmp_path, model_dir, eval_text) -> None:
-    parent = tmp_path / "exports"
     passes = "  - {pass: rtn, bits: 4, group_size: 32, ignore: ['*.mlp.down_proj']}\n"
-    recipe = write_recipe(
-        tmp_path, recipe_text(model_dir, eval_text, parent / "out", pass_lines=passes)
-    )
-    result = invoke(capsys, "apply", recipe, "--strict")
-    assert result.code == 2
+    result, _ = apply_failing(capsys, tmp_path, model_dir, eval_text, passes, "--strict")
     assert "pass 'rtn' skipped 2 module(s)" in result.err
     assert "model.layers.0.mlp.down_proj: matched an ignore pattern" in result.err
     assert "hint:" in result.err and "--strict" in result.err
-    assert_nothing_left(parent)
 
 
 def test_without_strict_skipped_modules_are_reported(

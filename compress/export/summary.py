@@ -37,11 +37,16 @@ class FormatGroup:
     modules: int = 0
     params: int = 0
     stored_bytes: int = 0
-    nominal_bits_per_weight: float = 0.0
+    nominal_bits: float = 0.0  # Σ params x nominal bits per weight of each module
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.stored_bytes / self.params if self.params else 0.0
+
+    @property
+    def nominal_bits_per_weight(self) -> float:
+        """Parameter-weighted: per-channel formats cost differently per input width."""
+        return self.nominal_bits / self.params if self.params else 0.0
 
 
 @dataclass
@@ -70,7 +75,11 @@ class ExportSummary:
         data["quantized_bits_per_weight"] = self.quantized_bits_per_weight
         data["model_bits_per_weight"] = self.model_bits_per_weight
         data["per_format"] = {
-            label: {**asdict(group), "bits_per_weight": group.bits_per_weight}
+            label: {
+                **asdict(group),
+                "bits_per_weight": group.bits_per_weight,
+                "nominal_bits_per_weight": group.nominal_bits_per_weight,
+            }
             for label, group in self.per_format.items()
         }
         return data
@@ -116,7 +125,7 @@ def summarize_export(directory: Path, *, verify: bool = False) -> ExportSummary:
         group.modules += 1
         group.params += count
         group.stored_bytes += stored
-        group.nominal_bits_per_weight = fmt.bits_per_weight(in_features)
+        group.nominal_bits += count * fmt.bits_per_weight(in_features)
         per_module[name] = {
             "format": format_label(fmt),
             "shape": [out_features, in_features],

@@ -143,3 +143,14 @@ def test_sharded_export_loads(tiny_llama, tmp_path):
     ids = torch.arange(10).unsqueeze(0)
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_per_channel_group_nominal_cost_is_parameter_weighted(tiny_llama, tmp_path):
+    """Per-channel scales cost 16/K bits: q_proj (K=64) and down_proj (K=128) differ."""
+    model = quantized_copy(tiny_llama, 8, None, True)
+    export_model(model, None, tmp_path / "export")
+    group = summarize_export(tmp_path / "export").per_format["int8 per-channel sym"]
+    modules = [m for n, m in model.named_modules() if n.endswith("_proj")]
+    expected = sum(m.weight.numel() * (8 + 16 / m.in_features) for m in modules) / group.params
+    assert group.nominal_bits_per_weight == pytest.approx(expected)
+    assert group.bits_per_weight == pytest.approx(expected)
