@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from compress.quant import awq as _awq
 from compress.quant import gptq as _gptq
 from compress.quant import rtn as _rtn
 
 __all__ = ["BUILTIN_PASS_MODULES"]
 
-BUILTIN_PASS_MODULES = (_rtn, _gptq)
+BUILTIN_PASS_MODULES = (_rtn, _gptq, _awq)
