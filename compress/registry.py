@@ -49,6 +49,15 @@ class PassContext:
     calibration: torch.Tensor | None = None
     calibration_source: str = ""
 
+    def require_calibration(self, pass_name: str) -> torch.Tensor:
+        """The calibration token ids; a clear error for a calibrated pass run without them."""
+        if self.calibration is None:
+            raise PassError(
+                f"{pass_name} needs calibration data",
+                hint="add calibration: {dataset: builtin:wiki, samples: 128, seq_len: 512}",
+            )
+        return self.calibration
+
 
 @dataclass
 class PassReport:

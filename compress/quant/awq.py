@@ -35,10 +35,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.errors import FormatError, PassError
+from compress.errors import PassError
 from compress.formats import IntFormat
 from compress.ir import get_quantized
 from compress.quant.awq_math import ScaleSearch, search_scales
+from compress.quant.checks import check_group_sizes
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
 from compress.utils.hooks import capture_inputs
@@ -109,16 +110,12 @@ class _Group:
 @register_pass("awq", AWQConfig, calibrated=True)
 def awq(model: nn.Module, config: AWQConfig, context: PassContext) -> PassReport:
     """Activation-aware scaling (AWQ) of Linear inputs, folded into the preceding ops."""
-    if context.calibration is None:
-        raise PassError(
-            "awq needs calibration data",
-            hint="add calibration: {dataset: builtin:wiki, samples: 128, seq_len: 512}",
-        )
+    calibration = context.require_calibration("awq")
     fmt = config.int_format()
     modules = dict(model.named_modules())
     report = PassReport(name="awq")
     plan = _plan(model, modules, config, fmt, report.skipped)
-    stride = max(1, math.ceil(context.calibration.numel() / config.search_tokens))
+    stride = max(1, math.ceil(calibration.numel() / config.search_tokens))
     fold_errors: list[float] = []
 
     def step(index: int, layer_name: str, layer: nn.Module, run: Callable[[], None]) -> None:
@@ -166,13 +163,13 @@ def awq(model: nn.Module, config: AWQConfig, context: PassContext) -> PassReport
 
     run_sequential(
         model,
-        context.calibration,
+        calibration,
         step,
         batch_size=config.batch_size,
         description="awq layers",
         progress=context.progress,
     )
-    _summarise(report, fold_errors, context.calibration.numel(), stride)
+    _summarise(report, fold_errors, calibration.numel(), stride)
     return report
 
 
@@ -219,10 +216,10 @@ def _check_group(
             raise PassError(
                 f"awq: {name} is a {type(module).__name__}, expected nn.Linear", hint=_LAYOUT_HINT
             )
-        try:
-            fmt.groups(module.in_features)
-        except FormatError as error:
-            raise FormatError(f"layer {name}: {error.message}", hint=error.hint) from None
+    linears = {
+        n: m for n, m in zip(group.linears, readers, strict=True) if isinstance(m, nn.Linear)
+    }
+    check_group_sizes(linears, fmt)
     for name in (group.previous, *group.linears):
         if get_quantized(modules[name]) is not None:
             raise PassError(

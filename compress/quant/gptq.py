@@ -22,9 +22,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.errors import FormatError, PassError
+from compress.errors import PassError
 from compress.formats import IntFormat
 from compress.ir import QuantizedWeight, set_quantized
+from compress.quant.checks import check_group_sizes
 from compress.quant.gptq_math import accumulate_hessian, gptq_quantize
 from compress.quant.rtn import RTNConfig, quantization_error
 from compress.registry import PassContext, PassReport, register_pass
@@ -51,11 +52,7 @@ class GPTQConfig(RTNConfig):
 @register_pass("gptq", GPTQConfig, calibrated=True)
 def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassReport:
     """GPTQ weight quantization, calibrated layer by layer."""
-    if context.calibration is None:
-        raise PassError(
-            "gptq needs calibration data",
-            hint="add calibration: {dataset: builtin:wiki, samples: 128, seq_len: 512}",
-        )
+    calibration = context.require_calibration("gptq")
     fmt = config.int_format()
     modules, skipped = select_linears(model, config.targets, config.ignore)
     prefix, _ = decoder_layers(model)
@@ -67,11 +64,7 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
             "gptq: no Linear module in the decoder layers matched the targets",
             hint="check the targets/ignore patterns against model.named_modules()",
         )
-    for name, module in modules.items():
-        try:
-            fmt.groups(module.in_features)
-        except FormatError as error:
-            raise FormatError(f"layer {name}: {error.message}", hint=error.hint) from None
+    check_group_sizes(modules, fmt)
 
     report = PassReport(name="gptq", skipped=skipped)
 
@@ -90,7 +83,7 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
 
     run_sequential(
         model,
-        context.calibration,
+        calibration,
         step,
         batch_size=config.batch_size,
         description="gptq layers",
@@ -99,7 +92,7 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
     errors = [m["relative_error"] for m in report.per_module.values()]
     report.metrics["mean_relative_error"] = sum(errors) / len(errors)
     report.metrics["max_relative_error"] = max(errors)
-    report.metrics["calibration_tokens"] = float(context.calibration.numel())
+    report.metrics["calibration_tokens"] = float(calibration.numel())
     return report
 
 

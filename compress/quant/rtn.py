@@ -18,9 +18,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.errors import FormatError, PassError
+from compress.errors import PassError
 from compress.formats import IntFormat, quantize_int
 from compress.ir import QuantizedWeight, set_quantized
+from compress.quant.checks import check_group_sizes
 from compress.quant.observers import choose_clip
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.utils.modules import select_linears
@@ -72,7 +73,7 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
             f"{config.targets if config.targets is not None else '<decoder blocks>'}",
             hint="check the targets/ignore patterns against model.named_modules()",
         )
-    _check_shapes(modules, fmt)
+    check_group_sizes(modules, fmt)
     report = PassReport(name="rtn", skipped=skipped)
     errors = []
     for name, module in context.progress.track(modules.items(), "rtn", total=len(modules)):
@@ -87,12 +88,3 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
     report.metrics["mean_relative_error"] = sum(errors) / len(errors)
     report.metrics["max_relative_error"] = max(errors)
     return report
-
-
-def _check_shapes(modules: dict[str, nn.Linear], fmt: IntFormat) -> None:
-    """Fail before touching anything if one module cannot take the format."""
-    for name, module in modules.items():
-        try:
-            fmt.groups(module.in_features)
-        except FormatError as error:
-            raise FormatError(f"layer {name}: {error.message}", hint=error.hint) from None
