@@ -113,6 +113,17 @@ def apply(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing export folder.")] = False,
     evaluate: Annotated[bool, typer.Option(help="Run the recipe's evaluate block.")] = True,
     strict: Annotated[bool, typer.Option(help="Fail when a pass skips a module.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue a killed run from its last finished layer (same recipe)."),
+    ] = False,
+    offload: Annotated[
+        bool | None,
+        typer.Option(
+            "--offload/--no-offload",
+            help="Keep weights on disk, one decoder layer in memory (default: model.offload).",
+        ),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Run a recipe: load, compress, export, evaluate, report."""
@@ -138,7 +149,9 @@ def apply(
     if updates:
         loaded = loaded.model_copy(update=updates)
     with RichProgress() as progress:
-        result = Pipeline.from_recipe(loaded, progress=progress, strict=strict).run()
+        result = Pipeline.from_recipe(
+            loaded, progress=progress, strict=strict, resume=resume, offload=offload
+        ).run()
     table = Table(title=escape(f"compress apply {recipe}"))
     table.add_column("metric")
     table.add_column("original", justify="right")

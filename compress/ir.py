@@ -15,7 +15,13 @@ from torch import nn
 
 from compress.formats import IntFormat, dequantize_int
 
-__all__ = ["QuantizedWeight", "get_quantized", "quantized_modules", "set_quantized"]
+__all__ = [
+    "QuantizedWeight",
+    "clear_quantized",
+    "get_quantized",
+    "quantized_modules",
+    "set_quantized",
+]
 
 _ATTR = "compress_quantized"
 
@@ -50,6 +56,12 @@ def set_quantized(module: nn.Linear, record: QuantizedWeight) -> None:
     with torch.no_grad():
         module.weight.copy_(record.dequantize(module.weight.dtype))
     setattr(module, _ATTR, record)
+
+
+def clear_quantized(module: nn.Module) -> None:
+    """Drop a module's record (its weight is being replaced or released)."""
+    if hasattr(module, _ATTR):
+        delattr(module, _ATTR)
 
 
 def get_quantized(module: nn.Module) -> QuantizedWeight | None:

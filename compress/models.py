@@ -41,6 +41,7 @@ __all__ = [
     "fetch_model",
     "load_model",
     "load_tokenizer",
+    "model_folder",
     "resolve_builtin",
 ]
 
@@ -411,6 +412,38 @@ def load_model(
         raise _hub_error(spec, error, "model") from error
     logger.debug("loaded %s from the hub", location)
     return model.eval(), load_tokenizer(location, trust_remote_code=trust_remote_code)
+
+
+def model_folder(
+    spec: str,
+    progress: Progress = NullProgress(),  # noqa: B008  (stateless default)
+) -> Path:
+    """The local safetensors folder behind ``spec`` (fetched or downloaded if need be).
+
+    What offloaded calibration reads layer by layer; a ``.gguf`` file has no such folder.
+    """
+    kind, location = _classify(spec)
+    if kind == "builtin":
+        return resolve_builtin(location, progress)
+    if kind == "missing":
+        raise _missing_error(spec, location)
+    if kind == "gguf":
+        raise ModelLoadError(
+            f"model {spec!r} is a GGUF file; offloading reads safetensors layer by layer",
+            hint="load it once and save_pretrained() it to a folder, or set model.offload: false",
+        )
+    if kind == "folder":
+        folder = Path(location)
+        _check_folder(folder)
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.model"])
+        )
+    except Exception as error:  # the hub client raises many types for offline / missing repos
+        raise _hub_error(spec, error, "model") from error
 
 
 def _from_folder(

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
+import json
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,12 +24,15 @@ from typing import Any
 
 from torch import nn
 
+from compress import __version__
 from compress.data import calibration_batch, load_texts, token_windows
+from compress.errors import CompressError, RecipeError
 from compress.evaluate import compare_to_reference, generation_sample, perplexity
 from compress.export.summary import summarize_export
-from compress.export.writer import check_export_target, export_model
+from compress.export.writer import DEFAULT_SHARD_BYTES, check_export_target, export_model
 from compress.ir import quantized_modules
-from compress.models import load_model
+from compress.models import load_model, load_tokenizer, model_folder
+from compress.offload import LayerStore, SourceWeights, empty_skeleton, work_dir_for
 from compress.recipe import (
     CalibrationSpec,
     EvaluateSpec,
@@ -43,6 +49,8 @@ from compress.utils.progress import NullProgress, Progress
 __all__ = ["Pipeline", "RunResult"]
 
 SAMPLE_PROMPT = "The capital of France is"
+# offloaded exports hold one shard in memory while writing it: keep that small next to a layer
+OFFLOAD_SHARD_BYTES = 512 * 1024**2
 Q4_1_CAVEAT = (
     "smollm2-135m is rebuilt from a GGUF Q4_1 file (4-bit, blocks of 32, asymmetric): int4 "
     "with group 32 asymmetric would look unrealistically good on it; compare at group 64+ "
@@ -76,6 +84,8 @@ class Pipeline:
         recipe: Recipe | None = None,
         progress: Progress | None = None,
         strict: bool = False,
+        resume: bool = False,
+        offload: bool | None = None,
     ) -> None:
         if isinstance(export, str | Path):
             export = ExportSpec(dir=Path(export))
@@ -88,6 +98,11 @@ class Pipeline:
         self.recipe = recipe
         self.progress = progress or NullProgress()
         self.strict = strict
+        self.resume = resume
+        spec_offload = isinstance(model, ModelSpec) and model.offload
+        self.offload = spec_offload if offload is None else offload
+        if self.offload and isinstance(model, nn.Module):
+            raise ValueError("offload needs a model name or folder, not a model in memory")
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **kwargs: Any) -> Pipeline:
@@ -127,16 +142,43 @@ class Pipeline:
     def run(self) -> RunResult:
         if self.export is not None:
             check_export_target(self.export.dir, overwrite=self.export.overwrite)
+        elif self.resume:
+            raise RecipeError(
+                "--resume needs an export folder: checkpoints live beside it",
+                hint="add export: {dir: ...} to the recipe (or pass -o DIR)",
+            )
         timings: dict[str, float] = {}
         start = time.perf_counter()
         model, tokenizer, source = self._load()
         timings["load_s"] = time.perf_counter() - start
 
-        reference = copy.deepcopy(model) if self.evaluate is not None else None
+        # offloaded: the reference is loaded from disk only when evaluation starts
+        reference = copy.deepcopy(model) if self.evaluate is not None and not self.offload else None
         original_bytes = _parameter_bytes(model)
+        store = self._layer_store(model)
+        try:
+            return self._compress(
+                model, tokenizer, source, reference, store, timings, original_bytes
+            )
+        except CompressError:
+            if store is not None:
+                store.close()  # a deterministic failure: resuming would only meet it again
+            raise
 
+    def _compress(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        source: str,
+        reference: nn.Module | None,
+        store: LayerStore | None,
+        timings: dict[str, float],
+        original_bytes: int,
+    ) -> RunResult:
         start = time.perf_counter()
         context = PassContext(progress=self.progress, strict=self.strict)
+        if store is not None:
+            context.layers = store
         if any(config_for(c).calibrated for c in self.passes):
             spec = self.calibration
             self.progress.log(
@@ -147,9 +189,11 @@ class Pipeline:
             )
             context.calibration_source = spec.dataset
         reports = []
-        for config in self.passes:
+        for index, config in enumerate(self.passes):
             entry = config_for(config)
             self.progress.log(f"pass {entry.name}")
+            if store is not None:
+                store.begin_pass(index)
             pass_report = entry.fn(model, config, context)
             pass_report.check_strict(self.strict)
             reports.append(pass_report)
@@ -176,7 +220,13 @@ class Pipeline:
                 recipe=result["recipe"],
                 overwrite=self.export.overwrite,
                 progress=self.progress,
+                layers=store,
+                max_shard_bytes=OFFLOAD_SHARD_BYTES if self.offload else DEFAULT_SHARD_BYTES,
+                format=self.export.format,
             )
+            if store is not None:
+                store.close()  # the export is complete: the checkpoints are not needed now
+                store = None
             timings["export_s"] = time.perf_counter() - start
             summary = summarize_export(export_dir)
             result["size"].update(
@@ -190,6 +240,11 @@ class Pipeline:
         elif quantized_modules(model):
             result["size"]["note"] = "no export: sizes of the packed format are not measured"
 
+        if store is not None:
+            store.close()
+        if self.evaluate is not None and self.offload and export_dir is not None:
+            self.progress.log("offloaded run: loading the original model for evaluation")
+            reference = self._load_dense()
         if self.evaluate is not None and reference is not None:
             start = time.perf_counter()
             candidate = self._candidate(model, export_dir)
@@ -204,13 +259,62 @@ class Pipeline:
             write_report(result, export_dir)
         return RunResult(model, tokenizer, export_dir, result, reports)
 
+    def _fingerprint(self) -> str:
+        """What the checkpoints depend on: model, calibration and passes (not export, eval)."""
+        recipe = self.resolved_recipe()
+        key = {k: recipe.get(k) for k in ("model", "calibration", "passes")}
+        key["compress"] = __version__
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _layer_store(self, model: nn.Module) -> LayerStore | None:
+        """Per-layer checkpoints beside the export (for --resume); the disk store if offloading."""
+        if self.export is not None:
+            work_dir = work_dir_for(self.export.dir)
+        elif self.offload:
+            work_dir = Path(tempfile.mkdtemp(prefix="compress-offload-"))
+        else:
+            return None
+        source = SourceWeights(self._folder()) if self.offload else None
+        store = LayerStore(
+            model, work_dir, fingerprint=self._fingerprint(), resume=self.resume, source=source
+        )
+        if self.resume:
+            self.progress.log(f"resuming from the checkpoints in {work_dir}")
+        return store
+
+    def _spec(self) -> ModelSpec:
+        source = self.model_source
+        assert not isinstance(source, nn.Module)
+        return source if isinstance(source, ModelSpec) else ModelSpec(name=source)
+
+    def _folder(self) -> Path:
+        return model_folder(self._spec().name, self.progress)
+
+    def _load_dense(self) -> nn.Module:
+        spec = self._spec()
+        model, _ = load_model(
+            spec.name,
+            dtype=spec.dtype,
+            trust_remote_code=spec.trust_remote_code,
+            progress=self.progress,
+        )
+        return model
+
     def _load(self) -> tuple[nn.Module, Any, str]:
         source = self.model_source
         if isinstance(source, nn.Module):
             if self.tokenizer is None and (self.export is not None or self.evaluate is not None):
                 raise ValueError("Pipeline(model=<module>) needs tokenizer= to export or evaluate")
             return source, self.tokenizer, type(source).__name__
-        spec = source if isinstance(source, ModelSpec) else ModelSpec(name=source)
+        spec = self._spec()
+        if self.offload:
+            folder = self._folder()
+            self.progress.log(f"offloading: {folder} stays on disk, one layer loaded at a time")
+            model = empty_skeleton(folder, spec.dtype, trust_remote_code=spec.trust_remote_code)
+            tokenizer = self.tokenizer or load_tokenizer(
+                str(folder), trust_remote_code=spec.trust_remote_code
+            )
+            return model, tokenizer, spec.name
         model, tokenizer = load_model(
             spec.name,
             dtype=spec.dtype,
@@ -261,14 +365,8 @@ class Pipeline:
 
 
 def _parameter_bytes(model: nn.Module) -> int:
-    seen: set[int] = set()
-    total = 0
-    for tensor in model.state_dict().values():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
-    return total
+    # parameters() yields tied weights once; works on meta (offloaded) parameters too
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _caveats(source: str) -> list[str]:

@@ -77,6 +77,11 @@ class ModelSpec(_Spec):
     trust_remote_code: bool = Field(
         default=False, description="allow the checkpoint's own modelling code (runs its Python)"
     )
+    offload: bool = Field(
+        default=False,
+        description="keep the weights on disk and load one decoder layer at a time (models "
+        "larger than memory); export is then written shard by shard",
+    )
 
 
 class CalibrationSpec(_Spec):
@@ -94,8 +99,10 @@ class ExportSpec(_Spec):
     """Where the compressed model is written; the folder appears whole or not at all."""
 
     dir: Path = Field(description="folder to create (relative to the working directory)")
-    format: Literal["compress"] = Field(
-        default="compress", description="on-disk format of the export"
+    format: Literal["compress", "compressed-tensors"] = Field(
+        default="compress",
+        description="on-disk format of the export: compress (every format, our loader) or "
+        "compressed-tensors (int4/int8 pack-quantized, loadable by vLLM and transformers)",
     )
     overwrite: bool = Field(default=False, description="replace an existing folder at dir")
 

@@ -6,7 +6,8 @@ scanning packages.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -18,6 +19,7 @@ from compress.errors import PassError, RecipeError, nearest
 from compress.utils.progress import NullProgress, Progress
 
 __all__ = [
+    "LayerAccess",
     "PassConfig",
     "PassContext",
     "PassFn",
@@ -39,6 +41,56 @@ class PassConfig(BaseModel):
 C = TypeVar("C", bound=PassConfig)
 
 
+class LayerAccess:
+    """How layer-wise passes reach decoder layers, and where finished layers go.
+
+    This default keeps the whole model in memory and remembers nothing. The pipeline's
+    :class:`compress.offload.LayerStore` instead checkpoints every finished layer (so a killed run
+    resumes) and, when offloading, keeps layers on disk and loads one at a time.
+    """
+
+    def done_layers(self, count: int, *, activations: bool = False) -> int:
+        """How many leading layers the current pass already finished in an earlier run.
+
+        ``activations``: the pass continues from saved layer outputs, so only layers whose
+        outputs were saved count.
+        """
+        return 0
+
+    def restore(self, index: int, name: str, layer: nn.Module, report: PassReport | None) -> None:
+        """Bring back what the current pass did to a finished layer (state and report)."""
+
+    def resume_hidden(self) -> list[torch.Tensor] | None:
+        """Saved outputs of the last finished layer: the inputs of the first pending one."""
+        return None
+
+    @contextmanager
+    def embedding(self, model: nn.Module) -> Iterator[None]:
+        """Make what runs before decoder layer 0 (embeddings) usable for the duration."""
+        yield
+
+    @contextmanager
+    def outside(self, model: nn.Module) -> Iterator[None]:
+        """Make everything outside the decoder layers usable for the duration (export)."""
+        yield
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        """Make layer ``index`` usable (its weights in memory) before a pass works on it."""
+
+    def unload(self, index: int, layer: nn.Module) -> None:
+        """Layer ``index`` is not needed now; an offloading store drops its weights."""
+
+    def finish(
+        self,
+        index: int,
+        name: str,
+        layer: nn.Module,
+        hidden: list[torch.Tensor] | None,
+        report: PassReport | None,
+    ) -> None:
+        """The current pass is done with layer ``index``; ``hidden`` are its outputs."""
+
+
 @dataclass
 class PassContext:
     """What a pass may use besides the model and its config."""
@@ -48,6 +100,8 @@ class PassContext:
     # (samples, seq_len) token ids from the recipe's calibration block; set for calibrated passes
     calibration: torch.Tensor | None = None
     calibration_source: str = ""
+    # how layer-wise passes get and put decoder layers (in memory unless the pipeline offloads)
+    layers: LayerAccess = field(default_factory=LayerAccess)
 
     def require_calibration(self, pass_name: str) -> torch.Tensor:
         """The calibration token ids; a clear error for a calibrated pass run without them."""

@@ -20,10 +20,17 @@ import torch
 from torch import nn
 
 from compress.errors import PassError
+from compress.registry import LayerAccess, PassReport
 from compress.utils.modules import decoder_layers
 from compress.utils.progress import NullProgress, Progress
 
-__all__ = ["LayerBatches", "LayerStep", "capture_layer_inputs", "run_sequential"]
+__all__ = [
+    "LayerBatches",
+    "LayerStep",
+    "capture_layer_inputs",
+    "for_each_layer",
+    "run_sequential",
+]
 
 
 class _StopForward(Exception):
@@ -105,20 +112,39 @@ def run_sequential(
     batch_size: int = 8,
     description: str = "calibrate layers",
     progress: Progress | None = None,
+    layers: LayerAccess | None = None,
+    report: PassReport | None = None,
 ) -> None:
     """Call ``step`` on every decoder layer in order, on the outputs of the compressed layers.
 
     ``step(index, name, layer, run)`` installs its hooks, calls ``run()`` to pass all calibration
     batches through the (still uncompressed) layer, removes its hooks and compresses the layer.
+    ``layers`` decides where layers live and checkpoints each finished one (with the part of
+    ``report`` about it); layers an interrupted run already finished are restored, not redone.
     """
     progress = progress or NullProgress()
-    prefix, layers = decoder_layers(model)
+    access = layers or LayerAccess()
+    prefix, blocks = decoder_layers(model)
     was_training = model.training
     model.eval()
     try:
-        batches = capture_layer_inputs(model, input_ids, batch_size)
-        for index in progress.track(range(len(layers)), description, total=len(layers)):
-            layer = layers[index]
+        with access.embedding(model):
+            batches = capture_layer_inputs(model, input_ids, batch_size)
+        start = access.done_layers(len(blocks), activations=True)
+        for index in range(start):
+            access.restore(index, f"{prefix}.{index}", blocks[index], report)
+        if 0 < start < len(blocks):
+            saved = access.resume_hidden()
+            if saved is None or len(saved) != len(batches.hidden):
+                raise PassError(
+                    f"checkpoint after layer {start - 1} has no usable calibration activations",
+                    hint="rerun without --resume",
+                )
+            batches.hidden = saved
+        pending = range(start, len(blocks))
+        for index in progress.track(pending, description, total=len(pending)):
+            layer = blocks[index]
+            access.load(index, layer)
 
             def run(layer: nn.Module = layer) -> None:
                 with torch.no_grad():
@@ -127,11 +153,40 @@ def run_sequential(
             step(index, f"{prefix}.{index}", layer, run)
             with torch.no_grad():
                 batches.hidden = batches.run(layer)
+            access.finish(index, f"{prefix}.{index}", layer, batches.hidden, report)
     finally:
         model.train(was_training)
 
 
+def for_each_layer(
+    model: nn.Module,
+    step: Callable[[int, str, nn.Module], None],
+    *,
+    description: str,
+    progress: Progress | None = None,
+    layers: LayerAccess | None = None,
+    report: PassReport | None = None,
+) -> None:
+    """Call ``step(index, name, layer)`` on every decoder layer: the calibration-free loop.
+
+    Goes through ``layers`` like :func:`run_sequential`, so offloading and resume work the same
+    for passes that need no activations.
+    """
+    progress = progress or NullProgress()
+    access = layers or LayerAccess()
+    prefix, blocks = decoder_layers(model)
+    start = access.done_layers(len(blocks))
+    for index in range(start):
+        access.restore(index, f"{prefix}.{index}", blocks[index], report)
+    pending = range(start, len(blocks))
+    for index in progress.track(pending, description, total=len(pending)):
+        access.load(index, blocks[index])
+        step(index, f"{prefix}.{index}", blocks[index])
+        access.finish(index, f"{prefix}.{index}", blocks[index], None, report)
+
+
 def _device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
-        return parameter.device
+        if not parameter.is_meta:  # offloaded layers sit on meta until loaded
+            return parameter.device
     return torch.device("cpu")

@@ -168,6 +168,8 @@ def awq(model: nn.Module, config: AWQConfig, context: PassContext) -> PassReport
         batch_size=config.batch_size,
         description="awq layers",
         progress=context.progress,
+        layers=context.layers,
+        report=report,
     )
     _summarise(report, fold_errors, calibration.numel(), stride)
     return report

@@ -88,6 +88,8 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
         batch_size=config.batch_size,
         description="gptq layers",
         progress=context.progress,
+        layers=context.layers,
+        report=report,
     )
     errors = [m["relative_error"] for m in report.per_module.values()]
     report.metrics["mean_relative_error"] = sum(errors) / len(errors)

@@ -24,7 +24,8 @@ from compress.ir import QuantizedWeight, set_quantized
 from compress.quant.checks import check_group_sizes
 from compress.quant.observers import choose_clip
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
-from compress.utils.modules import select_linears
+from compress.sequential import for_each_layer
+from compress.utils.modules import decoder_layers, select_linears
 
 __all__ = ["RTNConfig", "quantization_error", "rtn"]
 
@@ -75,16 +76,40 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
         )
     check_group_sizes(modules, fmt)
     report = PassReport(name="rtn", skipped=skipped)
-    errors = []
-    for name, module in context.progress.track(modules.items(), "rtn", total=len(modules)):
+
+    def quantize(name: str, module: nn.Linear) -> None:
+        if module.weight.is_meta:
+            raise PassError(
+                f"rtn: {name} is not in memory (the model is offloaded)",
+                hint="with model.offload only modules inside the decoder layers can be quantized",
+            )
         clip = choose_clip(module.weight, fmt, config.observer)
         codes, scales, zeros = quantize_int(module.weight, fmt, clip_ratio=clip)
         record = QuantizedWeight(codes, scales, zeros, fmt)
-        error = quantization_error(module.weight, record)
+        report.per_module[name] = {"relative_error": quantization_error(module.weight, record)}
         set_quantized(module, record)
         report.touched.append(name)
-        report.per_module[name] = {"relative_error": error}
-        errors.append(error)
+
+    prefix, _ = decoder_layers(model)
+
+    def step(index: int, layer_name: str, layer: nn.Module) -> None:
+        for name, module in modules.items():
+            if name.startswith(layer_name + "."):
+                quantize(name, module)
+
+    # decoder layers one at a time (offloadable, resumable), then anything targeted outside them
+    for_each_layer(
+        model,
+        step,
+        description="rtn layers",
+        progress=context.progress,
+        layers=context.layers,
+        report=report,
+    )
+    for name, module in modules.items():
+        if not name.startswith(prefix + "."):
+            quantize(name, module)
+    errors = [entry["relative_error"] for entry in report.per_module.values()]
     report.metrics["mean_relative_error"] = sum(errors) / len(errors)
     report.metrics["max_relative_error"] = max(errors)
     return report

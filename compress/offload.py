@@ -1,0 +1,393 @@
+"""Decoder layers on disk: per-layer checkpoints (for ``--resume``) and offloaded calibration.
+
+:class:`LayerStore` is the pipeline's :class:`~compress.registry.LayerAccess`. After a pass
+finishes a decoder layer it writes the layer's new state (its tensors, minus quantized weights,
+which are rebuilt exactly from their integer codes), the quantization records and the part of the
+pass report about it, and, for calibrated passes, the layer's outputs on the calibration text.
+A resumed run restores those layers instead of redoing them and continues from the saved
+activations, so it computes the very same bytes as an uninterrupted run.
+
+With ``offload=True`` the model is an empty-weights skeleton: a layer's weights are read from the
+checkpoint folder's safetensors (or the newest checkpoint) just before a pass needs them and
+dropped right after, so memory grows with one layer, not with the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from compress.errors import ModelLoadError, RecipeError
+from compress.formats import IntFormat
+from compress.ir import QuantizedWeight, clear_quantized, get_quantized, set_quantized
+from compress.registry import LayerAccess, PassReport
+from compress.utils.modules import decoder_layers
+
+__all__ = ["LayerStore", "SourceWeights", "empty_skeleton", "work_dir_for"]
+
+_RUN_FILE = "run.json"
+
+
+def work_dir_for(export_dir: Path) -> Path:
+    """Where a run exporting to ``export_dir`` keeps its layer checkpoints (a hidden sibling)."""
+    export_dir = Path(export_dir)
+    return export_dir.parent / f".{export_dir.name}.work"
+
+
+class SourceWeights:
+    """The tensors of a safetensors model folder, read one at a time (nothing stays mapped)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        else:
+            single = self.folder / "model.safetensors"
+            if not single.is_file():
+                raise ModelLoadError(
+                    f"{self.folder}: no model.safetensors or model.safetensors.index.json",
+                    hint="offloading reads the weights from a folder of safetensors files",
+                )
+            with safe_open(str(single), framework="pt") as handle:
+                self.files = dict.fromkeys(handle.keys(), single)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        missing = [name for name in names if name not in self.files]
+        if missing:
+            raise ModelLoadError(
+                f"{self.folder}: tensor {missing[0]} is not in the checkpoint",
+                hint="offloading needs checkpoint names that match the model's state_dict",
+            )
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        tensors = {}
+        for file, wanted in by_file.items():
+            with safe_open(str(file), framework="pt") as handle:
+                for name in wanted:
+                    tensors[name] = handle.get_tensor(name)
+        return tensors
+
+
+def empty_skeleton(folder: Path, dtype: str, *, trust_remote_code: bool) -> nn.Module:
+    """The model of ``folder`` with every parameter on the meta device (buffers real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    torch_dtype = _checkpoint_dtype(config) if dtype == "auto" else getattr(torch, dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    return model.eval()
+
+
+def _checkpoint_dtype(config: Any) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+class LayerStore(LayerAccess):
+    """Checkpoints finished layers in ``work_dir``; with ``source`` set, keeps layers on disk."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        work_dir: Path,
+        *,
+        fingerprint: str,
+        resume: bool = False,
+        source: SourceWeights | None = None,
+    ) -> None:
+        self.model = model
+        self.work_dir = Path(work_dir)
+        self.source = source
+        self.prefix, self.blocks = decoder_layers(model)
+        self.pass_index = 0
+        self._latest: dict[int, Path] = {}
+        self._resume = resume
+        self._open(fingerprint)
+
+    @property
+    def offloaded(self) -> bool:
+        return self.source is not None
+
+    def _open(self, fingerprint: str) -> None:
+        run_file = self.work_dir / _RUN_FILE
+        if self._resume:
+            if not run_file.is_file():
+                raise RecipeError(
+                    f"--resume: no checkpoint of an earlier run in {self.work_dir}",
+                    hint="run without --resume (nothing to continue from)",
+                )
+            saved = json.loads(run_file.read_text()).get("fingerprint")
+            if saved != fingerprint:
+                raise RecipeError(
+                    f"--resume: the checkpoint in {self.work_dir} was made by a different recipe "
+                    "or model",
+                    hint="rerun without --resume to start over",
+                )
+            return
+        # created with the first finished layer: a run that fails early leaves nothing behind
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        self._fingerprint = fingerprint
+
+    def close(self) -> None:
+        """Remove the checkpoints: the run finished and its export is complete."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def begin_pass(self, index: int) -> None:
+        self.pass_index = index
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _layer_file(self, index: int, pass_index: int | None = None) -> Path:
+        p = self.pass_index if pass_index is None else pass_index
+        return self.work_dir / f"pass{p:02d}-layer{index:04d}.safetensors"
+
+    def _hidden_file(self) -> Path:
+        return self.work_dir / f"pass{self.pass_index:02d}-activations.safetensors"
+
+    def done_layers(self, count: int, *, activations: bool = False) -> int:
+        if not self._resume:
+            return 0
+        done = 0
+        while done < count and self._layer_file(done).is_file():
+            done += 1
+        if activations and 0 < done < count:
+            hidden = self._hidden_file()
+            if not hidden.is_file():
+                return 0
+            with safe_open(str(hidden), framework="pt") as handle:
+                after = int((handle.metadata() or {}).get("after_layer", -1))
+            done = min(done, after + 1)
+        return done
+
+    def restore(self, index: int, name: str, layer: nn.Module, report: PassReport | None) -> None:
+        path = self._layer_file(index)
+        state, records, fragment = _read_checkpoint(path)
+        self._latest[index] = path
+        if report is not None:
+            report.per_module.update(fragment.get("per_module", {}))
+            report.touched.extend(t for t in fragment.get("touched", []) if t not in report.touched)
+        if not self.offloaded:
+            _fill_layer_(layer, state, records)
+
+    def resume_hidden(self) -> list[torch.Tensor] | None:
+        path = self._hidden_file()
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            keys = sorted(handle.keys(), key=lambda k: int(k[1:]))
+            return [handle.get_tensor(key) for key in keys]
+
+    def finish(
+        self,
+        index: int,
+        name: str,
+        layer: nn.Module,
+        hidden: list[torch.Tensor] | None,
+        report: PassReport | None,
+    ) -> None:
+        if not self.work_dir.is_dir():
+            self.work_dir.mkdir(parents=True)
+            run = {"fingerprint": self._fingerprint, "layers": len(self.blocks)}
+            (self.work_dir / _RUN_FILE).write_text(json.dumps(run))
+        path = self._layer_file(index)
+        fragment: dict[str, Any] = {}
+        if report is not None:
+            fragment = {
+                "per_module": {
+                    k: v for k, v in report.per_module.items() if k.startswith(name + ".")
+                },
+                "touched": [t for t in report.touched if t.startswith(name + ".")],
+            }
+        _write_checkpoint(path, layer, fragment)
+        if hidden is not None:
+            tmp = self._hidden_file().with_suffix(".tmp")
+            save_file(
+                {f"h{i}": h.contiguous() for i, h in enumerate(hidden)},
+                str(tmp),
+                metadata={"after_layer": str(index)},
+            )
+            os.replace(tmp, self._hidden_file())
+        self._latest[index] = path
+        if self.offloaded:
+            self.unload(index, layer)
+
+    # -- offloading --------------------------------------------------------------------------
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        if not self.offloaded or not _is_empty(layer):
+            return
+        name = f"{self.prefix}.{index}"
+        if index in self._latest:
+            state, records, _ = _read_checkpoint(self._latest[index])
+        else:
+            assert self.source is not None
+            keys = list(layer.state_dict())
+            read = self.source.read([f"{name}.{k}" for k in keys])
+            state, records = {k: read[f"{name}.{k}"] for k in keys}, {}
+        _fill_layer_(layer, state, records, allocate=True)
+
+    def unload(self, index: int, layer: nn.Module) -> None:
+        if not self.offloaded:
+            return
+        for module in layer.modules():
+            clear_quantized(module)
+            for key, parameter in list(module._parameters.items()):
+                if parameter is not None:
+                    module._parameters[key] = nn.Parameter(
+                        torch.empty_like(parameter, device="meta"), requires_grad=False
+                    )
+
+    @contextmanager
+    def embedding(self, model: nn.Module) -> Iterator[None]:
+        if not self.offloaded:
+            yield
+            return
+        embed = model.get_input_embeddings()  # type: ignore[operator]
+        with self._outside(model, only=embed):
+            yield
+
+    @contextmanager
+    def outside(self, model: nn.Module) -> Iterator[None]:
+        """Everything that is not a decoder layer (embeddings, final norm, head) in memory."""
+        if not self.offloaded:
+            yield
+            return
+        with self._outside(model, only=None):
+            yield
+
+    @contextmanager
+    def _outside(self, model: nn.Module, only: nn.Module | None) -> Iterator[None]:
+        assert self.source is not None
+        layer_prefix = self.prefix + "."
+        aliases: dict[int, list[tuple[nn.Module, str]]] = {}
+        names: dict[int, str] = {}
+        wanted = {id(p) for p in only.parameters()} if only is not None else None
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            if (module_name + ".").startswith(layer_prefix):
+                continue
+            for key, parameter in module._parameters.items():
+                if parameter is None or not parameter.is_meta:
+                    continue
+                if wanted is not None and id(parameter) not in wanted:
+                    continue
+                aliases.setdefault(id(parameter), []).append((module, key))
+                full = f"{module_name}.{key}" if module_name else key
+                if full in self.source.files or id(parameter) not in names:
+                    names[id(parameter)] = full
+        read = self.source.read(sorted(set(names.values())))
+        saved = []
+        for pid, holders in aliases.items():
+            module, key = holders[0]
+            old = module._parameters[key]
+            assert old is not None
+            value = nn.Parameter(read[names[pid]].to(old.dtype), requires_grad=False)
+            for holder, holder_key in holders:
+                saved.append((holder, holder_key, old))
+                holder._parameters[holder_key] = value
+        try:
+            yield
+        finally:
+            for holder, holder_key, old in saved:
+                holder._parameters[holder_key] = old
+
+
+def _is_empty(layer: nn.Module) -> bool:
+    return any(p.is_meta for p in layer.parameters())
+
+
+def _write_checkpoint(path: Path, layer: nn.Module, fragment: dict[str, Any]) -> None:
+    """Layer tensors (quantized weights as codes only) + records + report part, atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    formats: dict[str, Any] = {}
+    quantized = set()
+    for module_name, module in layer.named_modules():
+        record = get_quantized(module)
+        if record is None:
+            continue
+        quantized.add(f"{module_name}.weight")
+        formats[module_name] = record.fmt.describe()
+        tensors[f"q:{module_name}:codes"] = record.codes
+        tensors[f"q:{module_name}:scales"] = record.scales
+        if record.zeros is not None:
+            tensors[f"q:{module_name}:zeros"] = record.zeros
+    for key, tensor in layer.state_dict().items():
+        if key not in quantized:
+            tensors[f"s:{key}"] = tensor
+    tmp = path.with_suffix(".tmp")
+    metadata = {"formats": json.dumps(formats), "report": json.dumps(fragment)}
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata)
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(
+    path: Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight], dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        formats = json.loads(metadata.get("formats", "{}"))
+        fragment = json.loads(metadata.get("report", "{}"))
+        names = set(handle.keys())
+        state = {k[2:]: handle.get_tensor(k) for k in names if k.startswith("s:")}
+        records = {}
+        for module_name, described in formats.items():
+            zeros_key = f"q:{module_name}:zeros"
+            records[module_name] = QuantizedWeight(
+                handle.get_tensor(f"q:{module_name}:codes"),
+                handle.get_tensor(f"q:{module_name}:scales"),
+                handle.get_tensor(zeros_key) if zeros_key in names else None,
+                IntFormat.from_dict(described),
+            )
+    return state, records, fragment
+
+
+def _fill_layer_(
+    layer: nn.Module,
+    state: dict[str, torch.Tensor],
+    records: dict[str, QuantizedWeight],
+    *,
+    allocate: bool = False,
+) -> None:
+    """Put a checkpointed state into ``layer``; quantized weights are rebuilt from their codes."""
+    with torch.no_grad():
+        for module_name, module in layer.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            for key, parameter in list(module._parameters.items()):
+                if parameter is None:
+                    continue
+                full = prefix + key
+                if full in state:
+                    value = state[full].to(parameter.dtype)
+                elif module_name in records and key == "weight":
+                    value = torch.empty(parameter.shape, dtype=parameter.dtype)
+                else:
+                    raise ModelLoadError(f"layer checkpoint has no tensor {full}")
+                if allocate or parameter.is_meta:
+                    module._parameters[key] = nn.Parameter(value, requires_grad=False)
+                else:
+                    parameter.copy_(value)
+            for key, buffer in module._buffers.items():
+                if buffer is not None and prefix + key in state:
+                    buffer.copy_(state[prefix + key])
+            if module_name in records:
+                set_quantized(module, records[module_name])
+            else:
+                clear_quantized(module)
