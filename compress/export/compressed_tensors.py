@@ -1,0 +1,172 @@
+"""The compressed-tensors "pack-quantized" layout, for serving an export with vLLM.
+
+``export: {dir: ..., format: compressed-tensors}`` writes the same model as a compress export,
+but each quantized Linear ``name`` stores what compressed-tensors (and so vLLM and transformers'
+built-in ``compressed-tensors`` quantizer) reads for int weight-only schemes:
+
+=============================  ===================  =======  ====================================
+name                           shape                dtype    meaning
+=============================  ===================  =======  ====================================
+``name.weight_packed``         (N, ceil(K*b/32))    int32    codes ``q + 2**(b-1)``, each row one
+                                                             little-endian bit stream in words
+``name.weight_scale``          (N, G)               model    per-group (G = 1: per-channel) scale
+``name.weight_shape``          (2,)                 int64    ``[N, K]``
+=============================  ===================  =======  ====================================
+
+and ``W = q * scale`` with signed ``q``. Our symmetric codes are already ``q + 2**(b-1)`` and
+our rows the same little-endian bit stream, so ``weight_packed`` is ``qweight`` padded to whole
+32-bit words, reinterpreted: nothing is re-quantized, and the reloaded model computes with
+exactly the codes and (fp16-rounded) scales of a compress export.
+
+Only what vLLM's weight-only kernels serve and the loaders here read back is written: 4 or 8
+bits, symmetric, groups of 32, 64 or 128 or per-channel. Anything else (3-bit, group 40, ...)
+is refused with an :class:`~compress.errors.ExportError` naming the module, its format and the
+reason. Asymmetric formats are refused too: compressed-tensors 0.20 stores their zero points
+packed along N (``weight_zero_point``, (ceil(N*b/32), G) int32), but its transformers
+integration lays the parameter out unpacked, (N, G), on the meta device, so such a checkpoint
+fails to load with a size mismatch (llm-compressor issue 1618 reports the same). Scales
+are stored in the model's dtype, which is what the compressed-tensors loader allocates them in
+(fp16 scales are exact in fp32; a bf16 model rounds them to bf16, as vLLM would).
+
+Writing needs no compressed-tensors install; loading the folder does (``pip install
+'compress-llm[vllm]'``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from compress.errors import ExportError
+from compress.formats import IntFormat
+from compress.ir import QuantizedWeight
+
+__all__ = [
+    "FORMAT_NAME",
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUPS",
+    "check_representable",
+    "convert_state",
+    "quantization_config",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "compressed-tensors"
+SUPPORTED_BITS = (4, 8)
+SUPPORTED_GROUPS = (None, 32, 64, 128)
+"""Group sizes vLLM's weight-only kernels accept; ``None`` is per-channel."""
+
+
+def _describe(fmt: IntFormat) -> str:
+    group = f"group {fmt.group_size}" if fmt.group_size else "per-channel"
+    return f"int{fmt.bits} {group} {'symmetric' if fmt.symmetric else 'asymmetric'}"
+
+
+def check_representable(name: str, fmt: IntFormat, in_features: int) -> None:
+    """Refuse a module whose format the pack-quantized layout (as vLLM serves it) cannot hold."""
+    reason = None
+    group = None if fmt.group_size in (None, in_features) else fmt.group_size
+    if fmt.bits not in SUPPORTED_BITS:
+        reason = f"{fmt.bits}-bit codes: vLLM serves pack-quantized weights at 4 or 8 bits"
+    elif group not in SUPPORTED_GROUPS:
+        reason = f"group size {group}: vLLM's kernels take groups of 32, 64 or 128, or per-channel"
+    elif not fmt.symmetric:
+        reason = (
+            "asymmetric (zero points): transformers' compressed-tensors loader cannot read "
+            "packed zero points back (size mismatch on weight_zero_point)"
+        )
+    if reason is not None:
+        raise ExportError(
+            f"module {name!r} ({_describe(fmt)}) cannot be exported as {FORMAT_NAME}: {reason}",
+            hint="quantize it to symmetric int4 or int8 with group_size 32, 64, 128 or null, "
+            "leave it out of the pass (ignore:), or export with format: compress",
+        )
+
+
+def _words(packed_bytes: torch.Tensor) -> torch.Tensor:
+    """(rows, bytes) uint8 little-endian bit streams → (rows, ceil(bytes/4)) int32 words."""
+    rows, width = packed_bytes.shape
+    padded = torch.nn.functional.pad(packed_bytes, (0, -width % 4))
+    words = padded.contiguous().view(torch.int32)  # bytes 0..3 → bits 0..31 of a word
+    if torch.tensor([1], dtype=torch.int32).view(torch.uint8)[0] != 1:
+        raise ExportError("compressed-tensors export needs a little-endian machine")
+    return words.reshape(rows, -1)
+
+
+def convert_state(
+    packed: Iterator[tuple[str, torch.Tensor]],
+    records: dict[str, QuantizedWeight],
+    *,
+    dtype: torch.dtype,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rename and re-lay the tensors of a compress export (``writer.packed_state``) on the fly.
+
+    ``records`` is filled by the producer before it yields a module's packed buffers, so each
+    buffer is converted as it passes; the stream stays one module deep.
+    """
+    for key, tensor in packed:
+        owner, _, leaf = key.rpartition(".")
+        record = records.get(owner)
+        if record is None or leaf not in ("qweight", "scales"):
+            yield key, tensor
+            continue
+        out_features, in_features = record.shape
+        if leaf == "qweight":
+            check_representable(owner, record.fmt, in_features)
+            yield f"{owner}.weight_packed", _words(tensor)
+            yield f"{owner}.weight_shape", torch.tensor([out_features, in_features])
+        else:
+            yield f"{owner}.weight_scale", tensor.to(dtype).contiguous()
+
+
+def _weights_args(fmt: IntFormat, in_features: int) -> dict[str, Any]:
+    per_channel = fmt.group_size in (None, in_features)
+    return {
+        "num_bits": fmt.bits,
+        "type": "int",
+        "symmetric": fmt.symmetric,
+        "strategy": "channel" if per_channel else "group",
+        "group_size": None if per_channel else fmt.group_size,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+    }
+
+
+def quantization_config(records: dict[str, QuantizedWeight]) -> dict[str, Any] | None:
+    """``config.json``'s ``quantization_config``: one config group per distinct format.
+
+    Targets are exact module names, so per-layer formats (and left-out modules) need no
+    ``ignore`` list and no class-wide rule.
+    """
+    if not records:
+        return None
+    groups: dict[str, dict[str, Any]] = {}
+    by_args: dict[str, str] = {}
+    for name, record in records.items():
+        check_representable(name, record.fmt, record.shape[1])
+        args = _weights_args(record.fmt, record.shape[1])
+        signature = repr(sorted(args.items()))
+        if signature not in by_args:
+            by_args[signature] = f"group_{len(by_args)}"
+            groups[by_args[signature]] = {
+                "targets": [],
+                "weights": args,
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        groups[by_args[signature]]["targets"].append(name)
+    return {
+        "quant_method": FORMAT_NAME,
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": [],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+    }
