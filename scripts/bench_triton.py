@@ -109,8 +109,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {report['device']}; torch {report['torch']}, triton {report['triton']}; "
         f"{report['created']}.",
         f"Command: `{report['command']}`",
-        f"Measured device copy bandwidth: {report['copy_gbs']:.0f} GB/s. Weights int{{b}} g{GROUP}"
-        " symmetric, fp16 activations; medians of CUDA-event timings.",
+        f"Measured device copy bandwidth: {report['copy_gbs']:.0f} GB/s. Weights: codes of"
+        f" `bits` bits, group {GROUP}, symmetric; fp16 activations; medians of CUDA-event timings;"
+        " `kernel` is the one `QuantLinear` picks for that row count.",
         "",
         "| shape (N x K) | rows | bits | kernel | ms | fp16 ms | speed-up | GB/s | % of copy |",
         "|---|---|---|---|---|---|---|---|---|",
