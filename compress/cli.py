@@ -192,7 +192,8 @@ def inspect(
 
     summary = summarize_export(directory, verify=verify)
     if as_json:
-        out.print_json(json.dumps(summary.to_dict()))
+        kernel_paths = {label: sorted(v) for label, v in _kernels(directory).items()}
+        out.print_json(json.dumps(summary.to_dict() | {"cpu_kernels": kernel_paths}))
         return
     table = Table(title=escape(f"{directory}  (format v{summary.format_version})"))
     for column in ("format", "modules", "params", "stored MB", "bits/weight", "nominal"):
@@ -212,30 +213,25 @@ def inspect(
         f"{summary.params:,} params, {summary.model_bits_per_weight:.3f} bits/weight overall, "
         f"{summary.quantized_bits_per_weight:.3f} in quantized layers"
     )
-    out.print(f"CPU kernels (fp32, batch 1): {', '.join(sorted(_kernels(directory)))}")
+    for label, paths in sorted(_kernels(directory).items()):
+        out.print(f"CPU kernels, {label}: {', '.join(sorted(paths))}", markup=False)
     if summary.recipe:
         out.print("recipe:")
         out.print_json(json.dumps(summary.recipe))
 
 
-def _kernels(directory: Path) -> set[str]:
-    """The CPU kernels the modules of an export would run with fp32 activations at batch 1."""
-    import torch
-
+def _kernels(directory: Path) -> dict[str, set[str]]:
+    """Per format of an export, the CPU kernel paths its modules take (decode, prefill)."""
     from compress.export import kernels
     from compress.export.manifest import read_manifest
+    from compress.export.summary import format_label
     from compress.formats import IntFormat
 
-    return {
-        kernels.select(
-            IntFormat.from_dict(entry["format"]),
-            entry["shape"][1],
-            rows=1,
-            dtype=torch.float32,
-            device="cpu",
-        )
-        for entry in read_manifest(directory)["modules"].values()
-    }
+    paths: dict[str, set[str]] = {}
+    for entry in read_manifest(directory)["modules"].values():
+        fmt = IntFormat.from_dict(entry["format"])
+        paths.setdefault(format_label(fmt), set()).add(kernels.describe(fmt, entry["shape"][1]))
+    return paths
 
 
 @app.command()

@@ -1,37 +1,50 @@
-"""CPU kernels for :class:`~compress.export.qlinear.QuantLinear`, and how one is chosen.
+"""Kernels for :class:`~compress.export.qlinear.QuantLinear`, and the one function that picks one.
+
+Decode at batch 1 is memory bound: its time is the bytes of packed weights over the memory
+bandwidth, so the fast paths never build a dense weight.
+
+``cpu_gemv``: native fused unpack + dequantize + dot (:mod:`compress.export.cpu`), all cores,
+fp32 accumulation; activations are converted to fp32 once per call. For decode and small batches.
+
+``cpu_gemm``: native dequantization of a cache-sized tile of rows to fp32, then torch's GEMM;
+for prefill, where the dot products, not the weight bytes, cost most.
 
 ``reference``: unpack codes, dequantize to the activation dtype, ``F.linear``. The test oracle,
-and on CPU also the fastest path for fp32 activations: measured on a 2-core AVX2 machine at
-(1, 576) x (1536, 576), a dense fp32 GEMV takes ~0.13 ms while PyTorch's int8 weight-only op
-takes ~1.2 ms in fp32 and its int4 op ~4.6 ms.
+and the path everywhere else: when the native build is unavailable (no compiler; the reason is
+logged once) or ``COMPRESS_KERNEL=reference``.
 
 ``torch_int8``: PyTorch's ``_weight_int8pack_mm`` for symmetric per-channel int8 with bf16/fp16
-activations and few rows, where it beats a dense half-precision GEMV (~0.22 ms vs ~1.15 ms
-above). Its int4 sibling lost in every dtype measured, so it is not used.
+activations and few rows; only used without the native build, where it beats the reference.
 
-``COMPRESS_KERNEL=reference`` forces the reference path. The chosen path is logged once per
-(kernel, format) and shown by ``compress inspect``.
+``COMPRESS_KERNEL=<name>`` forces a kernel (``reference`` for tests and comparisons). The chosen
+path is logged once per (kernel, format) and shown by ``compress inspect``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from compress.errors import ExportError, nearest
+from compress.export import cpu
 from compress.formats import IntFormat
 
 if TYPE_CHECKING:
     from compress.export.qlinear import QuantLinear
 
-__all__ = ["KERNELS", "run", "select"]
+__all__ = ["GEMV_MAX_ROWS", "KERNELS", "describe", "run", "select"]
 
 log = logging.getLogger(__name__)
 
-_SMALL_BATCH_ROWS = 16
+GEMV_MAX_ROWS = 8
+"""Row counts up to this use ``cpu_gemv``; more rows use ``cpu_gemm`` (measured crossover)."""
+
+_TORCH_INT8_MAX_ROWS = 16
 _LOGGED: set[tuple[str, str]] = set()
 
 
@@ -52,25 +65,72 @@ def _torch_int8(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], module.out_features)
 
 
-KERNELS = {"reference": _reference, "torch_int8": _torch_int8}
+def _native(fn: Callable[..., torch.Tensor]) -> Callable[[QuantLinear, torch.Tensor], torch.Tensor]:
+    def kernel(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (M, K), converted once
+        fmt = module.fmt
+        out = fn(flat, module.qweight, module.scales, module.qzeros, fmt.bits, fmt.group_size)
+        if module.bias is not None:
+            out += module.bias.to(torch.float32)
+        return out.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
+
+    return kernel
+
+
+KERNELS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {
+    "reference": _reference,
+    "torch_int8": _torch_int8,
+    "cpu_gemv": _native(cpu.gemv),
+    "cpu_gemm": _native(cpu.gemm),
+}
+
+
+def _forced() -> str | None:
+    name = os.environ.get("COMPRESS_KERNEL", "")
+    if not name:
+        return None
+    if name not in KERNELS:
+        guess = nearest(name, KERNELS)
+        raise ExportError(
+            f"COMPRESS_KERNEL={name!r} is not a kernel"
+            + (f" (did you mean {guess!r}?)" if guess else ""),
+            hint=f"use one of {sorted(KERNELS)}, or unset COMPRESS_KERNEL",
+        )
+    return name
 
 
 def select(
     fmt: IntFormat, in_features: int, *, rows: int, dtype: torch.dtype, device: str = "cpu"
 ) -> str:
-    """The fastest correct kernel for a format, input width, activation dtype and row count."""
-    if os.environ.get("COMPRESS_KERNEL", "") == "reference":
-        return "reference"
-    if (
-        fmt.bits == 8
-        and fmt.symmetric
-        and fmt.group_size in (None, in_features)
-        and dtype in (torch.bfloat16, torch.float16)
-        and rows <= _SMALL_BATCH_ROWS
-        and device == "cpu"
-    ):
-        return "torch_int8"
+    """The fastest correct kernel for a format, input width, activation dtype and row count.
+
+    The single place where a path is chosen: one branch per device.
+    """
+    forced = _forced()
+    if forced is not None:
+        return forced
+    if device == "cpu":
+        if cpu.native() is not None:  # first call builds (cached); failure logged once
+            return "cpu_gemv" if rows <= GEMV_MAX_ROWS else "cpu_gemm"
+        if (
+            fmt.bits == 8
+            and fmt.symmetric
+            and fmt.group_size in (None, in_features)
+            and dtype in (torch.bfloat16, torch.float16)
+            and rows <= _TORCH_INT8_MAX_ROWS
+        ):
+            return "torch_int8"
     return "reference"
+
+
+def describe(fmt: IntFormat, in_features: int, device: str = "cpu") -> str:
+    """Human summary of the paths a format takes, e.g. ``cpu_gemv (≤8 rows), cpu_gemm``."""
+    decode = select(fmt, in_features, rows=1, dtype=torch.float32, device=device)
+    prefill = select(fmt, in_features, rows=GEMV_MAX_ROWS + 1, dtype=torch.float32, device=device)
+    text = decode if decode == prefill else f"{decode} (≤{GEMV_MAX_ROWS} rows), {prefill}"
+    if device == "cpu" and decode == "reference" and _forced() is None:
+        text += " (native CPU kernels unavailable; see the log)"
+    return text
 
 
 def run(kernel: str, module: QuantLinear, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.export import kernels
+from compress.export import cpu, kernels
 from compress.export.qlinear import QuantLinear
 from compress.formats import IntFormat, quantize_int
 from compress.ir import QuantizedWeight
@@ -46,7 +46,8 @@ def test_buffers_are_the_stored_tensors():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_torch_int8_kernel_matches_reference(dtype, batch):
+def test_torch_int8_kernel_matches_reference(dtype, batch, monkeypatch):
+    monkeypatch.setattr(cpu, "native", lambda: None)  # torch_int8 is the no-compiler fallback
     _, _, module = make(40, 72, IntFormat(8, None, True))
     x = torch.randn(2, batch, 72, dtype=dtype)
     assert module._select(rows=2 * batch, dtype=dtype) == "torch_int8"
@@ -57,6 +58,7 @@ def test_torch_int8_kernel_matches_reference(dtype, batch):
 
 
 def test_kernel_selection_and_override(monkeypatch):
+    monkeypatch.setattr(cpu, "native", lambda: None)  # with the native build: test_kernels_cpu
     int8 = IntFormat(8, None, True)
     assert kernels.select(int8, 64, rows=1, dtype=torch.bfloat16) == "torch_int8"
     assert kernels.select(int8, 64, rows=1, dtype=torch.float32) == "reference"

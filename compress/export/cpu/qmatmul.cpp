@@ -1,0 +1,512 @@
+// Fused unpack + dequantize + dot for densely packed integer weights (compress.export.packing).
+//
+// Weights: (N, row_bytes) uint8, each row a little-endian bit stream of K codes of B bits.
+// Scales: (N, G) fp32/fp16/bf16; zero points: one packed B-bit stream of N*G codes, or none
+// (symmetric: zero = 2**(B-1)). W[n,k] = (code - zero[n, k/g]) * scale[n, k/g].
+//
+// Batch-1 decode is bound by the bytes of packed weights, so the GEMV never materialises a
+// dequantized weight: eight codes (exactly B bytes) are unpacked into one AVX2 register and
+// multiplied with fp32 activations; the scale is applied once per group and the zero point
+// through the per-group sum of x (sum_k (c_k - z) s x_k = s (sum_k c_k x_k - z sum_k x_k)).
+// Larger batches dequantize a cache-sized tile of rows to fp32 and hand it to torch's GEMM.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define COMPRESS_AVX2 1
+#endif
+
+namespace {
+
+struct Packed {
+  const uint8_t* qweight;
+  const uint8_t* end;     // one past the last weight byte: reads never cross it
+  const uint8_t* qzeros;  // nullptr when symmetric
+  const void* scales;
+  int scale_kind;  // 0 fp32, 1 fp16, 2 bf16
+  int bits;
+  int64_t N, K, row_bytes, group, groups;
+
+  float scale(int64_t n, int64_t g) const {
+    const int64_t i = n * groups + g;
+    switch (scale_kind) {
+      case 0: return static_cast<const float*>(scales)[i];
+      case 1:
+#ifdef __F16C__
+        return _cvtsh_ss(static_cast<const uint16_t*>(scales)[i]);
+#else
+        return static_cast<float>(static_cast<const at::Half*>(scales)[i]);
+#endif
+      default: return static_cast<float>(static_cast<const at::BFloat16*>(scales)[i]);
+    }
+  }
+
+  float zero(int64_t n, int64_t g) const {
+    if (qzeros == nullptr) return static_cast<float>(1 << (bits - 1));
+    const int64_t bit = (n * groups + g) * bits;
+    const int64_t byte = bit >> 3;
+    const int shift = static_cast<int>(bit & 7);
+    uint32_t v = qzeros[byte];
+    if (shift + bits > 8) v |= static_cast<uint32_t>(qzeros[byte + 1]) << 8;
+    return static_cast<float>((v >> shift) & ((1u << bits) - 1));
+  }
+
+  int code(int64_t n, int64_t k) const {
+    const uint8_t* row = qweight + n * row_bytes;
+    const int64_t bit = k * bits;
+    const int64_t byte = bit >> 3;
+    const int shift = static_cast<int>(bit & 7);
+    uint32_t v = row[byte];
+    if (shift + bits > 8) v |= static_cast<uint32_t>(row[byte + 1]) << 8;
+    return static_cast<int>((v >> shift) & ((1u << bits) - 1));
+  }
+};
+
+Packed make_packed(const torch::Tensor& qweight, const torch::Tensor& scales,
+                   const torch::Tensor& qzeros, int64_t bits, int64_t group, int64_t K) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous() &&
+                  qweight.dim() == 2, "qweight must be a contiguous 2-D uint8 tensor");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be in 2..8");
+  TORCH_CHECK(scales.is_contiguous() && scales.dim() == 2, "scales must be contiguous 2-D");
+  Packed p{};
+  p.N = qweight.size(0);
+  p.K = K;
+  p.row_bytes = qweight.size(1);
+  TORCH_CHECK(p.row_bytes == (K * bits + 7) / 8, "qweight row bytes do not match K and bits");
+  p.group = group > 0 ? group : K;
+  TORCH_CHECK(K % p.group == 0, "group size must divide K");
+  p.groups = K / p.group;
+  TORCH_CHECK(scales.size(0) == p.N && scales.size(1) == p.groups, "scales shape mismatch");
+  p.bits = static_cast<int>(bits);
+  p.qweight = qweight.data_ptr<uint8_t>();
+  p.end = p.qweight + p.N * p.row_bytes;
+  if (qzeros.numel() > 0) {
+    TORCH_CHECK(qzeros.scalar_type() == torch::kUInt8 && qzeros.is_contiguous(),
+                "qzeros must be contiguous uint8");
+    TORCH_CHECK(qzeros.numel() >= (p.N * p.groups * bits + 7) / 8, "qzeros too short");
+    p.qzeros = qzeros.data_ptr<uint8_t>();
+  }
+  p.scales = scales.data_ptr();
+  switch (scales.scalar_type()) {
+    case torch::kFloat: p.scale_kind = 0; break;
+    case torch::kHalf: p.scale_kind = 1; break;
+    case torch::kBFloat16: p.scale_kind = 2; break;
+    default: TORCH_CHECK(false, "scales must be fp32, fp16 or bf16");
+  }
+  return p;
+}
+
+// Portable path: one row dequantized with scalar code, any group size.
+void dequant_row_scalar(const Packed& p, int64_t n, float* out) {
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const float s = p.scale(n, g), z = p.zero(n, g);
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) {
+      out[k] = (static_cast<float>(p.code(n, k)) - z) * s;
+    }
+  }
+}
+
+#ifdef COMPRESS_AVX2
+
+// Eight B-bit codes starting at a byte boundary -> eight int32 lanes.
+template <int B>
+struct Decoder {
+  static constexpr int kRead = (B == 2 || B == 4 || B == 8) ? B : 8;
+  __m256i ctrl, shift, mask;
+
+  Decoder() {
+    alignas(32) int8_t c[32];
+    alignas(32) int32_t s[8];
+    for (int k = 0; k < 8; ++k) {
+      const int bit = k * B, byte = bit / 8;
+      s[k] = bit % 8;
+      // the 8 source bytes sit in both 128-bit halves, so in-half indices 0..7 reach them all
+      int8_t* lane = c + 4 * k;
+      lane[0] = static_cast<int8_t>(byte);
+      lane[1] = (s[k] + B > 8) ? static_cast<int8_t>(byte + 1) : static_cast<int8_t>(-128);
+      lane[2] = lane[3] = static_cast<int8_t>(-128);
+    }
+    ctrl = _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
+    if (B == 4) {
+      shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    } else if (B == 2) {
+      shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    } else {
+      shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
+    }
+    mask = _mm256_set1_epi32((1 << B) - 1);
+  }
+
+  static inline uint64_t load(const uint8_t* src) {
+    if (kRead == 2) {
+      uint16_t t;
+      std::memcpy(&t, src, 2);
+      return t;
+    }
+    if (kRead == 4) {
+      uint32_t t;
+      std::memcpy(&t, src, 4);
+      return t;
+    }
+    uint64_t t;
+    std::memcpy(&t, src, 8);
+    return t;
+  }
+
+  // The stream's last block: never read past the tensor.
+  __attribute__((noinline)) static uint64_t load_tail(const uint8_t* src, const uint8_t* end) {
+    uint64_t v = 0;
+    std::memcpy(&v, src, static_cast<size_t>(end - src));
+    return v;
+  }
+
+  inline __m256i operator()(const uint8_t* src, const uint8_t* end) const {
+    // typed loads: a narrow memcpy into a wider stack word would stall store forwarding
+    const uint64_t v = __builtin_expect(src + kRead <= end, 1) ? load(src) : load_tail(src, end);
+    if (B == 8) return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(v)));
+    if (B == 2 || B == 4) {
+      const __m256i word = _mm256_set1_epi32(static_cast<int32_t>(v));
+      return _mm256_and_si256(_mm256_srlv_epi32(word, shift), mask);
+    }
+    const __m256i bytes = _mm256_set1_epi64x(static_cast<int64_t>(v));
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, ctrl), shift), mask);
+  }
+};
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Super-blocks: 64 codes decoded at once into eight vectors with constant shifts only, the
+// cheapest unpack there is. The lanes come out transposed (vector v, lane j holds code
+// perm(v, j) of the block), so the activations are permuted the same way once per call.
+// Widths 2, 3, 4, 6 and 8 have one; 5 and 7 use the per-8 Decoder in natural order.
+constexpr bool has_super(int B) { return B == 2 || B == 3 || B == 4 || B == 6 || B == 8; }
+
+// Position inside a 64-code super-block of lane j of vector v.
+inline int super_perm(int B, int v, int j) {
+  return B >= 6 ? 32 * (v / 4) + 4 * j + v % 4 : 8 * j + v;
+}
+
+template <int B>
+struct Super {
+  __m256i ctrl, mask;
+
+  Super() {
+    // 3- and 6-bit: 24 bytes -> eight 32-bit lanes of 3 bytes; the high half is loaded from
+    // byte 8, so its lanes start at in-half index 4 (no read beyond the 24 bytes).
+    alignas(32) int8_t c[32];
+    for (int j = 0; j < 8; ++j) {
+      const int base = j < 4 ? 3 * j : 4 + 3 * (j - 4);
+      for (int b = 0; b < 3; ++b) c[4 * j + b] = static_cast<int8_t>(base + b);
+      c[4 * j + 3] = static_cast<int8_t>(-128);
+    }
+    ctrl = _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
+    mask = _mm256_set1_epi32((1 << B) - 1);
+  }
+
+  inline __m256i load24(const uint8_t* src) const {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8));
+    return _mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), ctrl);
+  }
+
+  // Bytes one super-block takes: 64 * B / 8.
+  static constexpr int kBytes = 8 * B;
+
+  inline void decode(const uint8_t* src, __m256i out[8]) const {
+    if (B == 4) {  // lane j = bytes 4j..4j+3 = codes 8j..8j+7
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+      for (int i = 0; i < 8; ++i) out[i] = _mm256_and_si256(_mm256_srli_epi32(v, 4 * i), mask);
+    } else if (B == 2) {  // lane j = 16 bits = codes 8j..8j+7
+      const __m256i v =
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      for (int i = 0; i < 8; ++i) out[i] = _mm256_and_si256(_mm256_srli_epi32(v, 2 * i), mask);
+    } else if (B == 3) {  // lane j = 24 bits = codes 8j..8j+7
+      const __m256i v = load24(src);
+      for (int i = 0; i < 8; ++i) out[i] = _mm256_and_si256(_mm256_srli_epi32(v, 3 * i), mask);
+    } else if (B == 6) {  // two halves of 32 codes; lane j = 24 bits = codes 4j..4j+3
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = load24(src + 24 * h);
+        for (int i = 0; i < 4; ++i) {
+          out[4 * h + i] = _mm256_and_si256(_mm256_srli_epi32(v, 6 * i), mask);
+        }
+      }
+    } else {  // B == 8: two halves of 32 codes; lane j = bytes 4j..4j+3
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h));
+        for (int i = 0; i < 3; ++i) {
+          out[4 * h + i] = _mm256_and_si256(_mm256_srli_epi32(v, 8 * i), mask);
+        }
+        out[4 * h + 3] = _mm256_srli_epi32(v, 24);
+      }
+    }
+  }
+};
+
+// MT activation rows against weight rows [n0, n1). x: (MT, Kp) zero-padded, its first
+// `ksuper` columns permuted per super-block when SUPER; xsum: (MT, G).
+template <int B, int MT, bool SUPER>
+void gemv_tile(const Packed& p, const float* x, int64_t Kp, int64_t ksuper, const float* xsum,
+               float* out, int64_t out_stride, int64_t n0, int64_t n1) {
+  constexpr int U = MT >= 4 ? 1 : 4 / MT;  // independent FMA chains to hide FMA latency
+  const Decoder<B> dec;
+  const Super<B> sup;
+  const int64_t group = p.groups == 1 ? Kp : p.group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qweight + n * p.row_bytes;
+    __m256 acc[U][MT];
+    float zterm[MT];
+    for (int m = 0; m < MT; ++m) {
+      for (int u = 0; u < U; ++u) acc[u][m] = _mm256_setzero_ps();
+      zterm[m] = 0.f;
+    }
+    for (int64_t g = 0; g < p.groups; ++g) {
+      __m256 ga[U][MT];
+      for (int u = 0; u < U; ++u)
+        for (int m = 0; m < MT; ++m) ga[u][m] = _mm256_setzero_ps();
+      int64_t k = g * group;
+      const int64_t k1 = k + group;
+      if (SUPER) {
+        const int64_t ks1 = std::min(k1, ksuper);
+        for (; k + 64 <= ks1; k += 64) {
+          __m256i codes[8];
+          sup.decode(row + k / 8 * B, codes);
+          for (int i = 0; i < 8; ++i) {
+            const __m256 w = _mm256_cvtepi32_ps(codes[i]);
+            for (int m = 0; m < MT; ++m) {
+              ga[i % U][m] =
+                  _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * Kp + k + 8 * i), ga[i % U][m]);
+            }
+          }
+        }
+      }
+      for (; k + 8 * U <= k1; k += 8 * U) {
+        for (int u = 0; u < U; ++u) {
+          const __m256 w = _mm256_cvtepi32_ps(dec(row + (k / 8 + u) * B, p.end));
+          for (int m = 0; m < MT; ++m) {
+            ga[u][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * Kp + k + 8 * u), ga[u][m]);
+          }
+        }
+      }
+      for (; k < k1; k += 8) {
+        const __m256 w = _mm256_cvtepi32_ps(dec(row + k / 8 * B, p.end));
+        for (int m = 0; m < MT; ++m) {
+          ga[0][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * Kp + k), ga[0][m]);
+        }
+      }
+      const float s = p.scale(n, g), z = p.zero(n, g);
+      const __m256 sv = _mm256_set1_ps(s);
+      for (int m = 0; m < MT; ++m) {
+        // scale each chain separately: no add chain between groups
+        for (int u = 0; u < U; ++u) acc[u][m] = _mm256_fmadd_ps(ga[u][m], sv, acc[u][m]);
+        zterm[m] += s * z * xsum[m * p.groups + g];
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      __m256 t = acc[0][m];
+      for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[u][m]);
+      out[m * out_stride + n] = hsum(t) - zterm[m];
+    }
+  }
+}
+
+template <int B>
+void dequant_rows_avx2(const Packed& p, int64_t n0, int64_t n1, float* out) {
+  const Decoder<B> dec;
+  const int64_t blocks = (p.K + 7) / 8;
+  const int64_t full = p.K / 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qweight + n * p.row_bytes;
+    float* dst = out + (n - n0) * p.K;
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const __m256 sv = _mm256_set1_ps(p.scale(n, g));
+      const __m256 zv = _mm256_set1_ps(p.zero(n, g));
+      const int64_t j0 = g * p.group / 8;
+      const int64_t j1 = p.groups == 1 ? blocks : j0 + p.group / 8;
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m256 c = _mm256_cvtepi32_ps(dec(row + j * B, p.end));
+        const __m256 w = _mm256_mul_ps(_mm256_sub_ps(c, zv), sv);
+        if (j < full) {
+          _mm256_storeu_ps(dst + 8 * j, w);
+        } else {
+          alignas(32) float tmp[8];
+          _mm256_store_ps(tmp, w);
+          std::memcpy(dst + 8 * j, tmp, sizeof(float) * static_cast<size_t>(p.K - 8 * j));
+        }
+      }
+    }
+  }
+}
+
+template <int B, bool SUPER>
+void gemv_run(const Packed& p, const float* x, int64_t M, int64_t Kp, int64_t ksuper,
+              const float* xsum, float* out) {
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, p.K / 64));
+  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    const int64_t G = p.groups;
+    for (; m + 4 <= M; m += 4)
+      gemv_tile<B, 4, SUPER>(p, x + m * Kp, Kp, ksuper, xsum + m * G, out + m * p.N, p.N, n0, n1);
+    for (; m + 2 <= M; m += 2)
+      gemv_tile<B, 2, SUPER>(p, x + m * Kp, Kp, ksuper, xsum + m * G, out + m * p.N, p.N, n0, n1);
+    for (; m < M; ++m)
+      gemv_tile<B, 1, SUPER>(p, x + m * Kp, Kp, ksuper, xsum + m * G, out + m * p.N, p.N, n0, n1);
+  });
+}
+
+// Super-blocks need whole 64-code blocks inside one group.
+inline bool super_ok(const Packed& p) {
+  return has_super(p.bits) && (p.groups == 1 || p.group % 64 == 0);
+}
+
+template <int B>
+void gemv_bits(const Packed& p, const float* x, int64_t M, int64_t Kp, int64_t ksuper,
+               const float* xsum, float* out) {
+  if constexpr (has_super(B)) {
+    if (ksuper > 0) return gemv_run<B, true>(p, x, M, Kp, ksuper, xsum, out);
+  }
+  gemv_run<B, false>(p, x, M, Kp, 0, xsum, out);
+}
+
+#endif  // COMPRESS_AVX2
+
+// The vector paths need whole 8-code blocks inside one group.
+bool vector_ok(const Packed& p) {
+#ifdef COMPRESS_AVX2
+  return p.groups == 1 || p.group % 8 == 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+void dequant_rows(const Packed& p, int64_t n0, int64_t n1, float* out) {
+#ifdef COMPRESS_AVX2
+  if (vector_ok(p)) {
+    switch (p.bits) {
+      case 2: return dequant_rows_avx2<2>(p, n0, n1, out);
+      case 3: return dequant_rows_avx2<3>(p, n0, n1, out);
+      case 4: return dequant_rows_avx2<4>(p, n0, n1, out);
+      case 5: return dequant_rows_avx2<5>(p, n0, n1, out);
+      case 6: return dequant_rows_avx2<6>(p, n0, n1, out);
+      case 7: return dequant_rows_avx2<7>(p, n0, n1, out);
+      default: return dequant_rows_avx2<8>(p, n0, n1, out);
+    }
+  }
+#endif
+  for (int64_t n = n0; n < n1; ++n) dequant_row_scalar(p, n, out + (n - n0) * p.K);
+}
+
+}  // namespace
+
+// (N, K) fp32 weight; for tests and the tiled GEMM.
+torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor qzeros,
+                         int64_t bits, int64_t group, int64_t K) {
+  const Packed p = make_packed(qweight, scales, qzeros, bits, group, K);
+  auto out = torch::empty({p.N, K}, torch::kFloat);
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    dequant_rows(p, n0, n1, dst + n0 * K);
+  });
+  return out;
+}
+
+// x (M, K) fp32 -> (M, N) fp32, never materialising the weight. Meant for small M.
+torch::Tensor gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                   torch::Tensor qzeros, int64_t bits, int64_t group) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2, "x must be 2-D fp32");
+  const int64_t K = x.size(1), M = x.size(0);
+  const Packed p = make_packed(qweight, scales, qzeros, bits, group, K);
+  auto out = torch::empty({M, p.N}, torch::kFloat);
+  if (M == 0 || p.N == 0) return out;
+  auto xc = x.contiguous();
+#ifdef COMPRESS_AVX2
+  if (vector_ok(p)) {
+    const int64_t Kp = (K + 7) / 8 * 8;
+    const int64_t ksuper = super_ok(p) ? K / 64 * 64 : 0;
+    std::vector<float> xpad(static_cast<size_t>(M * Kp), 0.f);
+    std::vector<float> xsum(static_cast<size_t>(M * p.groups), 0.f);
+    const float* xs = xc.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      float* dst = xpad.data() + m * Kp;
+      const float* src = xs + m * K;
+      std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(K));
+      for (int64_t c = 0; c < ksuper; c += 64) {
+        for (int v = 0; v < 8; ++v)
+          for (int j = 0; j < 8; ++j) dst[c + 8 * v + j] = src[c + super_perm(p.bits, v, j)];
+      }
+      for (int64_t g = 0; g < p.groups; ++g) {
+        float s = 0.f;
+        for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) s += src[k];
+        xsum[m * p.groups + g] = s;
+      }
+    }
+    float* o = out.data_ptr<float>();
+    switch (p.bits) {
+      case 2: gemv_bits<2>(p, xpad.data(), M, Kp, ksuper, xsum.data(), o); break;
+      case 3: gemv_bits<3>(p, xpad.data(), M, Kp, ksuper, xsum.data(), o); break;
+      case 4: gemv_bits<4>(p, xpad.data(), M, Kp, ksuper, xsum.data(), o); break;
+      case 5: gemv_bits<5>(p, xpad.data(), M, Kp, ksuper, xsum.data(), o); break;
+      case 6: gemv_bits<6>(p, xpad.data(), M, Kp, ksuper, xsum.data(), o); break;
+      case 7: gemv_bits<7>(p, xpad.data(), M, Kp, ksuper, xsum.data(), o); break;
+      default: gemv_bits<8>(p, xpad.data(), M, Kp, ksuper, xsum.data(), o); break;
+    }
+    return out;
+  }
+#endif
+  // Any group size, any CPU: dequantize one row at a time and dot it with every x row.
+  const float* xs = xc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> w(static_cast<size_t>(K));
+    for (int64_t n = n0; n < n1; ++n) {
+      dequant_row_scalar(p, n, w.data());
+      for (int64_t m = 0; m < M; ++m) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += w[k] * xs[m * K + k];
+        o[m * p.N + n] = s;
+      }
+    }
+  });
+  return out;
+}
+
+// x (M, K) fp32 -> (M, N) fp32: dequantize `tile` rows at a time (kept in cache), then GEMM.
+torch::Tensor gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                   torch::Tensor qzeros, int64_t bits, int64_t group, int64_t tile) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2, "x must be 2-D fp32");
+  TORCH_CHECK(tile > 0, "tile must be positive");
+  const int64_t K = x.size(1), M = x.size(0);
+  const Packed p = make_packed(qweight, scales, qzeros, bits, group, K);
+  auto out = torch::empty({M, p.N}, torch::kFloat);
+  auto w = torch::empty({std::min(tile, std::max<int64_t>(p.N, 1)), K}, torch::kFloat);
+  auto xc = x.contiguous();
+  for (int64_t n0 = 0; n0 < p.N; n0 += tile) {
+    const int64_t n1 = std::min(p.N, n0 + tile);
+    auto wt = w.narrow(0, 0, n1 - n0);
+    float* dst = wt.data_ptr<float>();
+    at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
+      dequant_rows(p, a, b, dst + (a - n0) * K);
+    });
+    out.narrow(1, n0, n1 - n0).copy_(at::mm(xc, wt.t()));
+  }
+  return out;
+}
+
+bool vectorized() {
+#ifdef COMPRESS_AVX2
+  return true;
+#else
+  return false;
+#endif
+}

@@ -1,0 +1,149 @@
+"""Native CPU kernels against the plain-torch reference, over a grid of awkward shapes.
+
+The first test in a session builds the extension (tens of seconds; cached by source hash after).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compress.errors import ExportError, FormatError
+from compress.export import cpu, kernels
+from compress.export.qlinear import QuantLinear
+from compress.formats import IntFormat, quantize_int
+from compress.ir import QuantizedWeight
+
+# (out, in, group). Covers every code path of qmatmul.cpp: 64-code super-blocks (g 64/128 and
+# per-channel with K a multiple of 64), super-blocks plus an 8-code tail (per-channel K=200),
+# per-8 blocks (g 24, 40), a partial last block (per-channel K=100, 130) and the scalar path
+# for groups that are not a multiple of 8 (g 20). No dim is a multiple of 64 except where a
+# super-block needs it.
+SHAPES = [
+    (24, 72, 24),
+    (17, 100, None),
+    (33, 200, 40),
+    (5, 60, 20),
+    (9, 192, 64),
+    (7, 200, None),
+    (65, 256, 128),
+    (3, 130, None),
+]
+BITS = [2, 3, 4, 5, 6, 7, 8]
+NATIVE = ["cpu_gemv", "cpu_gemm"]
+
+
+def make(out_features, in_features, fmt, *, bias=True, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    codes, scales, zeros = quantize_int(linear.weight, fmt)
+    return QuantLinear.from_record(linear, QuantizedWeight(codes, scales, zeros, fmt))
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def test_extension_builds():
+    assert cpu.native() is not None, "the native CPU kernels did not build (see the log)"
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+def test_native_kernels_match_reference_fp32(bits, symmetric, shape):
+    out_features, in_features, group = shape
+    module = make(out_features, in_features, IntFormat(bits, group, symmetric))
+    for batch in (1, 3, 17):
+        x = torch.randn(batch, in_features)
+        want = kernels.KERNELS["reference"](module, x)
+        for name in NATIVE:
+            got = kernels.KERNELS[name](module, x)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            assert relative_error(got, want) < 1e-5, (name, batch)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+def test_native_dequantize_is_exact(bits, symmetric, shape):
+    out_features, in_features, group = shape
+    module = make(out_features, in_features, IntFormat(bits, group, symmetric), bias=False)
+    native = cpu.dequantize(module.qweight, module.scales, module.qzeros, bits, group, in_features)
+    assert torch.equal(native, module.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_half_activations_match_fp32_oracle(dtype, bits, batch):
+    """In fp32 inside, the native kernels are at least as close to exact as the reference."""
+    module = make(33, 200, IntFormat(bits, 40, False))
+    x = torch.randn(2, batch, 200).to(dtype)
+    oracle = kernels.KERNELS["reference"](module, x.float())
+    reference = kernels.KERNELS["reference"](module, x)
+    for name in NATIVE:
+        got = kernels.KERNELS[name](module, x)
+        assert got.dtype == dtype and got.shape == (2, batch, 33)
+        assert relative_error(got, oracle) <= max(relative_error(reference, oracle), 4e-3), name
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
+def test_every_scale_dtype(scale_dtype):
+    module = make(40, 128, IntFormat(4, 64, True, scale_dtype=scale_dtype))
+    x = torch.randn(3, 128)
+    want = kernels.KERNELS["reference"](module, x)
+    for name in NATIVE:
+        assert relative_error(kernels.KERNELS[name](module, x), want) < 1e-5, name
+
+
+def test_tile_boundaries_of_the_gemm():
+    """Row tiles that do not divide N, and a tile of one row."""
+    module = make(37, 64, IntFormat(3, 32, False), bias=False)
+    x = torch.randn(5, 64)
+    want = kernels.KERNELS["reference"](module, x)
+    for tile in (1, 8, 36, 1000):
+        got = cpu.gemm(x, module.qweight, module.scales, module.qzeros, 3, 32, tile)
+        assert relative_error(got, want) < 1e-5, tile
+
+
+def test_group_that_does_not_divide_the_input_is_refused():
+    """The format has no ragged last group: such a group size is rejected before packing."""
+    with pytest.raises(FormatError, match="does not divide the input dimension 100"):
+        make(8, 100, IntFormat(4, 64))
+
+
+def test_selection_by_rows_and_override(monkeypatch):
+    fmt = IntFormat(4, 128)
+    assert kernels.select(fmt, 4096, rows=1, dtype=torch.bfloat16) == "cpu_gemv"
+    assert kernels.select(fmt, 4096, rows=kernels.GEMV_MAX_ROWS, dtype=torch.float32) == "cpu_gemv"
+    assert kernels.select(fmt, 4096, rows=kernels.GEMV_MAX_ROWS + 1, dtype=torch.float32) == (
+        "cpu_gemm"
+    )
+    assert kernels.describe(fmt, 4096) == f"cpu_gemv (≤{kernels.GEMV_MAX_ROWS} rows), cpu_gemm"
+    monkeypatch.setenv("COMPRESS_KERNEL", "reference")
+    assert kernels.select(fmt, 4096, rows=1, dtype=torch.float32) == "reference"
+    monkeypatch.setenv("COMPRESS_KERNEL", "refrence")
+    with pytest.raises(ExportError, match="did you mean 'reference'"):
+        kernels.select(fmt, 4096, rows=1, dtype=torch.float32)
+
+
+def test_without_the_native_build_the_torch_paths_are_chosen(monkeypatch):
+    monkeypatch.setattr(cpu, "native", lambda: None)
+    int8 = IntFormat(8, None, True)
+    assert kernels.select(int8, 64, rows=1, dtype=torch.bfloat16) == "torch_int8"
+    assert kernels.select(int8, 64, rows=1, dtype=torch.float32) == "reference"
+    assert kernels.select(IntFormat(4, 32), 64, rows=1, dtype=torch.bfloat16) == "reference"
+    assert "unavailable" in kernels.describe(IntFormat(4, 32), 64)
+
+
+def test_forward_takes_the_selected_path_and_logs_it(caplog):
+    module = make(24, 72, IntFormat(4, 24, True))
+    x = torch.randn(1, 2, 72)
+    kernels._LOGGED.clear()
+    with caplog.at_level("INFO", logger="compress.export.kernels"):
+        got = module(x)
+    assert "'cpu_gemv'" in caplog.text
+    assert relative_error(got, kernels.KERNELS["reference"](module, x)) < 1e-5
