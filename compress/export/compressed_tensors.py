@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from compress.errors import ExportError
 from compress.formats import IntFormat
@@ -59,6 +60,8 @@ FORMAT_NAME = "compressed-tensors"
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (None, 32, 64, 128)
 """Group sizes vLLM's weight-only kernels accept; ``None`` is per-channel."""
+VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Linears vLLM fuses into one (Llama-family names): they must share one scheme."""
 
 
 def _describe(fmt: IntFormat) -> str:
@@ -137,14 +140,40 @@ def _weights_args(fmt: IntFormat, in_features: int) -> dict[str, Any]:
     }
 
 
-def quantization_config(records: dict[str, QuantizedWeight]) -> dict[str, Any] | None:
+def _check_fused_shards(records: dict[str, QuantizedWeight], linears: list[str]) -> None:
+    """vLLM loads q/k/v (gate/up) as one matrix with the scheme of the first shard."""
+    present = set(linears)
+    for name in linears:
+        parent, _, leaf = name.rpartition(".")
+        for shards in VLLM_FUSED:
+            if leaf != shards[0]:
+                continue
+            names = [f"{parent}.{shard}" for shard in shards if f"{parent}.{shard}" in present]
+            formats = {
+                n: _describe(records[n].fmt) if n in records else "not quantized" for n in names
+            }
+            if len(set(formats.values())) > 1:
+                listing = ", ".join(f"{n}: {f}" for n, f in formats.items())
+                raise ExportError(
+                    f"modules {listing} cannot be exported as {FORMAT_NAME}: vLLM fuses them "
+                    "into one layer, which needs one format",
+                    hint="give these projections the same format (or leave them all out), "
+                    "or export with format: compress",
+                )
+
+
+def quantization_config(
+    records: dict[str, QuantizedWeight], model: nn.Module
+) -> dict[str, Any] | None:
     """``config.json``'s ``quantization_config``: one config group per distinct format.
 
-    Targets are exact module names, so per-layer formats (and left-out modules) need no
-    ``ignore`` list and no class-wide rule.
+    Targets are exact module names, so per-layer formats need no class-wide rule; every other
+    Linear (``lm_head``, left-out layers) is listed in ``ignore``, which vLLM consults.
     """
     if not records:
         return None
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    _check_fused_shards(records, linears)
     groups: dict[str, dict[str, Any]] = {}
     by_args: dict[str, str] = {}
     for name, record in records.items():
@@ -166,7 +195,7 @@ def quantization_config(records: dict[str, QuantizedWeight]) -> dict[str, Any] |
         "format": "pack-quantized",
         "quantization_status": "compressed",
         "config_groups": groups,
-        "ignore": [],
+        "ignore": [n for n in linears if n not in records],
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
     }

@@ -96,7 +96,8 @@ def test_compressed_tensors_decompresses_our_tensors(tiny_llama: nn.Module, tmp_
     tensors = load_file(tmp_path / "ct" / "model.safetensors")
 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
-    assert sorted(scheme.targets) == sorted(names)  # lm_head stays dense
+    assert sorted(scheme.targets) == sorted(names)
+    assert parsed.ignore == ["lm_head"]  # stays dense; vLLM reads the list
     for name in names:
         state = {
             leaf: tensors[f"{name}.{leaf}"]
@@ -153,6 +154,29 @@ def test_unservable_formats_are_refused(
     assert "cannot be exported as compressed-tensors" in message
     assert reason in message
     assert error.value.hint and "format: compress" in error.value.hint
+    assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize(
+    ("v_proj", "listing"),
+    [
+        ({"bits": 8, "group_size": None}, "v_proj: int8 per-channel symmetric"),
+        (None, "v_proj: not quantized"),
+    ],
+)
+def test_fused_projections_must_share_a_format(
+    tiny_llama: nn.Module, tmp_path: Path, v_proj: dict[str, object] | None, listing: str
+) -> None:
+    # vLLM loads q/k/v as one qkv_proj with one scheme.
+    model = quantized(tiny_llama, bits=4, group_size=32, targets=["*.q_proj", "*.k_proj"])
+    if v_proj is not None:
+        rtn(model, RTNConfig(**v_proj, targets=["*.v_proj"]), PassContext())  # type: ignore[arg-type]
+    with pytest.raises(ExportError) as error:
+        export_model(model, None, tmp_path / "ct", format=FORMAT_NAME)
+    message = str(error.value)
+    assert "model.layers.0.self_attn.q_proj: int4 group 32 symmetric" in message
+    assert f"model.layers.0.self_attn.{listing}" in message
+    assert "vLLM fuses them into one layer" in message
     assert not (tmp_path / "ct").exists()
 
 
