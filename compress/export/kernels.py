@@ -16,12 +16,16 @@ logged once) or ``COMPRESS_KERNEL=reference``.
 ``torch_int8``: PyTorch's ``_weight_int8pack_mm`` for symmetric per-channel int8 with bf16/fp16
 activations and few rows; only used without the native build, where it beats the reference.
 
+``triton_gemv`` / ``triton_gemm``: on CUDA, when triton is installed (the ``gpu`` extra), the
+split-K GEMV (few rows) or dequant-GEMM of :mod:`compress.export.triton_kernels`.
+
 ``COMPRESS_KERNEL=<name>`` forces a kernel (``reference`` for tests and comparisons). The chosen
 path is logged once per (kernel, format) and shown by ``compress inspect``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -45,6 +49,7 @@ GEMV_MAX_ROWS = 8
 """Row counts up to this use ``cpu_gemv``; more rows use ``cpu_gemm`` (measured crossover)."""
 
 _TORCH_INT8_MAX_ROWS = 16
+_TRITON_GEMV_MAX_ROWS = 4  # triton_kernels.GEMV_MAX_ROWS, not imported here: triton is optional
 _LOGGED: set[tuple[str, str]] = set()
 
 
@@ -77,11 +82,22 @@ def _native(fn: Callable[..., torch.Tensor]) -> Callable[[QuantLinear, torch.Ten
     return kernel
 
 
+def _triton(kind: str) -> Callable[[QuantLinear, torch.Tensor], torch.Tensor]:
+    def kernel(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        from compress.export import triton_kernels  # the `gpu` extra; imported on first use
+
+        return triton_kernels.triton_linear(module, x, kind)
+
+    return kernel
+
+
 KERNELS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {
     "reference": _reference,
     "torch_int8": _torch_int8,
     "cpu_gemv": _native(cpu.gemv),
     "cpu_gemm": _native(cpu.gemm),
+    "triton_gemv": _triton("gemv"),
+    "triton_gemm": _triton("gemm"),
 }
 
 
@@ -120,6 +136,8 @@ def select(
             and rows <= _TORCH_INT8_MAX_ROWS
         ):
             return "torch_int8"
+    if device == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton_gemv" if rows <= _TRITON_GEMV_MAX_ROWS else "triton_gemm"
     return "reference"
 
 

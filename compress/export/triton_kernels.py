@@ -338,11 +338,14 @@ def splitk_gemv(
     return partial.sum(dim=0).to(x.dtype)
 
 
-def triton_linear(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """``QuantLinear.forward`` on the GPU: split-K GEMV for decode, dequant-GEMM for prefill."""
-    rows = x.numel() // x.shape[-1]
-    kernel = splitk_gemv if rows <= GEMV_MAX_ROWS else dequant_gemm
-    out = kernel(module, x)
+def triton_linear(module: QuantLinear, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """``QuantLinear.forward`` on the GPU: split-K GEMV for decode, dequant-GEMM for prefill.
+
+    ``kernel`` (``"gemv"`` or ``"gemm"``) overrides the choice by row count.
+    """
+    if kernel is None:
+        kernel = "gemv" if x.numel() // x.shape[-1] <= GEMV_MAX_ROWS else "gemm"
+    out = (splitk_gemv if kernel == "gemv" else dequant_gemm)(module, x)
     if module.bias is not None:
         out = out + module.bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], module.out_features)

@@ -129,6 +129,24 @@ def test_triton_linear_bias_and_leading_dims(rows: int) -> None:
     assert relative_error(got.reshape(rows, 24), reference(module, x.reshape(rows, 48))) < 1e-5
 
 
+@pytest.mark.parametrize(("rows", "kernel"), [(1, "triton_gemv"), (17, "triton_gemm")])
+def test_quantlinear_dispatches_to_triton(
+    monkeypatch: pytest.MonkeyPatch, rows: int, kernel: str
+) -> None:
+    from compress.export import kernels
+
+    assert kernels._TRITON_GEMV_MAX_ROWS == tk.GEMV_MAX_ROWS  # one crossover, kept in step
+    fmt = IntFormat(bits=5, group_size=16, symmetric=False)
+    assert kernels.select(fmt, 48, rows=rows, dtype=torch.float16, device="cuda") == kernel
+    # On CPU the interpreter runs the same dispatch when the kernel is forced.
+    if DEVICE == "cpu":
+        monkeypatch.setenv("COMPRESS_KERNEL", kernel)
+    module = packed_linear(24, 48, 5, 16, False, bias=True, seed=6)
+    assert module._select(rows=rows, dtype=torch.float32) == kernel
+    x = torch.randn(rows, 48, device=DEVICE)
+    assert relative_error(module(x), reference(module, x)) < 1e-5
+
+
 def test_wrong_input_width_is_refused() -> None:
     module = packed_linear(8, 32, 4, 16, True)
     with pytest.raises(FormatError, match="input has 31 features, the packed layer expects 32"):
