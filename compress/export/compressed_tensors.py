@@ -35,6 +35,7 @@ Writing needs no compressed-tensors install; loading the folder does (``pip inst
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,9 +95,9 @@ def _words(packed_bytes: torch.Tensor) -> torch.Tensor:
     """(rows, bytes) uint8 little-endian bit streams → (rows, ceil(bytes/4)) int32 words."""
     rows, width = packed_bytes.shape
     padded = torch.nn.functional.pad(packed_bytes, (0, -width % 4))
+    if sys.byteorder != "little":
+        raise ExportError("the compressed-tensors export needs a little-endian machine")
     words = padded.contiguous().view(torch.int32)  # bytes 0..3 → bits 0..31 of a word
-    if torch.tensor([1], dtype=torch.int32).view(torch.uint8)[0] != 1:
-        raise ExportError("compressed-tensors export needs a little-endian machine")
     return words.reshape(rows, -1)
 
 
@@ -111,6 +112,7 @@ def convert_state(
     ``records`` is filled by the producer before it yields a module's packed buffers, so each
     buffer is converted as it passes; the stream stays one module deep.
     """
+    rounded = False
     for key, tensor in packed:
         owner, _, leaf = key.rpartition(".")
         record = records.get(owner)
@@ -123,7 +125,17 @@ def convert_state(
             yield f"{owner}.weight_packed", _words(tensor)
             yield f"{owner}.weight_shape", torch.tensor([out_features, in_features])
         else:
-            yield f"{owner}.weight_scale", tensor.to(dtype).contiguous()
+            scale = tensor.to(dtype)
+            if not rounded and not torch.equal(scale.to(tensor.dtype), tensor):
+                rounded = True
+                log.warning(
+                    "compressed-tensors export: %s scales rounded to %s, the model dtype the "
+                    "loaders allocate them in (first: %s)",
+                    tensor.dtype,
+                    dtype,
+                    owner,
+                )
+            yield f"{owner}.weight_scale", scale.contiguous()
 
 
 def _weights_args(fmt: IntFormat, in_features: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,14 @@ def test_transformers_loads_it_with_our_weights_and_logits(
         assert torch.equal(theirs_modules[name].weight, module.dequantize(torch.float32)), name
 
 
-def test_bf16_model_keeps_bf16_and_close_logits(tiny_llama: nn.Module, tmp_path: Path) -> None:
+def test_bf16_model_keeps_bf16_and_close_logits(
+    tiny_llama: nn.Module, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # Scales are stored in the model dtype (what the loader allocates): fp16 → bf16 rounds them.
     model = quantized(copy.deepcopy(tiny_llama).to(torch.bfloat16), bits=4, group_size=32)
-    ours, theirs = both_exports(model, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="compress.export.compressed_tensors"):
+        ours, theirs = both_exports(model, tmp_path)
+    assert "torch.float16 scales rounded to torch.bfloat16" in caplog.text
     scale = load_file(tmp_path / "ct" / "model.safetensors")[
         "model.layers.0.mlp.down_proj.weight_scale"
     ]
