@@ -351,7 +351,9 @@ void dequant_rows_avx2(const Packed& p, int64_t n0, int64_t n1, float* out) {
 template <int B, bool SUPER>
 void gemv_run(const Packed& p, const float* x, int64_t M, int64_t Kp, int64_t ksuper,
               const float* xsum, float* out) {
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, p.K / 64));
+  // At least ~1M weights per thread: below that a fork/join costs more than it saves (and
+  // far more when the cores are oversubscribed), so small matrices stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, p.K));
   at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
     int64_t m = 0;
     const int64_t G = p.groups;
