@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from compress.export.entropy import passes as _entropy
 from compress.quant import awq as _awq
 from compress.quant import gptq as _gptq
 from compress.quant import rtn as _rtn
 
 __all__ = ["BUILTIN_PASS_MODULES"]
 
-BUILTIN_PASS_MODULES = (_rtn, _gptq, _awq)
+BUILTIN_PASS_MODULES = (_rtn, _gptq, _awq, _entropy)

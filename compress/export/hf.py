@@ -17,6 +17,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compress.errors import ExportError
+from compress.export.entropy import storage as entropy
 from compress.export.manifest import (
     FORMAT_VERSION,
     QUANT_METHOD,
@@ -40,12 +41,14 @@ class CompressQuantizationConfig(QuantizationConfigMixin):
         modules: dict[str, dict[str, Any]] | None = None,
         format_version: int = FORMAT_VERSION,
         verify_checksums: bool = True,
+        entropy: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # not a builtin method
         self.format_version = format_version
         self.modules = dict(modules or {})
         self.verify_checksums = verify_checksums
+        self.entropy = entropy  # set when tensors are entropy-coded (entropy_code pass)
         check_format_version(format_version, "config.json quantization_config")
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,6 +56,7 @@ class CompressQuantizationConfig(QuantizationConfigMixin):
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
             "modules": self.modules,
+            **({"entropy": self.entropy} if self.entropy else {}),
         }
 
     def formats(self) -> dict[str, IntFormat]:
@@ -74,13 +78,21 @@ class CompressHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         files = kwargs.get("checkpoint_files") or []
-        if files and self.quantization_config.verify_checksums:
-            directory = Path(files[0]).parent
-            verify_files(directory, read_manifest(directory))
+        qconfig = self.quantization_config
+        wanted = files and (qconfig.verify_checksums or qconfig.entropy)
+        manifest = read_manifest(Path(files[0]).parent) if wanted else None
+        if manifest is not None and qconfig.verify_checksums:
+            verify_files(Path(files[0]).parent, manifest)
         dtype = kwargs.get("dtype")
         replace_linears_(model, self.quantization_config.formats(), dtype=dtype)
+        self._entropy = entropy.loader_for(
+            model, qconfig.entropy, manifest, str(Path(files[0]).parent if files else "")
+        )
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        loader = getattr(self, "_entropy", None)
+        if loader is not None:
+            loader.finish(model)  # decode now, or per decoder layer just in time
         kernels = {m.kernel for m in model.modules() if isinstance(m, QuantLinear)}
         log.info("compress export loaded; CPU kernels: %s", ", ".join(sorted(kernels)))
 

@@ -1,0 +1,145 @@
+"""The ``entropy_code`` pass: mark a model so its export stores weights entropy-coded, bit-exact.
+
+Lossless coding changes nothing in memory, so the pass only validates the selection, estimates
+the size from symbol histograms (exact Huffman lengths, no encoding) and attaches an
+:class:`EntropyPlan` that the export writer reads. BF16 tensors get DFloat11-style coding
+(Huffman-coded exponents, raw sign+mantissa; arXiv 2504.11651); the integer codes of quantized
+Linears (INT2-INT8) are Huffman-coded whole. Put it last in a recipe::
+
+    model: {name: smollm2-135m, dtype: bfloat16}
+    passes:
+      - {pass: rtn, bits: 4, group_size: 64}     # optional
+      - {pass: entropy_code}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compress.errors import PassError
+from compress.export.entropy.codec import DEFAULT_CHUNK, DEFAULT_TABLE_BITS, split_bf16
+from compress.export.entropy.huffman import code_lengths
+from compress.ir import quantized_modules
+from compress.registry import PassConfig, PassContext, PassReport, register_pass
+
+__all__ = ["EntropyCodeConfig", "EntropyPlan", "entropy_code", "get_plan", "select_tensors"]
+
+_ATTR = "compress_entropy_plan"
+
+
+class EntropyCodeConfig(PassConfig):
+    """Settings of the ``entropy_code`` pass."""
+
+    floats: bool = Field(default=True, description="code BF16 tensors (exponents Huffman-coded)")
+    codes: bool = Field(default=True, description="code the integer codes of quantized Linears")
+    min_numel: int = Field(
+        default=4096, ge=1, description="smaller tensors stay raw: their table would not pay off"
+    )
+    chunk: int = Field(
+        default=DEFAULT_CHUNK,
+        ge=256,
+        le=1 << 24,
+        description="symbols per independently decodable chunk (threads / GPU lanes)",
+    )
+    table_bits: int = Field(
+        default=DEFAULT_TABLE_BITS,
+        ge=8,
+        le=16,
+        description="longest code in bits = log2 of the decode table size",
+    )
+    ignore: list[str] = Field(
+        default_factory=list, description="glob patterns of tensor names to keep raw"
+    )
+
+
+@dataclass(frozen=True)
+class EntropyPlan:
+    """What the export writer codes: the pass config, attached to the model."""
+
+    config: EntropyCodeConfig
+
+
+def get_plan(model: nn.Module) -> EntropyPlan | None:
+    plan = getattr(model, _ATTR, None)
+    return plan if isinstance(plan, EntropyPlan) else None
+
+
+def select_tensors(
+    model: nn.Module, config: EntropyCodeConfig
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(coded state-dict names -> kind, skipped names -> why) for ``model`` under ``config``.
+
+    ``kind`` is ``"bf16"`` for a dense BF16 tensor or ``"codes"`` for a quantized Linear's
+    ``weight`` (exported as its packed codes).
+    """
+    records = quantized_modules(model)
+    chosen: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in config.ignore):
+            skipped[key] = "matches ignore"
+            continue
+        if owner in records and leaf == "weight":
+            if config.codes:
+                chosen[key] = "codes"
+            continue
+        if tensor.data_ptr() in seen or not tensor.is_floating_point() or not config.floats:
+            continue  # tied aliases are stored once; integer buffers stay raw
+        seen.add(tensor.data_ptr())
+        if tensor.numel() < config.min_numel:
+            continue
+        if tensor.dtype != torch.bfloat16:
+            skipped[key] = f"dtype {str(tensor.dtype).removeprefix('torch.')} (only bfloat16 coded)"
+            continue
+        chosen[key] = "bf16"
+    return chosen, skipped
+
+
+def _estimated_bits(symbols: torch.Tensor, alphabet: int, table_bits: int) -> float:
+    counts = torch.bincount(symbols.reshape(-1).to(torch.int64), minlength=alphabet)
+    lengths = code_lengths(counts.numpy(), max(table_bits, alphabet.bit_length() - 1))
+    return float((counts.numpy() * lengths).sum())
+
+
+@register_pass("entropy_code", EntropyCodeConfig)
+def entropy_code(model: nn.Module, config: EntropyCodeConfig, context: PassContext) -> PassReport:
+    """Lossless entropy coding of BF16 weights and quantized codes in the export."""
+    chosen, skipped = select_tensors(model, config)
+    if not chosen:
+        raise PassError(
+            "entropy_code: no tensor to code (it codes bfloat16 tensors and quantized codes)"
+            + (f"; skipped e.g. {next(iter(skipped.items()))}" if skipped else ""),
+            hint="load the model in bfloat16 (model: {name: ..., dtype: bfloat16}) or "
+            "quantize it first",
+        )
+    report = PassReport(name="entropy_code", skipped=skipped)
+    records = quantized_modules(model)
+    state = model.state_dict()
+    raw_bits = coded_bits = 0.0
+    for key, kind in context.progress.track(chosen.items(), "entropy_code", total=len(chosen)):
+        if kind == "bf16":
+            exponents, _ = split_bf16(state[key])
+            bits = _estimated_bits(exponents, 256, config.table_bits) + 8 * exponents.numel()
+            before = 16 * exponents.numel()
+        else:
+            record = records[key.rpartition(".")[0]]
+            bits = _estimated_bits(record.codes, 1 << record.fmt.bits, config.table_bits)
+            before = record.fmt.bits * record.codes.numel()
+        report.touched.append(key)
+        numel = before / (16 if kind == "bf16" else records[key.rpartition(".")[0]].fmt.bits)
+        report.per_module[key] = {
+            "bits_per_weight": bits / numel,
+            "raw_bits_per_weight": before / numel,
+        }
+        raw_bits += before
+        coded_bits += bits
+    report.metrics["estimated_ratio"] = coded_bits / raw_bits
+    setattr(model, _ATTR, EntropyPlan(config))
+    return report
