@@ -49,6 +49,17 @@ SHAPES = [
 ]
 BITS = [2, 3, 4, 5, 6, 8]
 E2E_BITS = [8, 4, 3]
+NOTES = [
+    "- On a CPU shared with other jobs, multi-threaded timings snap to scheduler time slices "
+    "(medians of exactly 4, 8, 12 ms): a 2-thread parallel region waits for a descheduled "
+    "thread. The one-thread tables are the steadier comparison there; re-run on a quiet machine.",
+    "- The GEMV is bounded by instructions, not bytes, at one thread: unpack (shift, mask), "
+    "int->float convert and one FMA per 8 weights, about 1.75 cycles per 8 weights; compare "
+    "its GB/s with the measured read bandwidth. Fewer instructions per weight (int16 "
+    "activations with `vpmaddwd`, or lookup tables for 2-3 bits) is the next step.",
+    "- torch's bf16 matmul on this CPU (AVX2, no native bf16) is slower than its fp32 one, "
+    "which flatters ratios against bf16; the fp32 columns are given for that reason.",
+]
 
 
 def timed(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
@@ -174,9 +185,12 @@ def make_exports(root: Path) -> dict[int, Path]:
     return folders
 
 
-def run_e2e(variant: str, folder: str | None, runs: int) -> dict[str, Any]:
+def run_e2e(variant: str, folder: str | None, runs: int, threads: int) -> dict[str, Any]:
     """One model in this process: load, generate 64 tokens ``runs`` times, RSS, profile."""
     import psutil
+
+    if threads:
+        torch.set_num_threads(threads)
 
     import compress  # noqa: F401  (registers the transformers plug-in)
     from compress.data import load_texts
@@ -244,6 +258,14 @@ def run_e2e(variant: str, folder: str | None, runs: int) -> dict[str, Any]:
         "runs": times,
         "rss_mb": process.memory_info().rss / 2**20,
         "rss_model_mb": (process.memory_info().rss - rss_start) / 2**20,
+        # rss without file-backed pages (the mmapped safetensors file the loader read)
+        "anon_mb": (process.memory_info().rss - process.memory_info().shared) / 2**20,
+        "model_tensor_mb": sum(
+            t.numel() * t.element_size()
+            for t in [*model.parameters(), *model.buffers()]
+            if t.device.type != "meta"
+        )
+        / 2**20,
         "profile": {k: v / total for k, v in buckets.items()}
         | {"other (attention, norms, generate loop)": 1 - sum(buckets.values()) / total},
         "top_ops_8_tokens": top_ops,
@@ -252,13 +274,14 @@ def run_e2e(variant: str, folder: str | None, runs: int) -> dict[str, Any]:
     }
 
 
-def bench_e2e(export_root: Path, runs: int) -> list[dict[str, Any]]:
+def bench_e2e(export_root: Path, runs: int, threads: int) -> list[dict[str, Any]]:
     folders = make_exports(export_root)
     variants: list[tuple[str, str | None]] = [("bf16", None), ("fp32", None)]
     variants += [(f"int{bits} g64 (rtn)", str(folders[bits])) for bits in E2E_BITS]
     results = []
     for variant, folder in variants:
         command = [sys.executable, __file__, "--one-e2e", variant, "--runs", str(runs)]
+        command += ["--threads", str(threads)]
         if folder:
             command += ["--folder", folder]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -269,6 +292,7 @@ def bench_e2e(export_root: Path, runs: int) -> list[dict[str, Any]]:
     base = results[0]["tokens_per_s"]
     for row in results:
         row["speedup_vs_bf16"] = row["tokens_per_s"] / base
+        row["speedup_vs_fp32"] = row["tokens_per_s"] / results[1]["tokens_per_s"]
     return results
 
 
@@ -313,19 +337,22 @@ def render(data: dict[str, Any]) -> str:
         lines += [
             f"## End to end: `generate`, {NEW_TOKENS} new tokens, greedy, batch 1, SmolLM2-135M",
             "",
-            "Each model in its own process; resident memory after generating (`rss MB`) and "
-            "its growth over the bare process (`model MB`). Decode-time split from forward "
-            "hooks over the timed runs.",
+            "Each model in its own process; resident memory after generating (`rss MB`), its "
+            "growth over the bare process (`+MB`), rss without file-backed pages (`anon MB`) "
+            "and the bytes of the model's parameters and buffers (`tensors MB`; tied "
+            "embeddings counted once). Decode-time split from forward hooks over the timed runs.",
             "",
-            "| model | tokens/s | x bf16 | rss MB | model MB | kernels | quantized linears | "
-            "lm_head | other |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model | threads | tokens/s | x bf16 | x fp32 | rss MB | +MB | anon MB | tensors MB "
+            "| kernels | quantized linears | lm_head | other |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in data["e2e"]:
             prof = r["profile"]
             lines.append(
-                f"| {r['variant']} | {r['tokens_per_s']:.1f} | **{r['speedup_vs_bf16']:.2f}** | "
-                f"{r['rss_mb']:.0f} | {r['rss_model_mb']:.0f} | {', '.join(r['kernels']) or '-'} | "
+                f"| {r['variant']} | {r['threads']} | {r['tokens_per_s']:.2f} | "
+                f"**{r['speedup_vs_bf16']:.2f}** | {r['speedup_vs_fp32']:.2f} | "
+                f"{r['rss_mb']:.0f} | {r['rss_model_mb']:.0f} | {r['anon_mb']:.0f} | "
+                f"{r['model_tensor_mb']:.0f} | {', '.join(r['kernels']) or '-'} | "
                 f"{prof['quantized linears']:.0%} | {prof['lm_head']:.0%} | "
                 f"{prof['other (attention, norms, generate loop)']:.0%} |"
             )
@@ -336,8 +363,13 @@ def render(data: dict[str, Any]) -> str:
             )
             lines.append(f"- {r['variant']}: {ops}")
         lines.append("")
-    if data.get("notes"):
-        lines += ["## Notes", "", *data["notes"], ""]
+    if meta.get("kernels_from"):
+        lines += [
+            f"Kernel rows from the run of {meta['kernels_from']['date']} (load average "
+            f"{meta['kernels_from']['load_start']}); end-to-end rows from this run.",
+            "",
+        ]
+    lines += ["## Reading these numbers", "", *NOTES, ""]
     return "\n".join(lines)
 
 
@@ -349,11 +381,14 @@ def main() -> None:
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--exports", type=Path, help="folder to keep the SmolLM2 exports in")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "kernels.json")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads for end to end (0: torch's default)"
+    )
     parser.add_argument("--one-e2e", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_e2e:
-        print(json.dumps(run_e2e(args.one_e2e, args.folder, args.runs)))
+        print(json.dumps(run_e2e(args.one_e2e, args.folder, args.runs, args.threads)))
         return
 
     from compress.export import cpu
@@ -368,6 +403,11 @@ def main() -> None:
         **machine_bandwidth(),
     }
     data: dict[str, Any] = {"meta": meta, "kernels": [], "e2e": []}
+    out_json = args.out.with_suffix(".json")
+    if args.skip_kernels and out_json.exists():  # keep the kernel rows of the last full run
+        previous = json.loads(out_json.read_text())
+        data["kernels"] = previous["kernels"]
+        meta["kernels_from"] = previous["meta"].get("kernels_from", previous["meta"])
     if not args.skip_kernels:
         threads = torch.get_num_threads()
         for count in sorted({threads, 1}, reverse=True):
@@ -375,7 +415,7 @@ def main() -> None:
         torch.set_num_threads(threads)
     if not args.skip_e2e:
         with tempfile.TemporaryDirectory() as tmp:
-            data["e2e"] = bench_e2e(args.exports or Path(tmp), args.runs)
+            data["e2e"] = bench_e2e(args.exports or Path(tmp), args.runs, args.threads)
     meta["load_end"] = _load()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=2))
