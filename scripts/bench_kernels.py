@@ -365,8 +365,11 @@ def render(data: dict[str, Any]) -> str:
         lines.append("")
     if meta.get("kernels_from"):
         lines += [
-            f"Kernel rows from the run of {meta['kernels_from']['date']} (load average "
-            f"{meta['kernels_from']['load_start']}); end-to-end rows from this run.",
+            f"Kernel rows from `{meta['kernels_from']['command']}` at "
+            f"{meta['kernels_from']['date']} (load average {meta['kernels_from']['load_start']}; "
+            f"measured then: copy {meta['kernels_from']['copy_gbs']:.1f} GB/s, read "
+            f"{meta['kernels_from']['read_gbs']:.1f} GB/s); end-to-end rows from the command "
+            "above.",
             "",
         ]
     lines += ["## Reading these numbers", "", *NOTES, ""]
