@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -169,14 +170,17 @@ def fetch(
     names: Annotated[list[str], typer.Argument(help="Builtin models or datasets to cache.")],
     verbose: Verbose = False,
 ) -> None:
-    """Download and convert builtin models (smollm2-135m) and datasets (builtin:wiki)."""
+    """Download and convert builtin models (smollm2-135m), datasets (builtin:wiki) and the
+    offline lm-eval tasks (tasks)."""
     from compress.data import fetch_dataset
     from compress.models import fetch_model
+    from compress.tasks import fetch_tasks
 
     _setup_logging(verbose)
     with RichProgress() as progress:
         for name in names:
-            path = fetch_dataset(name, progress) if name.startswith("builtin:") else None
+            path = fetch_tasks(progress) if name == "tasks" else None
+            path = path or (fetch_dataset(name, progress) if name.startswith("builtin:") else None)
             path = path or fetch_model(name, progress)
             out.print(f"{name}: {path}", markup=False)
 
@@ -236,12 +240,103 @@ def _kernels(directory: Path) -> dict[str, set[str]]:
 
 @app.command()
 def report(
-    directory: Annotated[Path, typer.Argument(help="An export folder with a report.")],
+    directories: Annotated[
+        list[Path], typer.Argument(help="Export folders with a report (one or several runs).")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Folder for the HTML/markdown/JSON comparison of the runs."
+        ),
+    ] = None,
 ) -> None:
-    """Print the report of a finished run."""
-    from compress.report import read_report, render_markdown
+    """Print a run's report; write an HTML page comparing the runs (table and plots).
 
-    out.print(render_markdown(read_report(directory)), markup=False, highlight=False, end="")
+    One run without -o: prints its markdown and writes report.html into the run folder.
+    Several runs: writes report.html, comparison.md and comparison.json into -o
+    (default ./compress-report).
+    """
+    from compress.report import read_report, render_markdown
+    from compress.report_html import write_comparison
+
+    results = [read_report(directory) for directory in directories]  # checks every folder first
+    if len(directories) == 1 and output is None:
+        out.print(render_markdown(results[0]), markup=False, highlight=False, end="")
+    target = output or (directories[0] if len(directories) == 1 else Path("compress-report"))
+    paths = write_comparison(directories, target)
+    console.print(f"html report: {paths['html']}", markup=False, highlight=False)
+
+
+@app.command("eval")
+def eval_(
+    source: Annotated[
+        str, typer.Argument(help="Export folder, HF model folder, builtin alias or hub id.")
+    ],
+    tasks: Annotated[
+        str,
+        typer.Option(
+            "--tasks",
+            "-t",
+            help="Comma-separated lm-eval tasks; 'offline' = the default offline set.",
+        ),
+    ] = "offline",
+    limit: Annotated[int | None, typer.Option(help="Items per task (the first N).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests per forward pass.")] = 8,
+    num_fewshot: Annotated[int | None, typer.Option(help="Few-shot examples per item.")] = None,
+    include_path: Annotated[
+        list[Path] | None, typer.Option(help="Folder of local lm-eval task YAML files.")
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Context length in tokens (rolling perplexity windows).")
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(help="Original model to pair with; default: the export's source model."),
+    ] = None,
+    no_reference: Annotated[
+        bool, typer.Option("--no-reference", help="Score the model alone.")
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Folder for the results (default: the export)."),
+    ] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run lm-evaluation-harness tasks on a model, paired with its original on the same items."""
+    from compress.lmeval import evaluate_tasks
+    from compress.report import lm_eval_rows
+
+    _setup_logging(verbose)
+    if not verbose:
+        # lm-eval's own tqdm bars and info logs would interleave with the rich progress
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    with RichProgress() as progress:
+        result = evaluate_tasks(
+            source,
+            names,
+            limit=limit,
+            batch_size=batch_size,
+            num_fewshot=num_fewshot,
+            include_path=include_path or [],
+            max_length=max_length,
+            reference=None if no_reference else (reference or "auto"),
+            output_dir=output,
+            progress=progress,
+        )
+    table = Table(title=escape(f"compress eval {source}"))
+    for column in ("task", "metric", "items", "original", "compressed", "difference [95% CI]"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for row in lm_eval_rows({"lm_eval": result.to_dict()}):
+        table.add_row(*(escape(cell) for cell in row))
+    out.print(table)
+    out.print(
+        "± lm-eval stderr; [95% CI] paired bootstrap over items; * = interval excludes 0",
+        markup=False,
+    )
+    if result.output_dir is not None:
+        out.print(f"results: {result.output_dir}", markup=False)
 
 
 @recipes_app.command("validate")

@@ -483,3 +483,37 @@ def test_inspect_no_verify_truncated_safetensors_exits_2(capsys, export_copy: Pa
     result = invoke(capsys, "inspect", export_copy, "--no-verify")
     assert result.code == 2
     assert str(shard) in result.err
+
+
+# --- eval and report (issue 5) -------------------------------------------------------------------
+
+
+def test_eval_missing_folder_exits_2(capsys, tmp_path) -> None:
+    result = invoke(capsys, "eval", tmp_path / "missing", "--tasks", "offline_wiki_ppl")
+    assert result.code == 2
+    assert "missing: no such folder" in result.err
+
+
+def test_eval_folder_that_is_not_an_export_exits_2(capsys, tmp_path) -> None:
+    result = invoke(capsys, "eval", tmp_path, "--tasks", "offline_wiki_ppl")
+    assert result.code == 2
+    assert "neither a compress export" in result.err
+
+
+def test_eval_unknown_task_exits_2(capsys, exported: Exported) -> None:
+    result = invoke(capsys, "eval", exported.directory, "--tasks", "no_such_task_xyz")
+    assert result.code == 2
+    assert "unknown lm-eval task 'no_such_task_xyz'" in result.err
+
+
+def test_report_of_several_runs_writes_html(capsys, exported: Exported, tmp_path) -> None:
+    result = invoke(capsys, "report", exported.directory, exported.directory, "-o", tmp_path)
+    assert result.code == 0, result.err
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "tiny-w4g32-2" in page
+
+
+def test_report_of_a_missing_run_exits_2(capsys, exported: Exported, tmp_path) -> None:
+    result = invoke(capsys, "report", exported.directory, tmp_path / "nope")
+    assert result.code == 2
+    assert "no such report folder" in result.err
