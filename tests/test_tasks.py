@@ -153,7 +153,7 @@ def test_fetch_writes_loadable_tasks(private_cache: Path, tmp_path: Path, tiny_l
     results = run_lm_eval(tiny_llama, tokenizer_with_eos(), spec)
     samples = results["samples"][DEFAULT_TASKS[0]]
     assert len(samples) == 3
-    prompt = samples[0]["arguments"]["gen_args_0"]["arg_0"]
+    prompt = samples[0]["arguments"][0][0]  # (context, continuation) of the first choice
     assert prompt.count("Q: Question") == 3 and prompt.endswith("\nA:")  # 2 shots + the item
 
 
