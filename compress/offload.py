@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -262,47 +262,51 @@ class LayerStore(LayerAccess):
             yield
             return
         embed = model.get_input_embeddings()  # type: ignore[operator]
-        with self._outside(model, only=embed):
+        with self._outside(model, {id(p) for p in embed.parameters()}):
             yield
 
     @contextmanager
-    def outside(self, model: nn.Module) -> Iterator[None]:
-        """Everything that is not a decoder layer (embeddings, final norm, head) in memory."""
+    def outside(self, model: nn.Module, names: Sequence[str]) -> Iterator[None]:
         if not self.offloaded:
             yield
             return
-        with self._outside(model, only=None):
+        wanted = set()
+        for name in names:
+            owner, _, leaf = name.rpartition(".")
+            parameter = (model.get_submodule(owner) if owner else model)._parameters.get(leaf)
+            if parameter is not None:
+                wanted.add(id(parameter))
+        with self._outside(model, wanted):
             yield
 
     @contextmanager
-    def _outside(self, model: nn.Module, only: nn.Module | None) -> Iterator[None]:
+    def _outside(self, model: nn.Module, wanted: set[int]) -> Iterator[None]:
+        """Read the parameters with these ids (and their tied aliases) for the duration."""
         assert self.source is not None
         layer_prefix = self.prefix + "."
         aliases: dict[int, list[tuple[nn.Module, str]]] = {}
         names: dict[int, str] = {}
-        wanted = {id(p) for p in only.parameters()} if only is not None else None
         for module_name, module in model.named_modules(remove_duplicate=False):
             if (module_name + ".").startswith(layer_prefix):
                 continue
             for key, parameter in module._parameters.items():
-                if parameter is None or not parameter.is_meta:
-                    continue
-                if wanted is not None and id(parameter) not in wanted:
+                if parameter is None or not parameter.is_meta or id(parameter) not in wanted:
                     continue
                 aliases.setdefault(id(parameter), []).append((module, key))
                 full = f"{module_name}.{key}" if module_name else key
                 if full in self.source.files or id(parameter) not in names:
-                    names[id(parameter)] = full
+                    names[id(parameter)] = full  # a tied head is stored under the embedding
         read = self.source.read(sorted(set(names.values())))
         saved = []
         for pid, holders in aliases.items():
             module, key = holders[0]
             old = module._parameters[key]
             assert old is not None
-            value = nn.Parameter(read[names[pid]].to(old.dtype), requires_grad=False)
+            value = nn.Parameter(read.pop(names[pid]).to(old.dtype), requires_grad=False)
             for holder, holder_key in holders:
                 saved.append((holder, holder_key, old))
                 holder._parameters[holder_key] = value
+        del read
         try:
             yield
         finally:

@@ -6,7 +6,7 @@ scanning packages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -70,8 +70,8 @@ class LayerAccess:
         yield
 
     @contextmanager
-    def outside(self, model: nn.Module) -> Iterator[None]:
-        """Make everything outside the decoder layers usable for the duration (export)."""
+    def outside(self, model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+        """Make these tensors outside the decoder layers usable for the duration (export)."""
         yield
 
     def load(self, index: int, layer: nn.Module) -> None:

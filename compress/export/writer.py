@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,11 +18,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from compress.errors import ExportError
+from compress.errors import ExportError, PassError
+from compress.export import compressed_tensors
+from compress.export.entropy import storage as entropy
 from compress.export.manifest import FORMAT_VERSION, MANIFEST_NAME, QUANT_METHOD
 from compress.export.qlinear import QuantLinear
-from compress.ir import quantized_modules
+from compress.ir import QuantizedWeight, get_quantized
+from compress.registry import LayerAccess
 from compress.utils.fs import atomic_directory, sha256_file
+from compress.utils.modules import decoder_layers
 from compress.utils.progress import NullProgress, Progress
 
 __all__ = ["check_export_target", "export_model", "packed_state"]
@@ -29,26 +34,68 @@ __all__ = ["check_export_target", "export_model", "packed_state"]
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-def packed_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def packed_state(
+    model: nn.Module,
+    layers: LayerAccess | None = None,
+    records: dict[str, QuantizedWeight] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors an export stores, in module order; quantized weights packed, aliases dropped.
 
     Tied weights (``lm_head`` sharing the embedding) are stored once; transformers re-ties them.
+    With an offloading ``layers`` store, each decoder layer is loaded just for its own tensors,
+    so memory holds one layer (plus the shard being written), never the model. The quantization
+    records met on the way are added to ``records``.
     """
-    records = quantized_modules(model)
-    modules = dict(model.named_modules())
-    seen: set[tuple[int, tuple[int, ...]]] = set()
-    for key, tensor in model.state_dict().items():
+    access = layers or LayerAccess()
+    try:
+        prefix, blocks = decoder_layers(model)
+    except PassError:  # not a decoder stack: nothing to stream
+        prefix, blocks = "", nn.ModuleList()
+    seen: set[int] = set()
+    current: int | None = None
+    for key in list(model.state_dict().keys()):
+        index = _layer_index(key, prefix) if len(blocks) else None
+        if index != current:
+            if current is not None:
+                access.unload(current, blocks[current])
+            if index is not None:
+                access.load(index, blocks[index])
+            current = index
         owner, _, leaf = key.rpartition(".")
-        if owner in records and leaf == "weight":
-            packed = QuantLinear.from_record(modules[owner], records[owner])
+        module = model.get_submodule(owner) if owner else model
+        record = get_quantized(module)
+        if record is not None and leaf == "weight":
+            if records is not None:
+                records[owner] = record
+            packed = QuantLinear.from_record(module, record)  # type: ignore[arg-type]
             for name, buffer in packed.named_buffers():
                 yield f"{owner}.{name}", buffer
             continue
-        alias = (tensor.data_ptr(), tuple(tensor.shape))
-        if alias in seen:
-            continue
-        seen.add(alias)
-        yield key, tensor.detach().contiguous()
+        # tied weights (lm_head = embedding) are one Parameter object held by two modules; only
+        # outside the layers, whose objects live as long as the model (offloaded layers do not)
+        if index is None:
+            if id(_state_tensor(module, leaf)) in seen:
+                continue
+            seen.add(id(_state_tensor(module, leaf)))
+        with access.outside(model, [key] if index is None else []):
+            yield key, _state_tensor(module, leaf).detach().contiguous()
+    if current is not None:
+        access.unload(current, blocks[current])
+
+
+def _layer_index(key: str, prefix: str) -> int | None:
+    if not key.startswith(prefix + "."):
+        return None
+    return int(key[len(prefix) + 1 :].split(".", 1)[0])
+
+
+def _state_tensor(module: nn.Module, leaf: str) -> torch.Tensor:
+    tensor: torch.Tensor | None = module._parameters.get(leaf)
+    if tensor is None:
+        tensor = module._buffers.get(leaf)
+    if tensor is None:
+        raise ExportError(f"{type(module).__name__} has no tensor {leaf!r} to export")
+    return tensor
 
 
 def _shards(
@@ -81,9 +128,8 @@ def check_export_target(directory: Path, *, overwrite: bool) -> None:
         )
 
 
-def quantization_config(model: nn.Module) -> dict[str, Any] | None:
+def quantization_config(records: dict[str, QuantizedWeight]) -> dict[str, Any] | None:
     """The ``quantization_config`` block of ``config.json``, or None if nothing is quantized."""
-    records = quantized_modules(model)
     if not records:
         return None
     return {
@@ -102,6 +148,8 @@ def export_model(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Progress | None = None,
+    layers: LayerAccess | None = None,
+    format: str = QUANT_METHOD,
 ) -> Path:
     """Write ``model`` (with its quantization records) as a loadable export folder."""
     progress = progress or NullProgress()
@@ -111,28 +159,46 @@ def export_model(
     if config is None:
         raise ExportError(f"{type(model).__name__} has no Hugging Face config to export")
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        shards = list(_shards(packed_state(model), max_shard_bytes))
+        # Shards are written as they fill (an offloaded model is never whole in memory) and
+        # named once their count is known.
+        records: dict[str, QuantizedWeight] = {}
+        written: list[tuple[Path, list[str], int]] = []
+        state = packed_state(model, layers, records)
+        if format == compressed_tensors.FORMAT_NAME:  # same codes, vLLM's layout and config
+            state = compressed_tensors.convert_state(state, records, dtype=_float_dtype(model))
+        coder = entropy.encoder_for(model, format)  # lossless coding (entropy_code pass)
+        if coder is not None:
+            state = coder.encode(state, records)
+        for shard in progress.track(_shards(state, max_shard_bytes), "export shards"):
+            path = tmp / f".shard-{len(written)}.tmp"
+            save_file(shard, str(path), metadata={"format": "pt"})
+            nbytes = sum(t.numel() * t.element_size() for t in shard.values())
+            written.append((path, list(shard), nbytes))
+            del shard
         names = (
             ["model.safetensors"]
-            if len(shards) == 1
-            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            if len(written) == 1
+            else [
+                f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))
+            ]
         )
         weight_map: dict[str, str] = {}
-        for name, shard in progress.track(
-            zip(names, shards, strict=True), "export shards", total=len(names)
-        ):
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        for name, (path, keys, _) in zip(names, written, strict=True):
+            os.replace(path, tmp / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if len(written) > 1:
+            total = sum(nbytes for _, _, nbytes in written)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        del shards
 
         config = copy.deepcopy(config)
         # Recorded so loaders need not open a shard to guess it (and meet a corrupt one first).
         config.dtype = _float_dtype(model)
-        qconfig = quantization_config(model)
+        qconfig = quantization_config(records)
+        if format == compressed_tensors.FORMAT_NAME:
+            qconfig = compressed_tensors.quantization_config(records, model)
+        if coder is not None:
+            qconfig = coder.quantization_config(qconfig)
         if qconfig is not None:
             config.quantization_config = qconfig
         elif hasattr(config, "quantization_config"):
@@ -156,17 +222,19 @@ def export_model(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "modules": {
                 name: {"format": record.fmt.describe(), "shape": list(record.shape)}
-                for name, record in quantized_modules(model).items()
+                for name, record in records.items()
             },
             "recipe": recipe or {},
             "files": files,
         }
+        if coder is not None:
+            manifest["entropy"] = coder.manifest_entry()
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return directory
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
-    for tensor in model.state_dict().values():
+    for tensor in model.state_dict().values():  # meta tensors (offloaded layers) keep a dtype
         if tensor.is_floating_point():
             return tensor.dtype
     return torch.float32
