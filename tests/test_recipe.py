@@ -92,6 +92,7 @@ def test_resolved_fills_in_every_default() -> None:
         "name": "smollm2-135m",
         "dtype": "auto",
         "trust_remote_code": False,
+        "offload": False,
     }
     assert resolved["calibration"] == {
         "dataset": "builtin:wiki",

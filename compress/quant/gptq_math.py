@@ -207,18 +207,24 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     ``J L⁻¹ J`` is upper triangular with a positive diagonal, so it *is* the factor: one
     Cholesky and one triangular inverse instead of Cholesky, inverse, Cholesky.
     """
-    h = hessian.to(torch.float64)
-    mean_diag = float(torch.diagonal(h).mean())
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    reversed_h = h.flip(0, 1)
+    # Memory matters here (offloaded runs budget for one layer): the (in, in) float64 work
+    # matrices are made one at a time and dropped as soon as the next one exists.
+    reversed_h = hessian.flip(0, 1).to(torch.float32)  # J H J, kept for retries
+    mean_diag = float(torch.diagonal(reversed_h).double().mean())
     fraction = damp
     for _ in range(_CHOLESKY_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(reversed_h + eye * (fraction * mean_diag))
+        work = reversed_h.to(torch.float64)
+        work.diagonal().add_(fraction * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(work)
+        del work
         if int(info) == 0:
+            eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
             lower_inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
-            factor = lower_inverse.flip(0, 1).to(torch.float32)
+            del lower, eye
+            factor = lower_inverse.to(torch.float32).flip(0, 1)
+            del lower_inverse
             if bool(torch.isfinite(factor).all()):
-                return factor
+                return factor.contiguous()
         fraction = fraction * 10 if fraction > 0 else 1e-3
     raise PassError(
         f"gptq: the Hessian is not positive definite even with dampening {fraction / 10:g} "
