@@ -180,13 +180,15 @@ class LayerStore(LayerAccess):
 
     def restore(self, index: int, name: str, layer: nn.Module, report: PassReport | None) -> None:
         path = self._layer_file(index)
-        state, records, fragment = _read_checkpoint(path)
         self._latest[index] = path
+        if self.offloaded:  # the state stays on disk until load(); only the report part is read
+            fragment = _read_fragment(path)
+        else:
+            state, records, fragment = _read_checkpoint(path)
+            _fill_layer_(layer, state, records)
         if report is not None:
             report.per_module.update(fragment.get("per_module", {}))
             report.touched.extend(t for t in fragment.get("touched", []) if t not in report.touched)
-        if not self.offloaded:
-            _fill_layer_(layer, state, records)
 
     def resume_hidden(self) -> list[torch.Tensor] | None:
         path = self._hidden_file()
@@ -340,6 +342,12 @@ def _write_checkpoint(path: Path, layer: nn.Module, fragment: dict[str, Any]) ->
     metadata = {"formats": json.dumps(formats), "report": json.dumps(fragment)}
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata)
     os.replace(tmp, path)
+
+
+def _read_fragment(path: Path) -> dict[str, Any]:
+    """The pass-report part of a layer checkpoint, without reading its tensors."""
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(json.loads((handle.metadata() or {}).get("report", "{}")))
 
 
 def _read_checkpoint(

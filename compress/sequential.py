@@ -130,9 +130,7 @@ def run_sequential(
     try:
         with access.embedding(model):
             batches = capture_layer_inputs(model, input_ids, batch_size)
-        start = access.done_layers(len(blocks), activations=True)
-        for index in range(start):
-            access.restore(index, f"{prefix}.{index}", blocks[index], report)
+        start = _restore_finished(access, prefix, blocks, report, activations=True)
         if 0 < start < len(blocks):
             saved = access.resume_hidden()
             if saved is None or len(saved) != len(batches.hidden):
@@ -175,14 +173,27 @@ def for_each_layer(
     progress = progress or NullProgress()
     access = layers or LayerAccess()
     prefix, blocks = decoder_layers(model)
-    start = access.done_layers(len(blocks))
-    for index in range(start):
-        access.restore(index, f"{prefix}.{index}", blocks[index], report)
+    start = _restore_finished(access, prefix, blocks, report, activations=False)
     pending = range(start, len(blocks))
     for index in progress.track(pending, description, total=len(pending)):
         access.load(index, blocks[index])
         step(index, f"{prefix}.{index}", blocks[index])
         access.finish(index, f"{prefix}.{index}", blocks[index], None, report)
+
+
+def _restore_finished(
+    access: LayerAccess,
+    prefix: str,
+    blocks: nn.ModuleList,
+    report: PassReport | None,
+    *,
+    activations: bool,
+) -> int:
+    """Restore the layers an interrupted run finished; the index of the first pending one."""
+    start = access.done_layers(len(blocks), activations=activations)
+    for index in range(start):
+        access.restore(index, f"{prefix}.{index}", blocks[index], report)
+    return start
 
 
 def _device(model: nn.Module) -> torch.device:

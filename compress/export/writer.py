@@ -71,13 +71,16 @@ def packed_state(
             for name, buffer in packed.named_buffers():
                 yield f"{owner}.{name}", buffer
             continue
-        # tied weights (lm_head = embedding) are one Parameter object held by two modules; only
-        # outside the layers, whose objects live as long as the model (offloaded layers do not)
-        if index is None:
-            if id(_state_tensor(module, leaf)) in seen:
-                continue
-            seen.add(id(_state_tensor(module, leaf)))
-        with access.outside(model, [key] if index is None else []):
+        if index is not None:  # the layer is loaded already
+            yield key, _state_tensor(module, leaf).detach().contiguous()
+            continue
+        # tied weights (lm_head = embedding) are one Parameter object held by two modules; ids
+        # are checked only outside the layers, whose objects live as long as the model
+        tensor_id = id(_state_tensor(module, leaf))
+        if tensor_id in seen:
+            continue
+        seen.add(tensor_id)
+        with access.outside(model, [key]):
             yield key, _state_tensor(module, leaf).detach().contiguous()
     if current is not None:
         access.unload(current, blocks[current])

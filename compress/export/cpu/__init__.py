@@ -41,6 +41,14 @@ def vectorized() -> bool:
     return bool(ext is not None and ext.vectorized())
 
 
+def _extension() -> ModuleType:
+    """The built extension; callers check :func:`available` first, so absence is a bug."""
+    ext = native()
+    if ext is None:
+        raise RuntimeError("the native qmatmul extension is not available")
+    return ext
+
+
 def _zeros(qzeros: torch.Tensor | None) -> torch.Tensor:
     return _EMPTY if qzeros is None else qzeros
 
@@ -54,9 +62,7 @@ def gemv(
     group_size: int | None,
 ) -> torch.Tensor:
     """(M, K) fp32 activations x packed (N, ·) weight → (M, N) fp32; for small M (decode)."""
-    ext = native()
-    if ext is None:
-        raise RuntimeError("the native qmatmul extension is not available")
+    ext = _extension()
     return ext.gemv(x, qweight, scales, _zeros(qzeros), bits, group_size or 0)
 
 
@@ -70,9 +76,7 @@ def gemm(
     tile_rows: int = GEMM_TILE_ROWS,
 ) -> torch.Tensor:
     """(M, K) fp32 x packed weight → (M, N) fp32 by dequantized tiles + GEMM; for large M."""
-    ext = native()
-    if ext is None:
-        raise RuntimeError("the native qmatmul extension is not available")
+    ext = _extension()
     return ext.gemm(x, qweight, scales, _zeros(qzeros), bits, group_size or 0, tile_rows)
 
 
@@ -85,7 +89,5 @@ def dequantize(
     in_features: int,
 ) -> torch.Tensor:
     """The (N, K) fp32 weight, unpacked natively; for tests."""
-    ext = native()
-    if ext is None:
-        raise RuntimeError("the native qmatmul extension is not available")
+    ext = _extension()
     return ext.dequantize(qweight, scales, _zeros(qzeros), bits, group_size or 0, in_features)
