@@ -11,7 +11,9 @@ def ids(samples=6, length=12, seed=0):
     return torch.randint(0, 256, (samples, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_layer_chain_reproduces_the_model(tiny_llama):
+def test_layer_chain_reproduces_the_model(tiny_llama_copy):
+    # a copy: output_hidden_states makes transformers leave output-recording hooks on the model
+    tiny_llama = tiny_llama_copy
     batches = capture_layer_inputs(tiny_llama, ids(), batch_size=4)
     assert [h.shape[0] for h in batches.hidden] == [4, 2]
     for layer in tiny_llama.model.layers:
