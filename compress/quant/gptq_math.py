@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from compress.errors import PassError
@@ -73,8 +74,11 @@ def accumulate_hessian(
     if added == 0:
         return hessian, count
     total = count + added
-    product = (rows.T @ rows).to(hessian.dtype)  # (in, in)
-    hessian = hessian * (count / total) + product * (2.0 / total)
+    if hessian.dtype == rows.dtype:  # one (in, in) allocation: the result
+        hessian = torch.addmm(hessian, rows.T, rows, beta=count / total, alpha=2.0 / total)
+    else:
+        product = (rows.T @ rows).to(hessian.dtype)  # (in, in)
+        hessian = (hessian * (count / total)).add_(product, alpha=2.0 / total)
     return hessian, total
 
 
@@ -152,8 +156,9 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w = w[:, perm]
-        h = h[perm][:, perm]
+        h = h[perm.unsqueeze(1), perm]  # one gather, no intermediate (in, in) copy
     hinv = _inverse_hessian_factor(h, damp)  # (in, in) upper triangular, float32
+    del h  # the largest buffer of a wide layer besides hinv: not needed past this point
 
     group_of_column = torch.arange(in_features, device=w.device) // size  # natural order
     if perm is not None:
@@ -206,25 +211,28 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     With ``J`` the index reversal and ``J H J = L Lᵀ``, ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and
     ``J L⁻¹ J`` is upper triangular with a positive diagonal, so it *is* the factor: one
     Cholesky and one triangular inverse instead of Cholesky, inverse, Cholesky.
+
+    Memory matters here (offloaded runs budget for one layer; a 5632-wide Hessian is 254 MB in
+    float64): LAPACK's ``potrf`` and ``trtri`` (through scipy) work in place on one float64
+    matrix, so the peak is that matrix plus the float32 result, not four float64 temporaries.
     """
-    # Memory matters here (offloaded runs budget for one layer): the (in, in) float64 work
-    # matrices are made one at a time and dropped as soon as the next one exists.
-    reversed_h = hessian.flip(0, 1).to(torch.float32)  # J H J, kept for retries
-    mean_diag = float(torch.diagonal(reversed_h).double().mean())
+    from scipy.linalg import lapack  # scipy.linalg imports slowly; only GPTQ needs it
+
+    source = hessian.detach().to(device="cpu", dtype=torch.float32).numpy()
+    n = source.shape[0]
+    mean_diag = float(np.diagonal(source).astype(np.float64).mean())
+    work = np.empty((n, n), dtype=np.float64, order="F")
     fraction = damp
     for _ in range(_CHOLESKY_RETRIES + 1):
-        work = reversed_h.to(torch.float64)
-        work.diagonal().add_(fraction * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(work)
-        del work
-        if int(info) == 0:
-            eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-            lower_inverse = torch.linalg.solve_triangular(lower, eye, upper=False)
-            del lower, eye
-            factor = lower_inverse.to(torch.float32).flip(0, 1)
-            del lower_inverse
-            if bool(torch.isfinite(factor).all()):
-                return factor.contiguous()
+        np.copyto(work, source[::-1, ::-1])  # J H J, no intermediate copy
+        work.flat[:: n + 1] += fraction * mean_diag
+        lower, info = lapack.dpotrf(work, lower=1, clean=1, overwrite_a=1)
+        if info == 0:
+            inverse, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
+            if info == 0:
+                factor = np.ascontiguousarray(inverse[::-1, ::-1], dtype=np.float32)
+                if np.isfinite(factor).all():
+                    return torch.from_numpy(factor).to(hessian.device)
         fraction = fraction * 10 if fraction > 0 else 1e-3
     raise PassError(
         f"gptq: the Hessian is not positive definite even with dampening {fraction / 10:g} "
