@@ -37,6 +37,7 @@ from compress.recipe import (
     CalibrationSpec,
     EvaluateSpec,
     ExportSpec,
+    LmEvalTasksSpec,
     ModelSpec,
     Recipe,
     load_recipe,
@@ -147,6 +148,8 @@ class Pipeline:
                 "--resume needs an export folder: checkpoints live beside it",
                 hint="add export: {dir: ...} to the recipe (or pass -o DIR)",
             )
+        if self.evaluate is not None and self.evaluate.lm_eval is not None:
+            _lm_eval_spec(self.evaluate.lm_eval)  # an unknown task fails now, not after the passes
         timings: dict[str, float] = {}
         start = time.perf_counter()
         model, tokenizer, source = self._load()
@@ -252,6 +255,12 @@ class Pipeline:
                 candidate, reference, tokenizer, self.evaluate
             )
             timings["evaluate_s"] = time.perf_counter() - start
+            if self.evaluate.lm_eval is not None:
+                start = time.perf_counter()
+                result["lm_eval"] = self._evaluate_tasks(
+                    candidate, reference, tokenizer, self.evaluate.lm_eval, source, export_dir
+                )
+                timings["lm_eval_s"] = time.perf_counter() - start
             del reference
             gc.collect()
 
@@ -362,6 +371,47 @@ class Pipeline:
             }
         ]
         return quality, samples
+
+    def _evaluate_tasks(
+        self,
+        candidate: nn.Module,
+        reference: nn.Module,
+        tokenizer: Any,
+        spec: LmEvalTasksSpec,
+        source: str,
+        export_dir: Path | None,
+    ) -> dict[str, Any]:
+        """lm-eval tasks on the reloaded export (packed modules) paired with the original."""
+        from compress.lmeval import evaluate_models
+
+        result = evaluate_models(
+            candidate,
+            tokenizer,
+            _lm_eval_spec(spec),
+            reference=reference,
+            source=str(export_dir) if export_dir is not None else "in-memory compressed model",
+            reference_name=source,
+            progress=self.progress,
+        )
+        if export_dir is not None:
+            result.write(export_dir)  # lm_eval.json + lm-eval's own results, as `compress eval`
+        return result.to_dict()
+
+
+def _lm_eval_spec(spec: LmEvalTasksSpec) -> Any:
+    """The recipe's ``evaluate.lm_eval`` as a checked :class:`compress.lmeval.LmEvalSpec`."""
+    from compress.lmeval import check_tasks, lm_eval_spec
+
+    checked = lm_eval_spec(
+        spec.tasks,
+        limit=spec.limit,
+        batch_size=spec.batch_size,
+        num_fewshot=spec.num_fewshot,
+        include_path=spec.include_path,
+        max_length=spec.max_length,
+    )
+    check_tasks(checked)
+    return checked
 
 
 def _parameter_bytes(model: nn.Module) -> int:

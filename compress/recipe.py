@@ -44,6 +44,7 @@ __all__ = [
     "EvaluateSpec",
     "ExportSpec",
     "LineMap",
+    "LmEvalTasksSpec",
     "ModelSpec",
     "Recipe",
     "load_recipe",
@@ -115,6 +116,35 @@ class ExportSpec(_Spec):
         return value
 
 
+class LmEvalTasksSpec(_Spec):
+    """lm-eval tasks scored on the export and on the original, on the same items."""
+
+    tasks: list[str] = Field(
+        min_length=1,
+        description="lm-eval task names (offline = the default offline set; "
+        "offline_all, offline_<name>, or any task lm-eval's registry knows)",
+    )
+    limit: int | None = Field(default=None, gt=0, description="items per task; null = all")
+    num_fewshot: int | None = Field(
+        default=None, ge=0, description="few-shot examples; null = each task's own default"
+    )
+    batch_size: int = Field(default=8, gt=0, description="requests per forward pass")
+    include_path: list[str] = Field(
+        default_factory=list, description="folders of local lm-eval task YAML files"
+    )
+    max_length: int | None = Field(
+        default=None, gt=0, description="tokens per window; null = the model's context"
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # `tasks: offline` and `tasks: a,b` read as the CLI's --tasks does
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+
 class EvaluateSpec(_Spec):
     """How the compressed model is judged against the original."""
 
@@ -129,6 +159,10 @@ class EvaluateSpec(_Spec):
         default=True, description="KL divergence and top-1 agreement against the original"
     )
     batch_size: int = Field(default=4, gt=0, description="windows per forward pass")
+    lm_eval: LmEvalTasksSpec | None = Field(
+        default=None,
+        description="lm-eval tasks, e.g. {tasks: [offline], limit: 200}; null = none",
+    )
 
 
 class Recipe(_Spec):

@@ -269,3 +269,54 @@ def test_run_lm_eval_on_a_loaded_model(tiny_llama: Any, tiny_setup: dict[str, Pa
     assert words == 20 and ll < 0
     with torch.inference_mode():
         assert math.isfinite(ll)
+
+
+# --- from a recipe's evaluate: block ------------------------------------------------------------
+
+
+def test_recipe_evaluate_block_runs_lm_eval_on_the_export(
+    tiny_llama: Any, tiny_setup: dict[str, Path], tmp_path: Path
+) -> None:
+    import copy
+
+    from compress.recipe import EvaluateSpec, LmEvalTasksSpec
+
+    export = tmp_path / "export"
+    evaluate = EvaluateSpec(
+        perplexity=["builtin:wiki"],
+        seq_len=32,
+        max_windows=2,
+        lm_eval=LmEvalTasksSpec(
+            tasks=["tiny_mc"], limit=6, batch_size=4, include_path=[str(tiny_setup["tasks"])]
+        ),
+    )
+    run = Pipeline(
+        copy.deepcopy(tiny_llama),
+        [RTNConfig(bits=4, group_size=32)],
+        tokenizer=tokenizer_with_eos(),
+        export=export,
+        evaluate=evaluate,
+    ).run()
+    scores = run.report["lm_eval"]["scores"]
+    assert [(s["task"], s["metric"], s["items"]) for s in scores] == [("tiny_mc", "acc", 6)]
+    assert scores[0]["original"] is not None and scores[0]["ci_low"] is not None
+    assert run.report["lm_eval"]["packed_modules"] == 14  # the reloaded export was scored
+    report = read_report(export)
+    assert report["lm_eval"]["scores"][0]["task"] == "tiny_mc"
+    assert "## lm-eval tasks" in render_markdown(report)
+    assert (export / LMEVAL_JSON).is_file() and (export / LMEVAL_RESULTS_JSON).is_file()
+
+
+def test_recipe_with_an_unknown_task_fails_before_the_passes(
+    tiny_llama: Any, tiny_setup: dict[str, Path], tmp_path: Path
+) -> None:
+    from compress.recipe import EvaluateSpec, LmEvalTasksSpec
+
+    evaluate = EvaluateSpec(
+        lm_eval=LmEvalTasksSpec(tasks=["tiny_mcc"], include_path=[str(tiny_setup["tasks"])])
+    )
+    pipeline = Pipeline(
+        tiny_llama, [RTNConfig(bits=4)], tokenizer=tokenizer_with_eos(), evaluate=evaluate
+    )
+    with pytest.raises(DataError, match="unknown lm-eval task 'tiny_mcc'"):
+        pipeline.run()

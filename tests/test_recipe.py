@@ -115,6 +115,34 @@ def test_evaluate_defaults() -> None:
     )
     assert recipe.calibration == CalibrationSpec()
     assert parse_recipe({"model": "m", "passes": [], "evaluate": None}).evaluate is None
+    assert recipe.evaluate is not None and recipe.evaluate.lm_eval is None
+
+
+def test_evaluate_lm_eval_block() -> None:
+    evaluate = {"lm_eval": {"tasks": "offline, offline_wiki_ppl", "limit": 200}}
+    recipe = parse_recipe({"model": "m", "passes": [], "evaluate": evaluate})
+    assert recipe.evaluate is not None and recipe.evaluate.lm_eval is not None
+    assert recipe.evaluate.lm_eval.tasks == ["offline", "offline_wiki_ppl"]
+    assert (recipe.evaluate.lm_eval.limit, recipe.evaluate.lm_eval.batch_size) == (200, 8)
+    assert recipe.resolved()["evaluate"]["lm_eval"]["num_fewshot"] is None
+
+
+@pytest.mark.parametrize(
+    ("block", "message", "hint"),
+    [
+        ("{tasks: []}", "evaluate.lm_eval.tasks: [] is not valid", "lm-eval task names"),
+        ("{tasks: [offline], limit: 0}", "evaluate.lm_eval.limit: 0 is not valid", "items"),
+        ("{tasks: [offline], num_fewshot: -1}", "evaluate.lm_eval.num_fewshot: -1", "few-shot"),
+        ("{tasks: [offline], batchsize: 4}", "unknown key 'batchsize'", "'batch_size'?"),
+        ("{limit: 10}", "evaluate.lm_eval.tasks: missing", "add 'tasks:'"),
+    ],
+)
+def test_evaluate_lm_eval_errors_name_the_key(
+    tmp_path: Path, block: str, message: str, hint: str
+) -> None:
+    error = error_of(write(tmp_path, f"model: m\npasses: []\nevaluate:\n  lm_eval: {block}\n"))
+    assert message in error.message and error.message.startswith(f"{tmp_path / 'bad.yaml'}:4: ")
+    assert error.hint is not None and hint in error.hint
 
 
 def test_resolved_is_json_serialisable() -> None:
