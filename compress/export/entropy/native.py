@@ -1,9 +1,13 @@
-"""C++ encoder and decoder of chunked Huffman streams (OpenMP over chunks), built on first use.
+"""C++ encoder and decoder of chunked Huffman streams, built on first use.
 
 Every read of the stream is bounds-checked (bytes past the end read as zero) and every write is
 bounded by the chunk's symbol count, so a corrupt stream can only produce wrong symbols or an
 error status, never an out-of-bounds access. The Python side turns a status into a
 :class:`~compress.errors.FormatError`.
+
+Threads are plain ``std::thread`` workers that take groups of chunks from an atomic counter and
+are joined before returning. OpenMP workers (the runtime is shared with torch) spin-wait between
+parallel regions; on a busy 2-core machine that made two threads slower than one.
 """
 
 from __future__ import annotations
@@ -16,12 +20,32 @@ __all__ = ["native_module"]
 
 _SOURCE = r"""
 #include <torch/extension.h>
-#include <omp.h>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <thread>
+#include <vector>
 
 namespace {
+
+// fn(i) for i in [0, n) on up to `threads` threads (the caller is one of them), dynamic order.
+template <typename F>
+void parallel_for(int64_t n, int64_t threads, F fn) {
+    int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+    if (workers == 1) {
+        for (int64_t i = 0; i < n; ++i) fn(i);
+        return;
+    }
+    std::atomic<int64_t> next{0};
+    auto work = [&]() {
+        for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+    };
+    std::vector<std::thread> pool;
+    for (int64_t t = 1; t < workers; ++t) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+}
 
 inline uint64_t load_be64(const uint8_t* p) {
     uint64_t v;
@@ -182,50 +206,174 @@ int64_t run_chunks(const Chunks& c, const uint32_t* lut, int bits, int threads,
     int status = check_offsets(c);
     if (status) return (int64_t)status * 1000000;
     int64_t groups = (c.n_chunks + kLanes - 1) / kLanes;
-    int64_t worst = 0;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t g = 0; g < groups; ++g) {
-        int64_t st = decode_group<Out>(c, lut, bits, g * kLanes, make_out);
-        if (st) {
-            #pragma omp critical
-            { if (worst == 0 || st % 1000000 < worst % 1000000) worst = st; }
-        }
-    }
-    return worst;
+    std::vector<int64_t> statuses(groups, 0);
+    parallel_for(groups, threads, [&](int64_t g) {
+        statuses[g] = decode_group<Out>(c, lut, bits, g * kLanes, make_out);
+    });
+    for (int64_t st : statuses)
+        if (st) return st;  // the first bad chunk
+    return 0;
 }
 
-}  // namespace
+// ---- BF16 exponents coded in pairs (codec version 2) -----------------------------------------
+// full: 2**L uint32 entries (bytes e0 | e1 << 8 | length << 16, bit 31 = not a code).
+// fast: 2**T uint64 entries that decode one or two pair codes fitting in T bits: exponent bytes
+// in bits 0-31, bits consumed in 32-39, exponents produced (2 or 4) in 40-47; 0 = use `full`.
+struct PairTables {
+    std::vector<uint32_t> full;
+    std::vector<uint64_t> fast;
+    int L, T;
+};
 
-// Symbols -> (per-chunk bit counts) so the caller can lay out byte-aligned chunk offsets.
-torch::Tensor chunk_bits(torch::Tensor symbols, torch::Tensor lengths, int64_t chunk,
-                         int64_t threads) {
-    const uint8_t* sym = symbols.data_ptr<uint8_t>();
-    const uint8_t* len = lengths.data_ptr<uint8_t>();
-    int64_t total = symbols.numel();
+PairTables pair_tables(const uint8_t* symbols, int64_t alphabet, const uint8_t* lengths, int L,
+                       int T) {
+    PairTables t;
+    t.L = L;
+    t.T = T = std::min(T, L);
+    const uint32_t invalid = (1u << 31) | ((uint32_t)L << 16);
+    t.full.assign((size_t)1 << L, invalid);
+    uint64_t start = 0, limit = (uint64_t)1 << L;
+    int64_t pairs = alphabet * alphabet;
+    for (int len = 1; len <= L; ++len) {  // canonical order: by length, then by pair index
+        uint64_t span = (uint64_t)1 << (L - len);
+        for (int64_t p = 0; p < pairs; ++p) {
+            if (lengths[p] != len) continue;
+            uint32_t v = symbols[p / alphabet] | (symbols[p % alphabet] << 8) | (len << 16);
+            for (uint64_t k = 0; k < span && start < limit; ++k) t.full[start++] = v;
+        }
+    }
+    t.fast.assign((size_t)1 << T, 0);
+    const uint64_t mask = ((uint64_t)1 << T) - 1;
+    for (uint64_t idx = 0; idx <= mask; ++idx) {
+        uint32_t f1 = t.full[idx << (L - T)];
+        uint32_t len1 = (f1 >> 16) & 31;
+        if ((f1 >> 31) || len1 > (uint32_t)T) continue;
+        uint32_t f2 = t.full[((idx << len1) & mask) << (L - T)];
+        uint32_t len2 = (f2 >> 16) & 31;
+        if (!(f2 >> 31) && len1 + len2 <= (uint32_t)T) {
+            t.fast[idx] = (uint64_t)(f1 & 0xFFFF) | ((uint64_t)(f2 & 0xFFFF) << 16) |
+                          ((uint64_t)(len1 + len2) << 32) | ((uint64_t)4 << 40);
+        } else {
+            t.fast[idx] = (uint64_t)(f1 & 0xFFFF) | ((uint64_t)len1 << 32) | ((uint64_t)2 << 40);
+        }
+    }
+    return t;
+}
+
+struct PairLane {
+    uint64_t pos, end;
+    int64_t i, count;
+    uint32_t bad;
+    uint8_t* buf;  // the chunk's exponents, with 16 bytes of slack
+};
+
+// One peek, then `lookups` lookups of 2 or 4 exponents each; needs i + 4*lookups <= count.
+inline void pair_step(PairLane& l, const uint8_t* s, int64_t nbytes, const PairTables& t,
+                      int lookups) {
+    uint64_t w = peek(s, nbytes, l.pos);
+    const int fast_shift = 64 - t.T, full_shift = 64 - t.L;
+    const uint64_t* fast = t.fast.data();
+    const uint32_t* full = t.full.data();
+    for (int j = 0; j < lookups; ++j) {
+        uint64_t e = fast[w >> fast_shift];
+        uint32_t n = (uint32_t)(e >> 40);
+        uint32_t length;
+        if (__builtin_expect(n != 0, 1)) {
+            uint32_t bytes = (uint32_t)e;
+            std::memcpy(l.buf + l.i, &bytes, 4);
+            length = (uint32_t)(e >> 32) & 0xFF;
+        } else {
+            uint32_t f = full[w >> full_shift];
+            uint16_t bytes = (uint16_t)f;
+            std::memcpy(l.buf + l.i, &bytes, 2);
+            length = (f >> 16) & 31;
+            l.bad |= f >> 31;
+            n = 2;
+        }
+        l.i += n;
+        w <<= length;
+        l.pos += length;
+    }
+}
+
+inline int pair_finish(PairLane& l, const uint8_t* s, int64_t nbytes, const PairTables& t) {
+    const int shift = 64 - t.L;
+    while (l.i < l.count) {
+        uint32_t f = t.full[peek(s, nbytes, l.pos) >> shift];
+        uint16_t bytes = (uint16_t)f;
+        std::memcpy(l.buf + l.i, &bytes, 2);
+        l.bad |= f >> 31;
+        l.i += 2;
+        l.pos += (f >> 16) & 31;
+    }
+    if (l.pos > l.end) return 2;
+    if (l.bad) return 1;
+    if (l.end - l.pos >= 8) return 3;
+    return 0;
+}
+
+// exponent bytes + sign (bit 7) and mantissa (bits 0-6) bytes -> BF16 bit patterns
+inline void merge_bf16(const uint8_t* e, const uint8_t* r, uint16_t* o, int64_t n) {
+    for (int64_t k = 0; k < n; ++k) {
+        uint16_t v = r[k];
+        o[k] = (uint16_t)(((v & 0x80) << 8) | ((uint16_t)e[k] << 7) | (v & 0x7F));
+    }
+}
+
+int64_t pair_group(const Chunks& c, const PairTables& t, const uint8_t* raw, uint16_t* out,
+                   int64_t first) {
+    thread_local std::vector<uint8_t> buffers;
+    const int64_t stride = c.chunk + 16;
+    if ((int64_t)buffers.size() < kLanes * stride) buffers.resize(kLanes * stride);
+    PairLane lanes[kLanes];
+    int n = (int)std::min<int64_t>(kLanes, c.n_chunks - first);
+    for (int j = 0; j < n; ++j) {
+        int64_t k = first + j, start = k * c.chunk;
+        lanes[j] = PairLane{(uint64_t)c.offsets[k], (uint64_t)c.offsets[k + 1], 0,
+                            std::min(c.chunk, c.total - start), 0, buffers.data() + j * stride};
+    }
+    const int lookups = 57 / t.L;
+    const int64_t margin = 4 * lookups;
+    if (n == kLanes) {
+        while (true) {
+            bool more = false;
+            for (int j = 0; j < kLanes; ++j) {
+                if (lanes[j].count - lanes[j].i >= margin) {
+                    pair_step(lanes[j], c.stream, c.nbytes, t, lookups);
+                    more = true;
+                }
+            }
+            if (!more) break;
+        }
+    } else {
+        for (int j = 0; j < n; ++j)
+            while (lanes[j].count - lanes[j].i >= margin)
+                pair_step(lanes[j], c.stream, c.nbytes, t, lookups);
+    }
+    for (int j = 0; j < n; ++j) {
+        int st = pair_finish(lanes[j], c.stream, c.nbytes, t);
+        if (st) return (int64_t)st * 1000000 + first + j;
+        int64_t start = (first + j) * c.chunk;
+        merge_bf16(lanes[j].buf, raw + start, out + start, lanes[j].count);
+    }
+    return 0;
+}
+
+template <typename Sym>
+void chunk_bits_impl(const Sym* sym, const uint8_t* len, int64_t total, int64_t chunk,
+                     int64_t* bits, int64_t threads) {
     int64_t n_chunks = (total + chunk - 1) / chunk;
-    auto out = torch::empty({n_chunks}, torch::kInt64);
-    int64_t* bits = out.data_ptr<int64_t>();
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t k = 0; k < n_chunks; ++k) {
+    parallel_for(n_chunks, threads, [&](int64_t k) {
         int64_t start = k * chunk, stop = std::min(total, start + chunk), acc = 0;
         for (int64_t i = start; i < stop; ++i) acc += len[sym[i]];
         bits[k] = acc;
-    }
-    return out;
+    });
 }
 
-// Write every chunk at its (byte-aligned) offset; `stream` must be zero-filled.
-void encode(torch::Tensor symbols, torch::Tensor lengths, torch::Tensor codes,
-            torch::Tensor offsets, int64_t chunk, torch::Tensor stream, int64_t threads) {
-    const uint8_t* sym = symbols.data_ptr<uint8_t>();
-    const uint8_t* len = lengths.data_ptr<uint8_t>();
-    const int32_t* code = codes.data_ptr<int32_t>();
-    const int64_t* off = offsets.data_ptr<int64_t>();
-    uint8_t* out = stream.data_ptr<uint8_t>();
-    int64_t total = symbols.numel();
-    int64_t n_chunks = offsets.numel() - 1;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t k = 0; k < n_chunks; ++k) {
+template <typename Sym>
+void encode_impl(const Sym* sym, const uint8_t* len, const int32_t* code, const int64_t* off,
+                 int64_t total, int64_t n_chunks, int64_t chunk, uint8_t* out, int64_t threads) {
+    parallel_for(n_chunks, threads, [&](int64_t k) {
         int64_t start = k * chunk, stop = std::min(total, start + chunk);
         uint8_t* p = out + off[k] / 8;
         uint64_t acc = 0;  // pending bits, MSB-first in the low `filled` bits
@@ -240,7 +388,39 @@ void encode(torch::Tensor symbols, torch::Tensor lengths, torch::Tensor codes,
             }
         }
         if (filled) *p = (uint8_t)(acc << (8 - filled));
-    }
+    });
+}
+
+}  // namespace
+
+// Symbols (uint8, or int32 pair indices) -> per-chunk bit counts, for byte-aligned offsets.
+torch::Tensor chunk_bits(torch::Tensor symbols, torch::Tensor lengths, int64_t chunk,
+                         int64_t threads) {
+    const uint8_t* len = lengths.data_ptr<uint8_t>();
+    int64_t total = symbols.numel();
+    auto out = torch::empty({(total + chunk - 1) / chunk}, torch::kInt64);
+    int64_t* bits = out.data_ptr<int64_t>();
+    if (symbols.dtype() == torch::kInt32)
+        chunk_bits_impl(symbols.data_ptr<int32_t>(), len, total, chunk, bits, threads);
+    else
+        chunk_bits_impl(symbols.data_ptr<uint8_t>(), len, total, chunk, bits, threads);
+    return out;
+}
+
+// Write every chunk at its (byte-aligned) offset; `stream` must be zero-filled.
+void encode(torch::Tensor symbols, torch::Tensor lengths, torch::Tensor codes,
+            torch::Tensor offsets, int64_t chunk, torch::Tensor stream, int64_t threads) {
+    const uint8_t* len = lengths.data_ptr<uint8_t>();
+    const int32_t* code = codes.data_ptr<int32_t>();
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    uint8_t* out = stream.data_ptr<uint8_t>();
+    int64_t n_chunks = offsets.numel() - 1;
+    if (symbols.dtype() == torch::kInt32)
+        encode_impl(symbols.data_ptr<int32_t>(), len, code, off, symbols.numel(), n_chunks, chunk,
+                    out, threads);
+    else
+        encode_impl(symbols.data_ptr<uint8_t>(), len, code, off, symbols.numel(), n_chunks, chunk,
+                    out, threads);
 }
 
 // Decode symbols into `out` (uint8, `total` elements). Returns 0 or status*1e6 + chunk.
@@ -266,6 +446,83 @@ int64_t decode_bf16(torch::Tensor stream, torch::Tensor offsets, torch::Tensor l
     });
 }
 
+// Decode BF16 whose exponents are coded in pairs: lengths (A*A,) uint8, pair i*A+j = the bytes
+// symbols[i], symbols[j], codes <= L bits; `fast_bits` sizes the first-level table (a decoder
+// choice, not part of the format). Returns 0 or status*1e6 + chunk.
+int64_t decode_bf16_pairs(torch::Tensor stream, torch::Tensor offsets, torch::Tensor symbols,
+                          torch::Tensor lengths, int64_t max_length, int64_t fast_bits,
+                          int64_t chunk, int64_t total, torch::Tensor raw, torch::Tensor out,
+                          int64_t threads) {
+    TORCH_CHECK(symbols.dtype() == torch::kUInt8 && lengths.dtype() == torch::kUInt8, "uint8");
+    TORCH_CHECK(lengths.numel() == symbols.numel() * symbols.numel(), "lengths: (A*A,)");
+    TORCH_CHECK(max_length >= 1 && max_length <= 16 && fast_bits >= 1 && chunk % 2 == 0, "args");
+    Chunks c = chunks_of(stream, offsets, chunk, total);
+    int status = check_offsets(c);
+    if (status) return (int64_t)status * 1000000;
+    PairTables t = pair_tables(symbols.data_ptr<uint8_t>(), symbols.numel(),
+                               lengths.data_ptr<uint8_t>(), (int)max_length, (int)fast_bits);
+    const uint8_t* sm = raw.data_ptr<uint8_t>();
+    uint16_t* dst = (uint16_t*)out.data_ptr<int16_t>();
+    int64_t groups = (c.n_chunks + kLanes - 1) / kLanes;
+    std::vector<int64_t> statuses(groups, 0);
+    parallel_for(groups, threads, [&](int64_t g) {
+        statuses[g] = pair_group(c, t, sm, dst, g * kLanes);
+    });
+    for (int64_t st : statuses)
+        if (st) return st;
+    return 0;
+}
+
+// The two tables of decode_bf16_pairs (full as int32, fast as int64), for tests.
+std::vector<torch::Tensor> pair_decode_tables(torch::Tensor symbols, torch::Tensor lengths,
+                                              int64_t max_length, int64_t fast_bits) {
+    PairTables t = pair_tables(symbols.data_ptr<uint8_t>(), symbols.numel(),
+                               lengths.data_ptr<uint8_t>(), (int)max_length, (int)fast_bits);
+    auto full = torch::empty({(int64_t)t.full.size()}, torch::kInt32);
+    auto fast = torch::empty({(int64_t)t.fast.size()}, torch::kInt64);
+    std::memcpy(full.data_ptr<int32_t>(), t.full.data(), 4 * t.full.size());
+    std::memcpy(fast.data_ptr<int64_t>(), t.fast.data(), 8 * t.fast.size());
+    return {full, fast};
+}
+
+// Histogram of uint8 or int32 symbols in [0, alphabet) (int64 counts).
+torch::Tensor histogram(torch::Tensor symbols, int64_t alphabet) {
+    auto out = torch::zeros({alphabet}, torch::kInt64);
+    int64_t* h = out.data_ptr<int64_t>();
+    int64_t n = symbols.numel();
+    if (symbols.dtype() == torch::kInt32) {
+        const int32_t* s = symbols.data_ptr<int32_t>();
+        for (int64_t i = 0; i < n; ++i)
+            if (s[i] >= 0 && s[i] < alphabet) h[s[i]]++;  // the caller checks the total
+    } else {
+        const uint8_t* s = symbols.data_ptr<uint8_t>();
+        int64_t part[4][256] = {};  // four partial histograms break the store-to-load chain
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            part[0][s[i]]++;
+            part[1][s[i + 1]]++;
+            part[2][s[i + 2]]++;
+            part[3][s[i + 3]]++;
+        }
+        for (; i < n; ++i) part[0][s[i]]++;
+        for (int k = 0; k < 256 && k < alphabet; ++k)  // symbols >= alphabet are dropped
+            h[k] = part[0][k] + part[1][k] + part[2][k] + part[3][k];
+    }
+    return out;
+}
+
+// Exponent bytes -> int32 pair indices dense[e0] * A + dense[e1] (an odd tail pairs with 0).
+torch::Tensor exponent_pairs(torch::Tensor exponents, torch::Tensor dense, int64_t alphabet) {
+    const uint8_t* e = exponents.data_ptr<uint8_t>();
+    const int32_t* d = dense.data_ptr<int32_t>();
+    int64_t n = exponents.numel(), m = (n + 1) / 2;
+    auto out = torch::empty({m}, torch::kInt32);
+    int32_t* p = out.data_ptr<int32_t>();
+    for (int64_t k = 0; k < n / 2; ++k) p[k] = d[e[2 * k]] * (int32_t)alphabet + d[e[2 * k + 1]];
+    if (n % 2) p[m - 1] = d[e[n - 1]] * (int32_t)alphabet;
+    return out;
+}
+
 // BF16 bit patterns -> (exponent bytes, sign+mantissa bytes).
 void split_bf16(torch::Tensor values, torch::Tensor exponents, torch::Tensor raw,
                 int64_t threads) {
@@ -273,16 +530,29 @@ void split_bf16(torch::Tensor values, torch::Tensor exponents, torch::Tensor raw
     uint8_t* e = exponents.data_ptr<uint8_t>();
     uint8_t* r = raw.data_ptr<uint8_t>();
     int64_t n = values.numel();
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < n; ++i) {
-        uint16_t x = v[i];
-        e[i] = (uint8_t)((x >> 7) & 0xFF);
-        r[i] = (uint8_t)(((x >> 8) & 0x80) | (x & 0x7F));
-    }
+    const int64_t block = 1 << 16;
+    parallel_for((n + block - 1) / block, threads, [&](int64_t b) {
+        int64_t stop = std::min(n, (b + 1) * block);
+        for (int64_t i = b * block; i < stop; ++i) {
+            uint16_t x = v[i];
+            e[i] = (uint8_t)((x >> 7) & 0xFF);
+            r[i] = (uint8_t)(((x >> 8) & 0x80) | (x & 0x7F));
+        }
+    });
 }
 """
 
-_FUNCTIONS = ["chunk_bits", "encode", "decode", "decode_bf16", "split_bf16"]
+_FUNCTIONS = [
+    "chunk_bits",
+    "encode",
+    "decode",
+    "decode_bf16",
+    "decode_bf16_pairs",
+    "exponent_pairs",
+    "histogram",
+    "pair_decode_tables",
+    "split_bf16",
+]
 
 
 def native_module() -> ModuleType | None:

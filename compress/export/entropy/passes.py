@@ -3,8 +3,8 @@
 Lossless coding changes nothing in memory, so the pass only validates the selection, estimates
 the size from symbol histograms (exact Huffman lengths, no encoding) and attaches an
 :class:`EntropyPlan` that the export writer reads. BF16 tensors get DFloat11-style coding
-(Huffman-coded exponents, raw sign+mantissa; arXiv 2504.11651); the integer codes of quantized
-Linears (INT2-INT8) are Huffman-coded whole. Put it last in a recipe::
+(exponents Huffman-coded in pairs, raw sign+mantissa; arXiv 2504.11651); the integer codes of
+quantized Linears (INT2-INT8) are Huffman-coded whole. Put it last in a recipe::
 
     model: {name: smollm2-135m, dtype: bfloat16}
     passes:
@@ -18,11 +18,17 @@ import fnmatch
 from dataclasses import dataclass
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from compress.errors import PassError
-from compress.export.entropy.codec import DEFAULT_CHUNK, DEFAULT_TABLE_BITS, split_bf16
+from compress.export.entropy.codec import (
+    DEFAULT_CHUNK,
+    DEFAULT_PAIR_BITS,
+    DEFAULT_TABLE_BITS,
+    exponent_pairs,
+    split_bf16,
+)
 from compress.export.entropy.huffman import code_lengths
 from compress.ir import quantized_modules
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
@@ -44,17 +50,34 @@ class EntropyCodeConfig(PassConfig):
         default=DEFAULT_CHUNK,
         ge=256,
         le=1 << 24,
-        description="symbols per independently decodable chunk (threads / GPU lanes)",
+        description="weights per independently decodable chunk (threads / GPU lanes); even",
     )
     table_bits: int = Field(
         default=DEFAULT_TABLE_BITS,
         ge=8,
         le=16,
-        description="longest code in bits = log2 of the decode table size",
+        description="integer codes: longest code in bits = log2 of the decode table size",
+    )
+    pair_bits: int = Field(
+        default=DEFAULT_PAIR_BITS,
+        ge=8,
+        le=16,
+        description="BF16: longest exponent-pair code in bits (16 is within 0.001 bits/weight "
+        "of unlimited on SmolLM2; 12 costs 0.016)",
     )
     ignore: list[str] = Field(
         default_factory=list, description="glob patterns of tensor names to keep raw"
     )
+
+    @field_validator("chunk")
+    @classmethod
+    def _even_chunk(cls, chunk: int) -> int:
+        if chunk % 2:
+            raise ValueError(
+                f"chunk={chunk} must be even: BF16 exponents are coded in pairs that never "
+                f"straddle chunks (try chunk: {chunk + 1})"
+            )
+        return chunk
 
 
 @dataclass(frozen=True)
@@ -104,7 +127,8 @@ def select_tensors(
 
 def _estimated_bits(symbols: torch.Tensor, alphabet: int, table_bits: int) -> float:
     counts = torch.bincount(symbols.reshape(-1).to(torch.int64), minlength=alphabet)
-    lengths = code_lengths(counts.numpy(), max(table_bits, alphabet.bit_length() - 1))
+    needed = max(alphabet - 1, 1).bit_length()  # codes long enough for every symbol
+    lengths = code_lengths(counts.numpy(), max(table_bits, needed))
     return float((counts.numpy() * lengths).sum())
 
 
@@ -126,7 +150,9 @@ def entropy_code(model: nn.Module, config: EntropyCodeConfig, context: PassConte
     for key, kind in context.progress.track(chosen.items(), "entropy_code", total=len(chosen)):
         if kind == "bf16":
             exponents, _ = split_bf16(state[key])
-            bits = _estimated_bits(exponents, 256, config.table_bits) + 8 * exponents.numel()
+            pairs, symbols = exponent_pairs(exponents)
+            alphabet = symbols.numel() ** 2
+            bits = _estimated_bits(pairs, alphabet, config.pair_bits) + 8 * exponents.numel()
             before = 16 * exponents.numel()
         else:
             record = records[key.rpartition(".")[0]]

@@ -35,6 +35,7 @@ from compress.errors import ExportError, FormatError
 from compress.export.entropy.codec import (
     CODEC,
     CODEC_VERSION,
+    READABLE_VERSIONS,
     CodedTensor,
     StreamSpec,
     decode,
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 DecodeMode = Literal["load", "jit"]
 _MODE: ContextVar[DecodeMode | None] = ContextVar("compress_entropy_mode", default=None)
-_PARTS = ("lengths", "offsets", "stream", "raw")
+_PARTS = ("symbols", "lengths", "offsets", "stream", "raw")
 
 
 @contextlib.contextmanager
@@ -126,7 +127,7 @@ class EntropyEncoder:
                 continue
             extra: dict[str, Any] = {}
             if kind == "bf16":
-                coded = encode_bf16(tensor, chunk=config.chunk, table_bits=config.table_bits)
+                coded = encode_bf16(tensor, chunk=config.chunk, table_bits=config.pair_bits)
                 exponents, _ = split_bf16(tensor)
                 bound = entropy_bits(exponents) + 8 * tensor.numel()
                 raw_bytes = 2 * tensor.numel()
@@ -222,10 +223,10 @@ class EntropyLoader:
                 f"{CODEC!r} entropy block",
                 hint="the export is incomplete or from another version; re-export it",
             )
-        if block.get("version") != CODEC_VERSION:
+        if block.get("version") not in READABLE_VERSIONS:
             raise ExportError(
                 f"{where}: entropy codec version {block.get('version')!r} (this compress reads "
-                f"{CODEC_VERSION})",
+                f"{', '.join(map(str, READABLE_VERSIONS))})",
                 hint="upgrade compress, or re-export the model with this version",
             )
         modules = dict(model.named_modules())
@@ -242,14 +243,18 @@ class EntropyLoader:
                 )
             pack_bits = entry.get("pack_bits") if spec.kind == "codes" else None
             self.items.append(_Coded(name, owner, leaf, spec, pack_bits))
+            table = spec.alphabet * spec.alphabet if spec.pairs else spec.alphabet
             sizes = {
-                "lengths": ((spec.alphabet,), torch.uint8),
+                "symbols": ((spec.alphabet,), torch.uint8),
+                "lengths": ((table,), torch.uint8),
                 "offsets": ((spec.n_chunks + 1,), torch.int64),
                 "stream": ((int(entry.get("stream_bytes", 0)),), torch.uint8),
                 "raw": ((spec.numel,), torch.uint8),
             }
             for part in _PARTS:
-                if part == "raw" and spec.kind != "bf16":
+                if (part == "raw" and spec.kind != "bf16") or (
+                    part == "symbols" and not spec.pairs
+                ):
                     continue
                 shape, dtype = sizes[part]
                 owner.register_buffer(

@@ -7,6 +7,10 @@ sign+mantissa byte for BF16) and advances. Reads past the stream are masked to z
 are masked to the lane's count, so a corrupt stream cannot fault; the lane's end position and a
 "not a code" flag come back for the same checks as the CPU decoder.
 
+Pair-coded BF16 (codec version 2) runs a second kernel: each step looks the next ``table_bits``
+bits up in the full pair table (``2**table_bits`` int32 entries: two exponent bytes and the code
+length) and writes two weights.
+
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests run it).
 """
 
@@ -22,6 +26,63 @@ if TYPE_CHECKING:
 __all__ = ["decode_triton"]
 
 _kernel = None
+_pair_kernel = None
+
+
+def _build_pairs() -> object:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_pairs_kernel(
+        stream_ptr,
+        nbytes,
+        offsets_ptr,
+        lut_ptr,
+        raw_ptr,
+        out_ptr,
+        end_pos_ptr,
+        bad_ptr,
+        n_chunks,
+        chunk,
+        total,
+        TABLE_BITS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = lane < n_chunks
+        pos = tl.load(offsets_ptr + lane, mask=live, other=0)
+        first = lane.to(tl.int64) * chunk
+        count = tl.minimum(total - first, chunk)
+        count = tl.where(live, count, 0)
+        bad = tl.full([BLOCK], 0, tl.int32)
+        for i in range(0, chunk, 2):
+            active = count > i
+            byte = pos >> 3
+            window = tl.full([BLOCK], 0, tl.int64)
+            for k in tl.static_range(4):
+                b = tl.load(stream_ptr + byte + k, mask=active & (byte + k < nbytes), other=0).to(
+                    tl.int64
+                )
+                window = (window << 8) | b
+            window = (window << (pos & 7)) & 0xFFFFFFFF
+            index = window >> (32 - TABLE_BITS)
+            entry = tl.load(lut_ptr + index, mask=active, other=0).to(tl.int64) & 0xFFFFFFFF
+            length = (entry >> 16) & 31
+            bad = bad | (active & ((entry >> 31) != 0)).to(tl.int32)
+            for k in tl.static_range(2):
+                target = first + i + k
+                ok = count > i + k
+                r = tl.load(raw_ptr + target, mask=ok, other=0).to(tl.int32)
+                e = ((entry >> (8 * k)) & 0xFF).to(tl.int32)
+                value = ((r & 0x80) << 8) | (e << 7) | (r & 0x7F)
+                value = value - ((value >> 15) << 16)  # as signed 16-bit
+                tl.store(out_ptr + target, value.to(tl.int16), mask=ok)
+            pos = pos + tl.where(active, length, 0).to(tl.int64)
+        tl.store(end_pos_ptr + lane, pos, mask=live)
+        tl.store(bad_ptr + lane, bad, mask=live)
+
+    return decode_pairs_kernel
 
 
 def _build() -> object:
@@ -87,13 +148,16 @@ def decode_triton(
 ) -> tuple[torch.Tensor, int]:
     """Decode on the device of ``coded.stream`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
+    ``lut``: the single-symbol table (int16), or for pair-coded BF16 the full pair table (int32).
     Returns (flat int16 BF16 bits or uint8 symbols, status) like the other decoders.
     """
     import triton
 
-    global _kernel
+    global _kernel, _pair_kernel
     if _kernel is None:
         _kernel = _build()
+    if _pair_kernel is None:
+        _pair_kernel = _build_pairs()
     spec = coded.spec
     device = coded.stream.device
     offsets = coded.offsets.to(device)
@@ -113,6 +177,23 @@ def decode_triton(
     bad = torch.empty(n_chunks, dtype=torch.int32, device=device)
     raw = coded.raw.to(device) if coded.raw is not None else out
     grid = (triton.cdiv(n_chunks, block),)
+    if spec.pairs:
+        _pair_kernel[grid](  # type: ignore[index]
+            coded.stream,
+            coded.stream.numel(),
+            offsets,
+            lut.to(device),
+            raw,
+            out,
+            end_pos,
+            bad,
+            n_chunks,
+            spec.chunk,
+            spec.numel,
+            TABLE_BITS=spec.table_bits,
+            BLOCK=block,
+        )
+        return out, _status(end_pos, ends, bad)
     _kernel[grid](  # type: ignore[index]
         coded.stream,
         coded.stream.numel(),
@@ -129,12 +210,16 @@ def decode_triton(
         BF16=bf16,
         BLOCK=block,
     )
+    return out, _status(end_pos, ends, bad)
+
+
+def _status(end_pos: torch.Tensor, ends: torch.Tensor, bad: torch.Tensor) -> int:
     over = end_pos > ends
     if bool(over.any()):
-        return out, 2_000_000 + int(over.nonzero()[0, 0])
+        return 2_000_000 + int(over.nonzero()[0, 0])
     if bool((bad != 0).any()):
-        return out, 1_000_000 + int((bad != 0).nonzero()[0, 0])
+        return 1_000_000 + int((bad != 0).nonzero()[0, 0])
     short = (ends - end_pos) >= 8
     if bool(short.any()):
-        return out, 3_000_000 + int(short.nonzero()[0, 0])
-    return out, 0
+        return 3_000_000 + int(short.nonzero()[0, 0])
+    return 0

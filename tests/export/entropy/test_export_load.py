@@ -44,7 +44,8 @@ def test_bf16_export_loads_bit_exact(bf16_llama, byte_tokenizer, tmp_path: Path)
     )
     manifest = json.loads((coded / MANIFEST_NAME).read_text())
     block = manifest["entropy"]
-    assert block["codec"] == "huffman-chunked" and block["tensors"]
+    assert block["codec"] == "huffman-chunked" and block["tensors"] and block["version"] == 2
+    assert all(e["pairs"] and e["kind"] == "bf16" for e in block["tensors"].values())
     assert block["stored_bytes"] < 0.75 * block["raw_bytes"]
     assert all(e["checksum"].startswith("crc32:") for e in block["tensors"].values())
     config = json.loads((coded / "config.json").read_text())

@@ -1,7 +1,8 @@
 """Corrupt streams never crash or hang a decoder: each ends in FormatError or decodes exactly.
 
-Byte flips anywhere (table, offsets, stream, raw bytes), truncation and tables or offsets of the
-wrong size, on the native (C++) and the plain-torch decoder. Bounded: ~20 s in all.
+Byte flips anywhere (exponent symbols, table, offsets, stream, raw bytes), truncation and tables
+or offsets of the wrong size, on the native (C++, one and three threads) and the plain-torch
+decoder. Bounded: ~20 s in all.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ ORIGINAL = {"bf16": VALUES.view(torch.int16), "codes": CODES}
 
 def _decode_or_error(coded: codec.CodedTensor, kind: str, backend: str) -> None:
     try:
-        out = codec.decode(coded, backend=backend)  # type: ignore[arg-type]
+        if backend == "threads":
+            out = codec.decode(coded, backend="native", threads=3)
+        else:
+            out = codec.decode(coded, backend=backend)  # type: ignore[arg-type]
     except FormatError as error:
         assert "corrupt" in str(error) or "expected" in str(error) or "table" in str(error)
         return
@@ -48,9 +52,9 @@ def _clone(coded: codec.CodedTensor) -> dict[str, torch.Tensor]:
 )
 @given(
     kind=st.sampled_from(["bf16", "codes"]),
-    part=st.sampled_from(["lengths", "offsets", "stream", "raw"]),
+    part=st.sampled_from(["symbols", "lengths", "offsets", "stream", "raw"]),
     flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(1, 255)), min_size=1, max_size=4),
-    backend=st.sampled_from(["native", "native", "native", "torch"]),
+    backend=st.sampled_from(["native", "native", "native", "torch", "threads"]),
 )
 def test_byte_flips(kind: str, part: str, flips: list[tuple[int, int]], backend: str) -> None:
     coded = CODED[kind]
@@ -66,7 +70,7 @@ def test_byte_flips(kind: str, part: str, flips: list[tuple[int, int]], backend:
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     kind=st.sampled_from(["bf16", "codes"]),
-    part=st.sampled_from(["lengths", "offsets", "stream", "raw"]),
+    part=st.sampled_from(["symbols", "lengths", "offsets", "stream", "raw"]),
     keep=st.floats(0.0, 1.0),
     grow=st.booleans(),
 )
