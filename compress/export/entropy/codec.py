@@ -28,8 +28,9 @@ costs 2.614 (2.616 at 14 bits, 2.629 at 12), and its tables (``A*A`` bytes per t
 add 0.004 bits/weight. A product model built from the single-exponent table (no pair table
 stored) costs 2.630: adjacent exponents are not independent. Pairs also decode as fast as the
 version-1 two-symbol lookups: the C++ decoder's first-level table holds up to two pair codes (four
-exponents) per entry, and codes longer than its 12 bits go to a full 2**16-entry table. rANS
-would reach the entropy too but needs a multiply and a renormalisation branch per exponent.
+exponents) per entry, and the rare codes longer than its 12 bits are decoded canonically (first
+code per length), so no 2**16-entry table is built per tensor. rANS would reach the entropy too
+but needs a multiply and a renormalisation branch per exponent.
 Version-1 exports (single exponents, ``symbols`` absent) still decode. A chunk with an odd count
 ends with one padding exponent, never written out.
 """

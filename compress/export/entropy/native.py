@@ -5,9 +5,10 @@ bounded by the chunk's symbol count, so a corrupt stream can only produce wrong 
 error status, never an out-of-bounds access. The Python side turns a status into a
 :class:`~compress.errors.FormatError`.
 
-Threads are plain ``std::thread`` workers that take groups of chunks from an atomic counter and
-are joined before returning. OpenMP workers (the runtime is shared with torch) spin-wait between
-parallel regions; on a busy 2-core machine that made two threads slower than one.
+Threads are plain ``std::thread`` helpers that take groups of chunks from an atomic counter; the
+caller waits only for helpers that actually joined in (see ``parallel_for``). OpenMP workers (the
+runtime is shared with torch) spin-wait between parallel regions, and a parallel region waits for
+every worker to be scheduled: on a busy 2-core machine that made two threads slower than one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ __all__ = ["native_module"]
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <cstring>
 #include <algorithm>
 #include <thread>
@@ -30,21 +34,44 @@ _SOURCE = r"""
 namespace {
 
 // fn(i) for i in [0, n) on up to `threads` threads (the caller is one of them), dynamic order.
+// Helpers are detached threads that join in only if they start before the caller has run out of
+// work: on a busy machine a helper may get a core late or never, and the caller then neither
+// waits for it to start nor for it to exit. A helper that did join in is waited for.
+struct PoolState {
+    std::atomic<int64_t> next{0};
+    std::atomic<int> active{0};
+    std::atomic<bool> open{true};
+    std::mutex lock;
+    std::condition_variable done;
+};
+
 template <typename F>
 void parallel_for(int64_t n, int64_t threads, F fn) {
-    int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
-    if (workers == 1) {
+    int64_t helpers = std::max<int64_t>(0, std::min<int64_t>(threads, n) - 1);
+    if (helpers == 0) {
         for (int64_t i = 0; i < n; ++i) fn(i);
         return;
     }
-    std::atomic<int64_t> next{0};
-    auto work = [&]() {
-        for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
-    };
-    std::vector<std::thread> pool;
-    for (int64_t t = 1; t < workers; ++t) pool.emplace_back(work);
-    work();
-    for (auto& t : pool) t.join();
+    auto state = std::make_shared<PoolState>();
+    F* job = &fn;
+    for (int64_t t = 0; t < helpers; ++t) {
+        std::thread([state, job, n]() {
+            state->active.fetch_add(1);
+            if (state->open.load()) {
+                for (int64_t i = state->next.fetch_add(1); i < n; i = state->next.fetch_add(1))
+                    (*job)(i);
+            }
+            {
+                std::lock_guard<std::mutex> guard(state->lock);
+                state->active.fetch_sub(1);
+            }
+            state->done.notify_all();
+        }).detach();
+    }
+    for (int64_t i = state->next.fetch_add(1); i < n; i = state->next.fetch_add(1)) fn(i);
+    state->open.store(false);  // helpers that start from now on leave `fn` alone
+    std::unique_lock<std::mutex> guard(state->lock);
+    state->done.wait(guard, [&]() { return state->active.load() == 0; });
 }
 
 inline uint64_t load_be64(const uint8_t* p) {
@@ -207,7 +234,8 @@ int64_t run_chunks(const Chunks& c, const uint32_t* lut, int bits, int threads,
     if (status) return (int64_t)status * 1000000;
     int64_t groups = (c.n_chunks + kLanes - 1) / kLanes;
     std::vector<int64_t> statuses(groups, 0);
-    parallel_for(groups, threads, [&](int64_t g) {
+    // a helper thread costs about as much as decoding one group: give each at least two
+    parallel_for(groups, std::min<int64_t>(threads, (groups + 1) / 2), [&](int64_t g) {
         statuses[g] = decode_group<Out>(c, lut, bits, g * kLanes, make_out);
     });
     for (int64_t st : statuses)
@@ -216,12 +244,18 @@ int64_t run_chunks(const Chunks& c, const uint32_t* lut, int bits, int threads,
 }
 
 // ---- BF16 exponents coded in pairs (codec version 2) -----------------------------------------
-// full: 2**L uint32 entries (bytes e0 | e1 << 8 | length << 16, bit 31 = not a code).
+// single: 2**T uint32 entries for codes of <= T bits (bytes e0 | e1 << 8 | length << 16); bit 31
+//   set = the window starts a longer code or none.
 // fast: 2**T uint64 entries that decode one or two pair codes fitting in T bits: exponent bytes
-// in bits 0-31, bits consumed in 32-39, exponents produced (2 or 4) in 40-47; 0 = use `full`.
+//   in bits 0-31, bits consumed in 32-39, exponents produced (2 or 4) in 40-47; 0 = slow path.
+// Codes longer than T (rare pairs) are decoded canonically: per length its first code, count and
+// first index into `sorted` (the pairs' bytes in canonical order). Building these is cheap, so
+// small tensors do not pay for a 2**L table.
 struct PairTables {
-    std::vector<uint32_t> full;
+    std::vector<uint32_t> single;
     std::vector<uint64_t> fast;
+    std::vector<uint16_t> sorted;
+    uint32_t first[17], count[17], offset[17];
     int L, T;
 };
 
@@ -230,25 +264,39 @@ PairTables pair_tables(const uint8_t* symbols, int64_t alphabet, const uint8_t* 
     PairTables t;
     t.L = L;
     t.T = T = std::min(T, L);
-    const uint32_t invalid = (1u << 31) | ((uint32_t)L << 16);
-    t.full.assign((size_t)1 << L, invalid);
-    uint64_t start = 0, limit = (uint64_t)1 << L;
     int64_t pairs = alphabet * alphabet;
-    for (int len = 1; len <= L; ++len) {  // canonical order: by length, then by pair index
-        uint64_t span = (uint64_t)1 << (L - len);
-        for (int64_t p = 0; p < pairs; ++p) {
-            if (lengths[p] != len) continue;
-            uint32_t v = symbols[p / alphabet] | (symbols[p % alphabet] << 8) | (len << 16);
-            for (uint64_t k = 0; k < span && start < limit; ++k) t.full[start++] = v;
-        }
+    for (int len = 0; len <= 16; ++len) t.first[len] = t.count[len] = t.offset[len] = 0;
+    for (int64_t p = 0; p < pairs; ++p)
+        if (lengths[p] >= 1 && lengths[p] <= L) t.count[lengths[p]]++;
+    uint32_t code = 0, index = 0;
+    for (int len = 1; len <= L; ++len) {  // canonical: by length, then by pair index
+        code = (code + t.count[len - 1]) << 1;
+        t.first[len] = code;
+        t.offset[len] = index;
+        index += t.count[len];
+    }
+    t.sorted.assign(index, 0);
+    std::vector<uint32_t> next(t.offset, t.offset + 17);
+    const uint32_t invalid = 1u << 31;
+    t.single.assign((size_t)1 << T, invalid);
+    for (int64_t p = 0; p < pairs; ++p) {
+        int len = lengths[p];
+        if (len < 1 || len > L) continue;
+        uint16_t bytes = (uint16_t)(symbols[p / alphabet] | (symbols[p % alphabet] << 8));
+        uint32_t k = next[len]++;
+        t.sorted[k] = bytes;
+        if (len > T) continue;
+        uint64_t lo = (uint64_t)(t.first[len] + (k - t.offset[len])) << (T - len);
+        uint64_t hi = std::min<uint64_t>(lo + ((uint64_t)1 << (T - len)), t.single.size());
+        for (uint64_t i = lo; i < hi; ++i) t.single[i] = bytes | ((uint32_t)len << 16);
     }
     t.fast.assign((size_t)1 << T, 0);
     const uint64_t mask = ((uint64_t)1 << T) - 1;
     for (uint64_t idx = 0; idx <= mask; ++idx) {
-        uint32_t f1 = t.full[idx << (L - T)];
+        uint32_t f1 = t.single[idx];
+        if (f1 >> 31) continue;
         uint32_t len1 = (f1 >> 16) & 31;
-        if ((f1 >> 31) || len1 > (uint32_t)T) continue;
-        uint32_t f2 = t.full[((idx << len1) & mask) << (L - T)];
+        uint32_t f2 = t.single[(idx << len1) & mask];
         uint32_t len2 = (f2 >> 16) & 31;
         if (!(f2 >> 31) && len1 + len2 <= (uint32_t)T) {
             t.fast[idx] = (uint64_t)(f1 & 0xFFFF) | ((uint64_t)(f2 & 0xFFFF) << 16) |
@@ -260,6 +308,18 @@ PairTables pair_tables(const uint8_t* symbols, int64_t alphabet, const uint8_t* 
     return t;
 }
 
+// One pair from the MSB-aligned window `w`: bytes | length << 16, bit 31 = not a code (then
+// length L, so a corrupt lane keeps moving).
+inline uint32_t decode_pair(const PairTables& t, uint64_t w) {
+    uint32_t f = t.single[w >> (64 - t.T)];
+    if (!(f >> 31)) return f;
+    for (int len = t.T + 1; len <= t.L; ++len) {
+        uint32_t k = (uint32_t)(w >> (64 - len)) - t.first[len];
+        if (k < t.count[len]) return t.sorted[t.offset[len] + k] | ((uint32_t)len << 16);
+    }
+    return (1u << 31) | ((uint32_t)t.L << 16);
+}
+
 struct PairLane {
     uint64_t pos, end;
     int64_t i, count;
@@ -268,38 +328,45 @@ struct PairLane {
 };
 
 // One peek, then `lookups` lookups of 2 or 4 exponents each; needs i + 4*lookups <= count.
+// The lane state lives in locals: stores through the uint8_t buffer may alias anything, so
+// fields read through `l` would be reloaded after every store.
 inline void pair_step(PairLane& l, const uint8_t* s, int64_t nbytes, const PairTables& t,
                       int lookups) {
-    uint64_t w = peek(s, nbytes, l.pos);
-    const int fast_shift = 64 - t.T, full_shift = 64 - t.L;
-    const uint64_t* fast = t.fast.data();
-    const uint32_t* full = t.full.data();
+    uint64_t pos = l.pos;
+    uint64_t w = peek(s, nbytes, pos);
+    const int fast_shift = 64 - t.T;
+    const uint64_t* __restrict__ fast = t.fast.data();
+    uint8_t* __restrict__ buf = l.buf;
+    int64_t i = l.i;
+    uint32_t bad = l.bad;
     for (int j = 0; j < lookups; ++j) {
         uint64_t e = fast[w >> fast_shift];
         uint32_t n = (uint32_t)(e >> 40);
         uint32_t length;
         if (__builtin_expect(n != 0, 1)) {
             uint32_t bytes = (uint32_t)e;
-            std::memcpy(l.buf + l.i, &bytes, 4);
+            std::memcpy(buf + i, &bytes, 4);
             length = (uint32_t)(e >> 32) & 0xFF;
         } else {
-            uint32_t f = full[w >> full_shift];
+            uint32_t f = decode_pair(t, w);
             uint16_t bytes = (uint16_t)f;
-            std::memcpy(l.buf + l.i, &bytes, 2);
+            std::memcpy(buf + i, &bytes, 2);
             length = (f >> 16) & 31;
-            l.bad |= f >> 31;
+            bad |= f >> 31;
             n = 2;
         }
-        l.i += n;
+        i += n;
         w <<= length;
-        l.pos += length;
+        pos += length;
     }
+    l.pos = pos;
+    l.i = i;
+    l.bad = bad;
 }
 
 inline int pair_finish(PairLane& l, const uint8_t* s, int64_t nbytes, const PairTables& t) {
-    const int shift = 64 - t.L;
     while (l.i < l.count) {
-        uint32_t f = t.full[peek(s, nbytes, l.pos) >> shift];
+        uint32_t f = decode_pair(t, peek(s, nbytes, l.pos));
         uint16_t bytes = (uint16_t)f;
         std::memcpy(l.buf + l.i, &bytes, 2);
         l.bad |= f >> 31;
@@ -313,7 +380,8 @@ inline int pair_finish(PairLane& l, const uint8_t* s, int64_t nbytes, const Pair
 }
 
 // exponent bytes + sign (bit 7) and mantissa (bits 0-6) bytes -> BF16 bit patterns
-inline void merge_bf16(const uint8_t* e, const uint8_t* r, uint16_t* o, int64_t n) {
+inline void merge_bf16(const uint8_t* __restrict__ e, const uint8_t* __restrict__ r,
+                       uint16_t* __restrict__ o, int64_t n) {
     for (int64_t k = 0; k < n; ++k) {
         uint16_t v = r[k];
         o[k] = (uint16_t)(((v & 0x80) << 8) | ((uint16_t)e[k] << 7) | (v & 0x7F));
@@ -335,21 +403,20 @@ int64_t pair_group(const Chunks& c, const PairTables& t, const uint8_t* raw, uin
     const int lookups = 57 / t.L;
     const int64_t margin = 4 * lookups;
     if (n == kLanes) {
+        // rounds of unchecked steps: each step writes at most `margin` exponents
         while (true) {
-            bool more = false;
-            for (int j = 0; j < kLanes; ++j) {
-                if (lanes[j].count - lanes[j].i >= margin) {
+            int64_t room = lanes[0].count - lanes[0].i;
+            for (int j = 1; j < kLanes; ++j) room = std::min(room, lanes[j].count - lanes[j].i);
+            int64_t rounds = room / margin;
+            if (rounds == 0) break;
+            for (int64_t r = 0; r < rounds; ++r)
+                for (int j = 0; j < kLanes; ++j)
                     pair_step(lanes[j], c.stream, c.nbytes, t, lookups);
-                    more = true;
-                }
-            }
-            if (!more) break;
         }
-    } else {
-        for (int j = 0; j < n; ++j)
-            while (lanes[j].count - lanes[j].i >= margin)
-                pair_step(lanes[j], c.stream, c.nbytes, t, lookups);
     }
+    for (int j = 0; j < n; ++j)
+        while (lanes[j].count - lanes[j].i >= margin)
+            pair_step(lanes[j], c.stream, c.nbytes, t, lookups);
     for (int j = 0; j < n; ++j) {
         int st = pair_finish(lanes[j], c.stream, c.nbytes, t);
         if (st) return (int64_t)st * 1000000 + first + j;
@@ -465,7 +532,8 @@ int64_t decode_bf16_pairs(torch::Tensor stream, torch::Tensor offsets, torch::Te
     uint16_t* dst = (uint16_t*)out.data_ptr<int16_t>();
     int64_t groups = (c.n_chunks + kLanes - 1) / kLanes;
     std::vector<int64_t> statuses(groups, 0);
-    parallel_for(groups, threads, [&](int64_t g) {
+    // a helper thread costs about as much as decoding one group: give each at least two
+    parallel_for(groups, std::min<int64_t>(threads, (groups + 1) / 2), [&](int64_t g) {
         statuses[g] = pair_group(c, t, sm, dst, g * kLanes);
     });
     for (int64_t st : statuses)
@@ -473,16 +541,21 @@ int64_t decode_bf16_pairs(torch::Tensor stream, torch::Tensor offsets, torch::Te
     return 0;
 }
 
-// The two tables of decode_bf16_pairs (full as int32, fast as int64), for tests.
+// The first-level tables of decode_bf16_pairs (single as int32, fast as int64) and every
+// `stride`-th pair decoded from a 2**L-entry window index, for tests against the reference.
 std::vector<torch::Tensor> pair_decode_tables(torch::Tensor symbols, torch::Tensor lengths,
                                               int64_t max_length, int64_t fast_bits) {
     PairTables t = pair_tables(symbols.data_ptr<uint8_t>(), symbols.numel(),
                                lengths.data_ptr<uint8_t>(), (int)max_length, (int)fast_bits);
-    auto full = torch::empty({(int64_t)t.full.size()}, torch::kInt32);
+    auto single = torch::empty({(int64_t)t.single.size()}, torch::kInt32);
     auto fast = torch::empty({(int64_t)t.fast.size()}, torch::kInt64);
-    std::memcpy(full.data_ptr<int32_t>(), t.full.data(), 4 * t.full.size());
+    std::memcpy(single.data_ptr<int32_t>(), t.single.data(), 4 * t.single.size());
     std::memcpy(fast.data_ptr<int64_t>(), t.fast.data(), 8 * t.fast.size());
-    return {full, fast};
+    auto full = torch::empty({(int64_t)1 << max_length}, torch::kInt32);
+    int32_t* f = full.data_ptr<int32_t>();
+    for (int64_t i = 0; i < ((int64_t)1 << max_length); ++i)
+        f[i] = (int32_t)decode_pair(t, (uint64_t)i << (64 - max_length));
+    return {single, fast, full};
 }
 
 // Histogram of uint8 or int32 symbols in [0, alphabet) (int64 counts).
