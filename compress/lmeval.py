@@ -57,6 +57,10 @@ LMEVAL_RESULTS_JSON = "lm_eval_results.json"
 
 _BOOTSTRAP = 2000
 _CHUNK_REQUESTS = 128  # requests handed to lm-eval at once: the granularity of the progress bar
+# Choices that share a context at least this long (tokens) are scored from one pass over it.
+# Shorter contexts go through lm-eval's batched path, where padding is cheaper than a pass per
+# item.
+_SHARED_CONTEXT_TOKENS = 48
 
 # lm-eval per-item values: a number averaged over items, or (loglikelihood, count) pairs that
 # aggregate as exp(-sum ll / sum count) (perplexities) or -sum ll / sum count / ln 2 (bits).
@@ -331,8 +335,46 @@ def _chunked(requests: list[Any]) -> Iterator[list[Any]]:
         yield requests[start : start + _CHUNK_REQUESTS]
 
 
-def _request_chars(request: Any) -> int:
-    return sum(len(arg) for arg in getattr(request, "args", ()) if isinstance(arg, str))
+def _request_order(request: Any) -> tuple[int, str]:
+    """Longest context first, and the choices of one item (same context) side by side."""
+    args = [arg for arg in getattr(request, "args", ()) if isinstance(arg, str)]
+    return (-len(args[0]), args[0]) if args else (0, "")
+
+
+def _shared_context_scores(
+    model: Any, context: list[int], continuations: list[list[int]]
+) -> list[tuple[float, bool]]:
+    """``(log p(continuation | context), greedy?)`` for each continuation of one context.
+
+    The context runs through the model once; its KV cache, repeated once per continuation,
+    feeds one batched pass over the continuations (right-padded: causal attention keeps the
+    padding out of every real token's view). lm-eval instead runs context + continuation for
+    each choice, which for long contexts costs the number of choices times more.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        out = model(torch.tensor([context], device=model.device), use_cache=True)
+        first = F.log_softmax(out.logits[0, -1:].float(), dim=-1)  # (1, V): predicts cont[0]
+        longest = max(len(c) for c in continuations)
+        rest = None
+        if longest > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(continuations))
+            tokens = torch.zeros((len(continuations), longest - 1), dtype=torch.long)
+            for row, continuation in enumerate(continuations):
+                tokens[row, : len(continuation) - 1] = torch.tensor(continuation[:-1])
+            logits = model(tokens.to(model.device), past_key_values=cache, use_cache=True).logits
+            rest = F.log_softmax(logits.float(), dim=-1)  # (k, longest - 1, V)
+        scores = []
+        for row, continuation in enumerate(continuations):
+            parts = [first] if rest is None else [first, rest[row, : len(continuation) - 1]]
+            log_probs = torch.cat(parts)  # (len(continuation), V)
+            target = torch.tensor(continuation, device=log_probs.device)
+            total = log_probs.gather(1, target[:, None]).sum()
+            scores.append((float(total), bool((log_probs.argmax(dim=-1) == target).all())))
+    return scores
 
 
 def _make_lm(model: Any, tokenizer: Any, spec: LmEvalSpec, progress: Progress, label: str) -> Any:
@@ -345,7 +387,7 @@ def _make_lm(model: Any, tokenizer: Any, spec: LmEvalSpec, progress: Progress, l
             # would pad every batch to the longest of a random sample (and split the choices of
             # an item across chunks), so the chunks are cut from the requests sorted by length
             requests = list(requests)
-            order = sorted(range(len(requests)), key=lambda i: -_request_chars(requests[i]))
+            order = sorted(range(len(requests)), key=lambda i: _request_order(requests[i]))
             results: list[Any] = [None] * len(requests)
             chunks = list(_chunked(order))
             for chunk in progress.track(chunks, f"{label}: {what}", total=len(chunks)):
@@ -360,6 +402,32 @@ def _make_lm(model: Any, tokenizer: Any, spec: LmEvalSpec, progress: Progress, l
 
         def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> Any:
             return self._tracked(super().loglikelihood_rolling, requests, "rolling loglikelihood")
+
+        def _loglikelihood_tokens(
+            self, requests: list[Any], disable_tqdm: bool = False, override_bs: int | None = None
+        ) -> Any:
+            # requests: ((context, continuation), context tokens, continuation tokens)
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for index, (_, context, continuation) in enumerate(requests):
+                if len(context) + len(continuation) <= self.max_length + 1:
+                    groups.setdefault(tuple(context), []).append(index)
+            results: list[Any] = [None] * len(requests)
+            for context, members in groups.items():
+                if len(members) < 2 or len(context) < _SHARED_CONTEXT_TOKENS:
+                    continue
+                scores = _shared_context_scores(
+                    self.model, list(context), [requests[i][2] for i in members]
+                )
+                for index, score in zip(members, scores, strict=True):
+                    results[index] = score
+            rest = [index for index, value in enumerate(results) if value is None]
+            if rest:
+                scored = super()._loglikelihood_tokens(
+                    [requests[i] for i in rest], disable_tqdm=disable_tqdm, override_bs=override_bs
+                )
+                for index, score in zip(rest, scored, strict=True):
+                    results[index] = score
+            return results
 
     return _TrackedHFLM(
         pretrained=model,

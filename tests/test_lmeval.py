@@ -320,3 +320,27 @@ def test_recipe_with_an_unknown_task_fails_before_the_passes(
     )
     with pytest.raises(DataError, match="unknown lm-eval task 'tiny_mcc'"):
         pipeline.run()
+
+
+def test_shared_context_scores_match_lm_eval(tiny_llama: Any) -> None:
+    """Choices scored from one pass over their shared context = lm-eval's pass per choice."""
+    from lm_eval.models.huggingface import HFLM
+
+    from compress.lmeval import _make_lm
+    from compress.utils.progress import NullProgress
+
+    tokenizer = tokenizer_with_eos()
+    spec = LmEvalSpec(tasks=("x",), batch_size=4)
+    lm = _make_lm(tiny_llama, tokenizer, spec, NullProgress(), "tiny")
+    rng = np.random.default_rng(1)
+    requests = []
+    for item in range(3):
+        context = " ".join(rng.choice(WORDS, 20 + 5 * item)) + ":"  # > 48 byte tokens
+        for choice in (" yes", " no", " the cat sat", "."):  # a one-token choice too
+            context_enc, continuation_enc = lm._encode_pair(context, choice)
+            requests.append(((context, choice), context_enc, continuation_enc))
+    requests.append((("a:", " b"), *lm._encode_pair("a:", " b")))  # short: lm-eval's own path
+    ours = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    theirs = HFLM._loglikelihood_tokens(lm, requests, disable_tqdm=True)
+    assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs]
+    np.testing.assert_allclose([s for s, _ in ours], [s for s, _ in theirs], rtol=1e-5, atol=1e-4)
