@@ -22,9 +22,11 @@ from compress.errors import DataError
 from compress.evaluate import perplexity
 from compress.lmeval import LmEvalSpec, run_lm_eval
 from compress.tasks import (
+    DEFAULT_METRICS,
     DEFAULT_TASKS,
     OFFLINE_TASKS,
     PERPLEXITY_TASK,
+    TASK_PREFIX,
     check_task_names,
     convert_bigbench,
     expand_task_names,
@@ -97,6 +99,12 @@ def test_wiki_documents_keep_whole_paragraphs_under_the_bound() -> None:
     assert documents[-1] == "short one"
     assert all(len(d) <= 600 for d in documents[:-1])
     assert "\n".join(documents[:-1]) == "\n".join(p.strip() for p in article.split("\n"))
+
+
+def test_defaults_declare_a_headline_metric() -> None:
+    assert set(DEFAULT_METRICS) == set(DEFAULT_TASKS)
+    assert set(DEFAULT_METRICS.values()) <= {"acc", "acc_norm"}
+    assert all(name.removeprefix(TASK_PREFIX) in OFFLINE_TASKS for name in DEFAULT_TASKS)
 
 
 def test_task_names() -> None:
