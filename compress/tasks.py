@@ -112,6 +112,7 @@ DEFAULT_METRICS: dict[str, str] = {
     "offline_general_knowledge": "acc",
     "offline_emoji_movie": "acc",
     "offline_date_understanding": "acc",
+    "offline_language_identification": "acc",
 }
 """The default tasks and the metric on which SmolLM2-135M (zero-shot) scores above chance by
 more than 2 standard errors on the first 200 test items, or all of them where a task has fewer
