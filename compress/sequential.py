@@ -21,6 +21,7 @@ from torch import nn
 
 from compress.errors import PassError
 from compress.registry import LayerAccess, PassReport
+from compress.utils.memory import release_free_memory
 from compress.utils.modules import decoder_layers
 from compress.utils.progress import NullProgress, Progress
 
@@ -130,6 +131,7 @@ def run_sequential(
     try:
         with access.embedding(model):
             batches = capture_layer_inputs(model, input_ids, batch_size)
+        release_free_memory()  # an offloaded embedding was just dropped
         start = _restore_finished(access, prefix, blocks, report, activations=True)
         if 0 < start < len(blocks):
             saved = access.resume_hidden()
@@ -152,6 +154,7 @@ def run_sequential(
             with torch.no_grad():
                 batches.hidden = batches.run(layer)
             access.finish(index, f"{prefix}.{index}", layer, batches.hidden, report)
+            release_free_memory()  # the layer's statistics and temporaries
     finally:
         model.train(was_training)
 

@@ -154,8 +154,8 @@ def render(result: dict[str, Any]) -> str:
         f"{'met' if ratio <= 0.30 else 'MISSED'} |",
         "",
         f"Export: {result['export_bytes'] / gb:.2f} GiB on disk "
-        f"({result['export_bytes'] / result['model_bytes']:.1%} of the original), written shard "
-        "by shard. Peak RSS is the `compress apply` child's `ru_maxrss`: loading the skeleton, "
+        f"({result['export_bytes'] / result['model_bytes']:.1%} of the original), written tensor "
+        "by tensor. Peak RSS is the `compress apply` child's `ru_maxrss`: loading the skeleton, "
         "calibration capture, GPTQ layer by layer (one layer's weights and Hessians in memory), "
         "per-layer checkpoints and the export, all together.",
         "",

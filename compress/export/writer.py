@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from compress.errors import ExportError, PassError
@@ -23,6 +22,7 @@ from compress.export import compressed_tensors
 from compress.export.entropy import storage as entropy
 from compress.export.manifest import FORMAT_VERSION, MANIFEST_NAME, QUANT_METHOD
 from compress.export.qlinear import QuantLinear
+from compress.export.shards import ShardWriter
 from compress.ir import QuantizedWeight, get_quantized
 from compress.registry import LayerAccess
 from compress.utils.fs import atomic_directory, sha256_file
@@ -101,22 +101,6 @@ def _state_tensor(module: nn.Module, leaf: str) -> torch.Tensor:
     return tensor
 
 
-def _shards(
-    tensors: Iterator[tuple[str, torch.Tensor]], max_bytes: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_bytes:
-            yield shard
-            shard, size = {}, 0
-        shard[name] = tensor
-        size += nbytes
-    if shard:
-        yield shard
-
-
 def check_export_target(directory: Path, *, overwrite: bool) -> None:
     """Refuse an existing target up front, before any expensive work is done."""
     directory = Path(directory)
@@ -172,12 +156,20 @@ def export_model(
         coder = entropy.encoder_for(model, format)  # lossless coding (entropy_code pass)
         if coder is not None:
             state = coder.encode(state, records)
-        for shard in progress.track(_shards(state, max_shard_bytes), "export shards"):
-            path = tmp / f".shard-{len(written)}.tmp"
-            save_file(shard, str(path), metadata={"format": "pt"})
-            nbytes = sum(t.numel() * t.element_size() for t in shard.values())
-            written.append((path, list(shard), nbytes))
-            del shard
+        shard: ShardWriter | None = None
+        for name, tensor in progress.track(state, "export tensors"):
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard is not None and shard.names and shard.nbytes + nbytes > max_shard_bytes:
+                shard.close()
+                written.append((shard.path, shard.names, shard.nbytes))
+                shard = None
+            if shard is None:
+                shard = ShardWriter(tmp / f".shard-{len(written)}.tmp", {"format": "pt"})
+            shard.add(name, tensor)
+            del tensor
+        if shard is not None:
+            shard.close()
+            written.append((shard.path, shard.names, shard.nbytes))
         names = (
             ["model.safetensors"]
             if len(written) == 1

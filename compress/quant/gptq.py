@@ -75,11 +75,17 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
         hessians = _SharedHessians()
         with capture_inputs(mine, hessians.collect):
             run()
-        for name, module in mine.items():
+        hessians.stop_collecting()
+        names = list(mine)
+        for position, name in enumerate(names):
             hessian, count = hessians.get(name)
             if hessian is None or count == 0:
                 raise PassError(f"gptq: layer {name} saw no calibration input")
-            _quantize_module(name, module, hessian, fmt, config, report)
+            last_use = not any(hessians.shared(name, later) for later in names[position + 1 :])
+            if last_use:  # GPTQ may work inside it; nothing else holds it past this module
+                hessians.drop(name)
+            _quantize_module(name, mine[name], hessian, fmt, config, report, consume=last_use)
+            del hessian
 
     run_sequential(
         model,
@@ -127,6 +133,16 @@ class _SharedHessians:
         hessian, count = self._sums.get(name, (None, 0))
         self._sums[name] = accumulate_hessian(hessian, inputs, count)
 
+    def stop_collecting(self) -> None:
+        """Drop the first inputs held for the sharing check (a wide layer's are tens of MB)."""
+        self._first.clear()
+
+    def shared(self, name: str, other: str) -> bool:
+        return self._owner.get(name, name) == self._owner.get(other, other)
+
+    def drop(self, name: str) -> None:
+        self._sums.pop(self._owner.get(name, name), None)
+
     def get(self, name: str) -> tuple[torch.Tensor | None, int]:
         return self._sums.get(self._owner.get(name, name), (None, 0))
 
@@ -138,6 +154,8 @@ def _quantize_module(
     fmt: IntFormat,
     config: GPTQConfig,
     report: PassReport,
+    *,
+    consume: bool = False,
 ) -> None:
     result = gptq_quantize(
         module.weight.detach(),
@@ -147,6 +165,7 @@ def _quantize_module(
         damp=config.damp,
         act_order=config.act_order,
         observer=config.observer,
+        consume_hessian=consume,
     )
     record = QuantizedWeight(result.codes, result.scales, result.zeros, fmt)
     report.per_module[name] = {

@@ -9,7 +9,7 @@ columns absorb what earlier roundings lost. The practical algorithm, followed he
 * dead inputs (``H[i, i] == 0``, a channel that is always zero) get ``H[i, i] = 1`` and a zero
   weight; the diagonal is dampened by ``damp · mean(diag H)``;
 * the updates use the rows of the upper Cholesky factor of ``H⁻¹`` (numerically stable, and what
-  the sequential OBS updates reduce to), taken in float64; a factorisation that fails is
+  the sequential OBS updates reduce to), in float32 and in place; a factorisation that fails is
   retried with 10x the dampening a few times, then raises :class:`~compress.errors.PassError`;
 * columns go in blocks of ``block_size``: inside a block updates are immediate, the remaining
   columns get one batched (lazy) update per block — the result does not depend on the block size;
@@ -107,13 +107,16 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     observer: Observer = "minmax",
+    consume_hessian: bool = False,
 ) -> GPTQResult:
     """GPTQ codes of ``weight`` (out, in) given the input Hessian ``hessian`` (in, in).
 
     ``damp`` is the fraction of ``mean(diag H)`` added to the diagonal; when the Cholesky
     factorisation still fails it is retried with 10x the dampening a few times before a
     :class:`~compress.errors.PassError`. ``observer`` chooses each group's clip ratio
-    (:func:`compress.quant.observers.choose_clip`). Neither input is modified.
+    (:func:`compress.quant.observers.choose_clip`). ``weight`` is not modified; ``hessian``
+    is not either unless ``consume_hessian`` (the caller's last use of a float32 CPU Hessian):
+    then it becomes the work matrix, which saves a copy of the largest buffer of a wide layer.
     """
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
@@ -130,14 +133,14 @@ def gptq_quantize(
     size = in_features // groups
 
     w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place below
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()  # (in, in)
-    if not bool(torch.isfinite(h).all()):
+    if not bool(torch.isfinite(hessian).all()):
         raise PassError(
             "gptq: the calibration Hessian has non-finite entries",
             hint="check the calibration data and the layer inputs for inf/nan activations",
         )
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    diagonal = torch.diagonal(hessian).detach().to(device=w.device, dtype=torch.float32).clone()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
     w[:, dead] = 0.0  # an input that is always zero: its weight is free, zero is cheapest
 
     # Scales known before the loop: per-channel, or static groups under act_order.
@@ -154,11 +157,26 @@ def gptq_quantize(
 
     perm: torch.Tensor | None = None
     if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        perm = torch.argsort(diagonal, descending=True, stable=True)
         w = w[:, perm]
-        h = h[perm.unsqueeze(1), perm]  # one gather, no intermediate (in, in) copy
-    hinv = _inverse_hessian_factor(h, damp)  # (in, in) upper triangular, float32
-    del h  # the largest buffer of a wide layer besides hinv: not needed past this point
+
+    in_place = (
+        consume_hessian
+        and hessian.device.type == "cpu"
+        and hessian.dtype == torch.float32
+        and hessian.is_contiguous()
+    )
+    if in_place:
+        h = hessian.detach()
+        if perm is not None:
+            _permute_in_place(h.numpy(), perm.numpy())
+    elif perm is None:
+        h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    else:  # one gather, no intermediate (in, in) copy
+        h = hessian.detach().to(device=w.device)[perm.unsqueeze(1), perm].float()
+    h.diagonal().copy_(diagonal if perm is None else diagonal[perm])
+    hinv = _inverse_hessian_factor(h, damp)  # h itself, now the (in, in) upper factor
+    del h
 
     group_of_column = torch.arange(in_features, device=w.device) // size  # natural order
     if perm is not None:
@@ -205,40 +223,114 @@ def gptq_quantize(
     return GPTQResult(codes.to(torch.uint8), stored_scales, stored_zeros, float(losses.sum()))
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of the dampened ``H⁻¹`` (``UᵀU = H⁻¹``); float64 inside.
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of the dampened ``H⁻¹`` (``UᵀU = H⁻¹``), float32, in ``h``.
 
     With ``J`` the index reversal and ``J H J = L Lᵀ``, ``H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`` and
     ``J L⁻¹ J`` is upper triangular with a positive diagonal, so it *is* the factor: one
     Cholesky and one triangular inverse instead of Cholesky, inverse, Cholesky.
 
-    Memory matters here (offloaded runs budget for one layer; a 5632-wide Hessian is 254 MB in
-    float64): LAPACK's ``potrf`` and ``trtri`` (through scipy) work in place on one float64
-    matrix, so the peak is that matrix plus the float32 result, not four float64 temporaries.
+    Memory matters here (offloaded runs budget for one layer; a 5632-wide Hessian is 127 MB),
+    so on the CPU everything happens inside ``h``, in float32 as the reference GPTQ does:
+    ``J·J`` is a reversal of the flat buffer, LAPACK's ``potrf`` and ``trtri`` (through scipy)
+    overwrite one triangle. The other triangle is left alone until success, so a failed
+    factorisation restores ``h`` from it and retries with 10x the dampening.
     """
+    if h.device.type != "cpu":
+        return _factor_on_device(h, damp)
     from scipy.linalg import lapack  # scipy.linalg imports slowly; only GPTQ needs it
 
-    source = hessian.detach().to(device="cpu", dtype=torch.float32).numpy()
-    n = source.shape[0]
-    mean_diag = float(np.diagonal(source).astype(np.float64).mean())
-    work = np.empty((n, n), dtype=np.float64, order="F")
+    matrix = h.numpy()  # C-contiguous float32, shares memory with h
+    n = matrix.shape[0]
+    _reverse_in_place(matrix)  # J H J
+    diagonal = np.diagonal(matrix).copy()
+    mean_diag = float(diagonal.astype(np.float64).mean())
     fraction = damp
     for _ in range(_CHOLESKY_RETRIES + 1):
-        np.copyto(work, source[::-1, ::-1])  # J H J, no intermediate copy
-        work.flat[:: n + 1] += fraction * mean_diag
-        lower, info = lapack.dpotrf(work, lower=1, clean=1, overwrite_a=1)
+        matrix.flat[:: n + 1] = diagonal + np.float32(fraction * mean_diag)
+        # LAPACK is column-major: matrix.T is the same memory, Fortran-ordered. Its upper
+        # factor R (JHJ = RᵀR) read row-major is L = Rᵀ, in the lower triangle; trtri then
+        # leaves L⁻¹ there. The strict upper triangle (row-major) keeps J H J meanwhile.
+        upper, info = lapack.spotrf(matrix.T, lower=0, clean=0, overwrite_a=1)
         if info == 0:
-            inverse, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
-            if info == 0:
-                factor = np.ascontiguousarray(inverse[::-1, ::-1], dtype=np.float32)
-                if np.isfinite(factor).all():
-                    return torch.from_numpy(factor).to(hessian.device)
+            inverse, info = lapack.strtri(upper, lower=0, overwrite_c=1)
+            if info == 0 and not np.shares_memory(inverse, matrix):  # LAPACK had to copy
+                matrix[...] = inverse.T
+        if info == 0:
+            for row in range(n - 1):
+                matrix[row, row + 1 :] = 0.0
+            _reverse_in_place(matrix)  # J L⁻¹ J
+            if np.isfinite(matrix).all():
+                return h
+            raise PassError(
+                "gptq: the inverse Hessian factor has non-finite entries",
+                hint="use more calibration samples, or a larger damp",
+            )
+        for row in range(1, n):  # restore the lower triangle from the untouched upper one
+            matrix[row, :row] = matrix[:row, row]
         fraction = fraction * 10 if fraction > 0 else 1e-3
     raise PassError(
         f"gptq: the Hessian is not positive definite even with dampening {fraction / 10:g} "
         f"of mean(diag H) (started at {damp:g})",
         hint="use more calibration samples, or a larger damp",
     )
+
+
+def _factor_on_device(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The same factor with torch's own (out-of-place) kernels, for accelerator tensors."""
+    mean_diag = float(torch.diagonal(h).double().mean())
+    fraction = damp
+    for _ in range(_CHOLESKY_RETRIES + 1):
+        reversed_h = h.flip(0, 1)
+        reversed_h.diagonal().add_(fraction * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
+        del reversed_h
+        if int(info) == 0:
+            eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+            factor = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(factor).all()):
+                return factor.contiguous()
+        fraction = fraction * 10 if fraction > 0 else 1e-3
+    raise PassError(
+        f"gptq: the Hessian is not positive definite even with dampening {fraction / 10:g} "
+        f"of mean(diag H) (started at {damp:g})",
+        hint="use more calibration samples, or a larger damp",
+    )
+
+
+def _permute_in_place(matrix: np.ndarray, perm: np.ndarray) -> None:
+    """``matrix ← matrix[perm][:, perm]`` by following the permutation's cycles, one row or
+    column of scratch at a time."""
+    n = len(perm)
+    for axis in (0, 1):
+        lines = matrix if axis == 0 else matrix.T
+        seen = np.zeros(n, dtype=bool)
+        for first in range(n):
+            if seen[first] or perm[first] == first:
+                seen[first] = True
+                continue
+            held = lines[first].copy()
+            at = first
+            while True:
+                seen[at] = True
+                source = int(perm[at])
+                if source == first:
+                    lines[at] = held
+                    break
+                lines[at] = lines[source]
+                at = source
+
+
+def _reverse_in_place(matrix: np.ndarray, chunk: int = 1 << 20) -> None:
+    """``matrix[i, j] ↔ matrix[n-1-i, n-1-j]`` of a C-contiguous matrix: its flat buffer reversed,
+    swapped a chunk at a time so no second matrix is allocated."""
+    flat = matrix.reshape(-1)
+    size = flat.size
+    for start in range(0, size // 2, chunk):
+        stop = min(start + chunk, size // 2)
+        head = flat[start:stop].copy()
+        flat[start:stop] = flat[size - stop : size - start][::-1]
+        flat[size - stop : size - start] = head[::-1]
 
 
 def _current_group(

@@ -122,12 +122,12 @@ def test_existing_folder_is_not_overwritten(tiny_llama, exported):
 
 
 def test_failed_export_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
-    from compress.export import writer
+    from compress.export.shards import ShardWriter
 
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(writer, "save_file", explode)
+    monkeypatch.setattr(ShardWriter, "close", explode)
     with pytest.raises(OSError, match="disk full"):
         export_model(quantized_copy(tiny_llama, 4, 32, True), None, tmp_path / "export")
     assert list(tmp_path.iterdir()) == []

@@ -272,3 +272,43 @@ def test_accumulate_hessian_bad_arguments():
         accumulate_hessian(None, torch.randn(3, 8), 3)
     with pytest.raises(ValueError, match="count must be non-negative"):
         accumulate_hessian(torch.zeros(8, 8), torch.randn(3, 8), -1)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_consumed_hessian_gives_the_same_codes(layer, act_order):
+    fmt = IntFormat(4, 32, False)
+    kept = gptq_quantize(layer.weight, layer.hessian, fmt, act_order=act_order)
+    work = layer.hessian.clone()
+    consumed = gptq_quantize(layer.weight, work, fmt, act_order=act_order, consume_hessian=True)
+    assert torch.equal(kept.codes, consumed.codes)
+    assert torch.equal(kept.scales, consumed.scales)
+    assert not torch.equal(work, layer.hessian)  # it was the work matrix
+
+
+def test_inverse_factor_retries_from_the_restored_matrix():
+    """damp 0.01 cannot fix one eigenvalue of -5% of the mean; 0.1 can: the factor must be
+    that of the original matrix at 0.1, so the failed attempt left nothing behind."""
+    from compress.quant.gptq_math import _inverse_hessian_factor
+
+    n = 48
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(3)))
+    eigenvalues = torch.ones(n)
+    eigenvalues[0] = -0.05
+    hessian = ((basis * eigenvalues) @ basis.T).float()
+    hessian = (hessian + hessian.T) / 2
+    factor = _inverse_hessian_factor(hessian.clone(), 0.01).double()
+    dampened = hessian.double() + 0.1 * hessian.diagonal().double().mean() * torch.eye(n).double()
+    assert torch.allclose(factor.T @ factor, torch.linalg.inv(dampened), atol=1e-4)
+    assert torch.equal(factor, torch.triu(factor))
+
+
+def test_permute_in_place_matches_indexing():
+    from compress.quant.gptq_math import _permute_in_place
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 40):
+        matrix = torch.rand(n, n, generator=generator)
+        perm = torch.randperm(n, generator=generator)
+        expected = matrix[perm][:, perm]
+        _permute_in_place(matrix.numpy(), perm.numpy())
+        assert torch.equal(matrix, expected)
