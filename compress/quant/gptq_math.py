@@ -189,7 +189,8 @@ def gptq_quantize(
     group_fmt = IntFormat(fmt.bits, size, fmt.symmetric, fmt.scale_dtype)
 
     max_code = float(fmt.levels - 1)
-    codes = torch.empty(out_features, in_features, device=w.device)  # float, processing order
+    # uint8 in processing order (codes are whole numbers in [0, 255]: the cast is exact)
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
     losses = torch.zeros(out_features, device=w.device)
     scale = zero = torch.empty(0)  # (out,) of the current group
     for start in range(0, in_features, block_size):
@@ -220,7 +221,7 @@ def gptq_quantize(
         codes = codes[:, torch.argsort(perm)]
     stored_scales = scales.to(fmt.torch_scale_dtype)
     stored_zeros = None if fmt.symmetric else zeros.to(torch.uint8)
-    return GPTQResult(codes.to(torch.uint8), stored_scales, stored_zeros, float(losses.sum()))
+    return GPTQResult(codes, stored_scales, stored_zeros, float(losses.sum()))
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
