@@ -170,6 +170,21 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _same_model(model_dir: Path, args: argparse.Namespace) -> bool:
+    """Whether ``model_dir`` holds a complete model written with this run's shape."""
+    index, config = model_dir / "model.safetensors.index.json", model_dir / "config.json"
+    if not (index.is_file() and config.is_file()):
+        return False
+    saved = json.loads(config.read_text())
+    files = set(json.loads(index.read_text())["weight_map"].values())
+    return (
+        saved.get("num_hidden_layers") == args.layers
+        and saved.get("hidden_size") == args.hidden
+        and saved.get("intermediate_size") == args.intermediate
+        and all((model_dir / name).is_file() for name in files)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=20)
@@ -182,12 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/compress-scale"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     parser.add_argument("--keep", action="store_true", help="keep the generated model and export")
+    parser.add_argument(
+        "--reuse-model",
+        action="store_true",
+        help="reuse a model kept (--keep) in --workdir by an earlier run with the same shape",
+    )
     args = parser.parse_args(argv)
 
     model_dir, export_dir = args.workdir / "model", args.workdir / "export"
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    print(f"writing a random Llama to {model_dir} …", flush=True)
-    model_bytes = write_model(model_dir, args)
+    if args.reuse_model and _same_model(model_dir, args):
+        print(f"reusing the random Llama in {model_dir}", flush=True)
+        model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+        shutil.rmtree(export_dir, ignore_errors=True)
+        shutil.rmtree(args.workdir / ".export.work", ignore_errors=True)
+    else:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+        print(f"writing a random Llama to {model_dir} …", flush=True)
+        model_bytes = write_model(model_dir, args)
     print(f"  {model_bytes / 1024**3:.2f} GiB of weights; running compress apply …", flush=True)
     apply = run_apply(model_dir, export_dir, args)
     export_bytes = sum(p.stat().st_size for p in export_dir.glob("*.safetensors"))

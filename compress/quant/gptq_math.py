@@ -56,7 +56,9 @@ def accumulate_hessian(
     taken in float32 and accumulated in the dtype of ``hessian`` (float32 when it starts as
     ``None``; pass a float64 zero matrix to accumulate in float64).
 
-    Returns the updated (in, in) Hessian and the new row count.
+    Returns the updated (in, in) Hessian and the new row count. A float32 ``hessian`` is updated
+    in place (a 5632-wide one is 127 MB: a second one, even briefly, is what a layer-wise run's
+    peak memory would be made of).
     """
     if count < 0:
         raise ValueError(f"count must be non-negative, got {count}")
@@ -74,8 +76,8 @@ def accumulate_hessian(
     if added == 0:
         return hessian, count
     total = count + added
-    if hessian.dtype == rows.dtype:  # one (in, in) allocation: the result
-        hessian = torch.addmm(hessian, rows.T, rows, beta=count / total, alpha=2.0 / total)
+    if hessian.dtype == rows.dtype:  # in place: no second (in, in) matrix, even briefly
+        hessian.addmm_(rows.T, rows, beta=count / total, alpha=2.0 / total)
     else:
         product = (rows.T @ rows).to(hessian.dtype)  # (in, in)
         hessian = (hessian * (count / total)).add_(product, alpha=2.0 / total)
