@@ -32,6 +32,7 @@ from compress.formats import IntFormat
 from compress.ir import QuantizedWeight, clear_quantized, get_quantized, set_quantized
 from compress.registry import LayerAccess, PassReport
 from compress.utils.modules import decoder_layers
+from compress.utils.safetensors_io import read_tensors
 
 __all__ = ["LayerStore", "SourceWeights", "empty_skeleton", "work_dir_for"]
 
@@ -45,7 +46,7 @@ def work_dir_for(export_dir: Path) -> Path:
 
 
 class SourceWeights:
-    """The tensors of a safetensors model folder, read one at a time (nothing stays mapped)."""
+    """The tensors of a safetensors model folder, read one at a time (nothing is mapped)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -74,10 +75,8 @@ class SourceWeights:
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         tensors = {}
-        for file, wanted in by_file.items():
-            with safe_open(str(file), framework="pt") as handle:
-                for name in wanted:
-                    tensors[name] = handle.get_tensor(name)
+        for file, wanted in by_file.items():  # plain reads: no mapped pages beside the copies
+            tensors.update(read_tensors(file, wanted))
         return tensors
 
 

@@ -22,12 +22,12 @@ from compress.export import compressed_tensors
 from compress.export.entropy import storage as entropy
 from compress.export.manifest import FORMAT_VERSION, MANIFEST_NAME, QUANT_METHOD
 from compress.export.qlinear import QuantLinear
-from compress.export.shards import ShardWriter
 from compress.ir import QuantizedWeight, get_quantized
 from compress.registry import LayerAccess
 from compress.utils.fs import atomic_directory, sha256_file
 from compress.utils.modules import decoder_layers
 from compress.utils.progress import NullProgress, Progress
+from compress.utils.safetensors_io import ShardWriter
 
 __all__ = ["check_export_target", "export_model", "packed_state"]
 

@@ -122,7 +122,7 @@ def test_existing_folder_is_not_overwritten(tiny_llama, exported):
 
 
 def test_failed_export_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
-    from compress.export.shards import ShardWriter
+    from compress.utils.safetensors_io import ShardWriter
 
     def explode(*args, **kwargs):
         raise OSError("disk full")

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from compress.errors import ExportError
-from compress.export.shards import ShardWriter
+from compress.utils.safetensors_io import ShardWriter
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -68,3 +68,37 @@ def test_duplicate_names_and_unstorable_dtypes_are_refused(tmp_path: Path) -> No
         writer.add("c", torch.ones(2, dtype=torch.complex64))
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_tensors_matches_safe_open(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from compress.utils.safetensors_io import read_tensors
+
+    tensors = {k: v.contiguous() for k, v in _tensors().items()}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    names = ["bf16", "empty", "strided", "f8", "scalar"]
+    read = read_tensors(tmp_path / "x.safetensors", names)
+    assert list(read) == names
+    for name in names:
+        assert read[name].dtype == tensors[name].dtype, name
+        assert read[name].shape == tensors[name].shape, name
+        as_bytes = [t.reshape(-1).view(torch.uint8) for t in (read[name], tensors[name])]
+        assert torch.equal(*as_bytes), name
+
+
+def test_read_tensors_refuses_bad_files(tmp_path: Path) -> None:
+    from compress.utils.safetensors_io import read_tensors
+
+    writer = ShardWriter(tmp_path / "x.safetensors")
+    writer.add("a", torch.arange(10, dtype=torch.float32))
+    writer.close()
+    with pytest.raises(ExportError, match="no readable tensor 'b'"):
+        read_tensors(tmp_path / "x.safetensors", ["b"])
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-8])
+    with pytest.raises(ExportError, match="inconsistent byte offsets"):
+        read_tensors(tmp_path / "cut.safetensors", ["a"])
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    with pytest.raises(ExportError, match="shorter than 8 bytes"):
+        read_tensors(tmp_path / "tiny.safetensors", ["a"])
