@@ -43,8 +43,8 @@ def packed_state(
 
     Tied weights (``lm_head`` sharing the embedding) are stored once; transformers re-ties them.
     With an offloading ``layers`` store, each decoder layer is loaded just for its own tensors,
-    so memory holds one layer (plus the shard being written), never the model. The quantization
-    records met on the way are added to ``records``.
+    so memory holds one layer, never the model. The quantization records met on the way are
+    added to ``records`` as shape and format only (their tensors on the meta device).
     """
     access = layers or LayerAccess()
     try:
@@ -65,8 +65,8 @@ def packed_state(
         module = model.get_submodule(owner) if owner else model
         record = get_quantized(module)
         if record is not None and leaf == "weight":
-            if records is not None:
-                records[owner] = record
+            if records is not None:  # shape and format only: codes of all layers would add up
+                records[owner] = _without_tensors(record)
             packed = QuantLinear.from_record(module, record)  # type: ignore[arg-type]
             for name, buffer in packed.named_buffers():
                 yield f"{owner}.{name}", buffer
@@ -84,6 +84,16 @@ def packed_state(
             yield key, _state_tensor(module, leaf).detach().contiguous()
     if current is not None:
         access.unload(current, blocks[current])
+
+
+def _without_tensors(record: QuantizedWeight) -> QuantizedWeight:
+    """The record's shape and format, its tensors replaced by storage-free meta tensors."""
+
+    def meta(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+    zeros = None if record.zeros is None else meta(record.zeros)
+    return QuantizedWeight(meta(record.codes), meta(record.scales), zeros, record.fmt)
 
 
 def _layer_index(key: str, prefix: str) -> int | None:
