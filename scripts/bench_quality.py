@@ -27,10 +27,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +47,39 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-w4": ("recipe", {"file": "recipes/smollm2-w4-gptq.yaml"}),
     "gptq-w3": ("recipe", {"file": "recipes/smollm2-w3-gptq.yaml"}),
     "gptq-w2": ("recipe", {"file": "recipes/smollm2-w2-gptq.yaml"}),
+    **{
+        f"awq-gptq-w{bits}": (
+            "recipe",
+            {
+                "file": f"recipes/smollm2-w{bits}-gptq.yaml",
+                "before": [{"pass": "awq", "bits": bits, "group_size": 64, "symmetric": False}],
+            },
+        )
+        for bits in (4, 3, 2)
+    },
     "gguf-q8_0": ("gguf", {"type": "Q8_0"}),
     "gguf-q5_0": ("gguf", {"type": "Q5_0"}),
     "gguf-q4_0": ("gguf", {"type": "Q4_0"}),
     "hqq-w4": ("hqq", {"bits": 4, "group_size": 64}),
     "hqq-w3": ("hqq", {"bits": 3, "group_size": 64}),
     "hqq-w2": ("hqq", {"bits": 2, "group_size": 64}),
+    "llmc-gptq-w4-sym": ("llmc", {"bits": 4, "group_size": 64, "symmetric": True}),
+    "llmc-gptq-w4": ("llmc", {"bits": 4, "group_size": 64, "symmetric": False}),
+    "llmc-gptq-w3": ("llmc", {"bits": 3, "group_size": 64, "symmetric": False}),
+    "llmc-gptq-w2": ("llmc", {"bits": 2, "group_size": 64, "symmetric": False}),
 }
+# llm-compressor runs in its own venv (see scripts/peers/llmc_gptq.py); main() passes its python.
+LLMC_PYTHON_ENV = "COMPRESS_BENCH_LLMC_PYTHON"
+
+
+@dataclass
+class Quantized:
+    """What a quantizer reports: stored bits per weight and, for peers timed in their own
+    process, that process's quantization wall time and peak RSS."""
+
+    bits_per_weight: float
+    seconds: float | None = None
+    peak_rss_mb: float | None = None
 
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -62,7 +90,7 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def quantize_recipe(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> float:
+def quantize_recipe(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> Quantized:
     """Run our passes through the Pipeline, export, and return the stored bits per weight."""
     from compress.export.summary import summarize_export
     from compress.pipeline import Pipeline
@@ -70,6 +98,9 @@ def quantize_recipe(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -
 
     if "file" in options:
         recipe = load_recipe(ROOT / options["file"])
+        if "before" in options:  # the recipe's passes after extra ones (e.g. awq before gptq)
+            data = yaml.safe_load((ROOT / options["file"]).read_text())
+            recipe = parse_recipe({**data, "passes": options["before"] + data["passes"]})
     else:
         recipe = parse_recipe({"model": MODEL, "passes": options["passes"]})
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,10 +112,11 @@ def quantize_recipe(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -
             export=Path(tmp) / "export",
         )
         result = pipeline.run()
-        return summarize_export(result.export_dir).quantized_bits_per_weight  # type: ignore[arg-type]
+        bits = summarize_export(result.export_dir).quantized_bits_per_weight
+        return Quantized(bits)  # type: ignore[arg-type]
 
 
-def quantize_gguf(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> float:
+def quantize_gguf(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> Quantized:
     import gguf
     import numpy as np
     from gguf import quants
@@ -95,10 +127,10 @@ def quantize_gguf(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> 
         weight = module.weight.detach().float().numpy()
         restored = quants.dequantize(quants.quantize(weight, qtype), qtype)
         module.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(restored)))
-    return 8 * block_bytes / block
+    return Quantized(8 * block_bytes / block)
 
 
-def quantize_hqq(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> float:
+def quantize_hqq(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> Quantized:
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
     config = BaseQuantizeConfig(nbits=options["bits"], group_size=options["group_size"])
@@ -109,22 +141,63 @@ def quantize_hqq(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> f
         module.weight.data.copy_(packed.dequantize().reshape(module.weight.shape).float())
     # HQQ stores an fp16 scale and a zero point rounded to the code grid per group: counted at
     # `bits` bits (the cheapest it could be stored), which favours HQQ.
-    return options["bits"] + (16 + options["bits"]) / options["group_size"]
+    return Quantized(options["bits"] + (16 + options["bits"]) / options["group_size"])
+
+
+def quantize_llmc(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> Quantized:
+    """llm-compressor's GPTQ in its own venv, on the calibration windows our GPTQ recipes use."""
+    from safetensors.torch import load_file
+
+    from compress.data import calibration_batch
+    from compress.models import model_folder
+    from compress.recipe import load_recipe
+
+    python = os.environ.get(LLMC_PYTHON_ENV)
+    if not python:
+        raise SystemExit(
+            "llm-compressor methods need --llmc-python (see scripts/peers/llmc_gptq.py)"
+        )
+    spec = load_recipe(ROOT / "recipes" / "smollm2-w4-gptq.yaml").calibration
+    ids = calibration_batch(tokenizer, spec.dataset, spec.samples, spec.seq_len, spec.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(ids, Path(tmp) / "calibration.pt")
+        command = [
+            python, str(ROOT / "scripts" / "peers" / "llmc_gptq.py"),
+            "--model-dir", str(model_folder(MODEL)), "--calibration", f"{tmp}/calibration.pt",
+            "--bits", str(options["bits"]), "--group-size", str(options["group_size"]),
+            "--out", f"{tmp}/weights.safetensors",
+        ] + (["--symmetric"] if options["symmetric"] else [])  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"llm-compressor failed: {done.stderr.strip()[-2000:]}")
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        weights = load_file(f"{tmp}/weights.safetensors")
+    linears = decoder_linears(model)
+    if set(weights) != {f"{name}.weight" for name in linears}:
+        raise RuntimeError("llm-compressor returned weights for other modules than ours")
+    for name, module in linears.items():
+        module.weight.data.copy_(weights[f"{name}.weight"])
+    # fp16 scale per group, plus a zero point at `bits` bits when asymmetric (as for ours)
+    overhead = 16 + (0 if options["symmetric"] else options["bits"])
+    return Quantized(
+        options["bits"] + overhead / options["group_size"],
+        seconds=measured["seconds"],
+        peak_rss_mb=measured["peak_rss_mb"],
+    )
 
 
 PEERS_NOT_RUN = {
     "optimum-quanto 0.2.7": "installs, but its import fails against transformers 5.23 "
     "(ModuleNotFoundError for PreTrainedModel).",
-    "llm-compressor GPTQ": "not run yet: it needs its own virtual environment (with the CPU "
-    "torch), which this benchmark does not set up so far.",
     "GGUF k-quants (Q4_K, Q3_K, Q2_K)": "the gguf package can only dequantize them; producing "
     "them needs llama.cpp's C code.",
 }
 
-QUANTIZERS: dict[str, Callable[[nn.Module, Any, dict[str, Any]], float]] = {
+QUANTIZERS: dict[str, Callable[[nn.Module, Any, dict[str, Any]], Quantized]] = {
     "recipe": quantize_recipe,
     "gguf": quantize_gguf,
     "hqq": quantize_hqq,
+    "llmc": quantize_llmc,
 }
 
 
@@ -138,9 +211,11 @@ def run_one(name: str, windows: int, seq_len: int) -> dict[str, Any]:
     kind, options = METHODS[name]
     model, tokenizer = load_model(MODEL)
     start = time.perf_counter()
-    bits = QUANTIZERS[kind](model, tokenizer, options)
+    quantized = QUANTIZERS[kind](model, tokenizer, options)
     seconds = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if quantized.seconds is not None:  # timed in the peer's own process
+        seconds, peak_rss_mb = quantized.seconds, quantized.peak_rss_mb
     reference, _ = load_model(MODEL)
     ids = token_windows(tokenizer, load_texts("builtin:wiki", "evaluation"), seq_len, windows)
     metrics = compare_to_reference(model, reference, ids, batch_size=4)
@@ -148,7 +223,7 @@ def run_one(name: str, windows: int, seq_len: int) -> dict[str, Any]:
         "method": name,
         "kind": kind,
         "options": options,
-        "bits_per_weight": bits,
+        "bits_per_weight": quantized.bits_per_weight,
         "perplexity": metrics.perplexity,
         "reference_perplexity": metrics.reference_perplexity,
         "kl_mean": metrics.kl_mean,
@@ -163,7 +238,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "# Weight quantization quality on SmolLM2-135M",
         "",
-        f"Command: `{meta['command']}`  ",
+        "Commands (a later one reruns only the methods it names): "
+        + ", ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")]))
+        + "  ",
         f"Machine: {meta['machine']}; {meta['date']}.  ",
         f"Evaluation: {meta['windows']} windows x {meta['seq_len']} tokens of builtin:wiki "
         "(evaluation split), KL(original ‖ quantized) in nats/token.",
@@ -186,6 +263,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     reference = next((r["reference_perplexity"] for r in rows if "error" not in r), None)
     if reference is not None:
         lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
+    if meta.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in meta["notes"]]
     lines += ["", "Peers not in the table:", ""]
     lines += [f"- {peer}: {why}" for peer, why in PEERS_NOT_RUN.items()]
     return "\n".join(lines) + "\n"
@@ -198,6 +277,17 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quality")
     parser.add_argument("--peers-path", type=Path, default=None, help="folder with hqq installed")
+    parser.add_argument(
+        "--llmc-python",
+        type=Path,
+        default=None,
+        help="python of llm-compressor's venv (scripts/peers/llmc_gptq.py)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of methods not rerun from the existing JSON",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     args = parser.parse_args()
@@ -216,7 +306,17 @@ def main() -> None:
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(args.peers_path), env.get("PYTHONPATH")])
         )
-    rows = []
+    if args.llmc_python:
+        env[LLMC_PYTHON_ENV] = str(args.llmc_python)
+    command_line = "python scripts/bench_quality.py " + " ".join(sys.argv[1:])
+    previous: dict[str, dict[str, Any]] = {}
+    commands: list[str] = []
+    notes: list[str] = []  # written by hand into the JSON, kept across --merge runs
+    if args.merge and args.out.with_suffix(".json").exists():
+        data = json.loads(args.out.with_suffix(".json").read_text())
+        previous = {row["method"]: row for row in data["rows"]}
+        commands = data["meta"].get("commands", [data["meta"].get("command")])
+        notes = data["meta"].get("notes", [])
     for name in args.methods:
         print(f"[bench_quality] {name} ...", file=sys.stderr, flush=True)
         command = [sys.executable, __file__, "--one", name, "--windows", str(args.windows),
@@ -224,12 +324,16 @@ def main() -> None:
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
         if done.returncode != 0:
             tail = done.stderr.strip().splitlines()[-1:] or ["?"]
-            rows.append({"method": name, "error": tail[0][:120]})
+            row: dict[str, Any] = {"method": name, "error": tail[0][:120]}
         else:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"[bench_quality] {rows[-1]}", file=sys.stderr, flush=True)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+        row["date"] = time.strftime("%Y-%m-%d")
+        previous[name] = row
+        print(f"[bench_quality] {row}", file=sys.stderr, flush=True)
+    rows = list(previous.values())
     meta = {
-        "command": "python scripts/bench_quality.py " + " ".join(sys.argv[1:]),
+        "notes": notes,
+        "commands": [c for c in commands if c] + [command_line],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "windows": args.windows,
