@@ -584,20 +584,23 @@ def decode_pairs_torch(
     last = padded.numel() - 4
     for i in range(0, chunk, 2):
         active = counts > i
-        byte = (pos >> 3).clamp(max=last)
-        window = (
-            (padded[byte] << 24)
-            | (padded[byte + 1] << 16)
-            | (padded[byte + 2] << 8)
-            | padded[byte + 3]
-        )
-        window = (window << (pos & 7)) & 0xFFFFFFFF
+        window = _peek32(padded, pos, last)
         entry = entries[window >> (32 - table_bits)]
         out[:, i] = (entry & 0xFF).to(torch.uint8)
         out[:, i + 1] = ((entry >> 8) & 0xFF).to(torch.uint8)
         bad |= active & ((entry >> 31) == 1)
         pos += ((entry >> 16) & 31) * active
     return out.reshape(-1)[:total], _end_status(pos, offsets[1:], bad)
+
+
+def _peek32(padded: torch.Tensor, pos: torch.Tensor, last: int) -> torch.Tensor:
+    """The 32 stream bits from bit ``pos`` on (MSB first), per lane; ``padded`` is the int64
+    stream with 4 zero bytes appended and ``last`` its length without them."""
+    byte = (pos >> 3).clamp(max=last)
+    window = (
+        (padded[byte] << 24) | (padded[byte + 1] << 16) | (padded[byte + 2] << 8) | padded[byte + 3]
+    )
+    return (window << (pos & 7)) & 0xFFFFFFFF
 
 
 def decode_symbols_torch(
@@ -632,14 +635,7 @@ def decode_symbols_torch(
     last = padded.numel() - 4
     for i in range(chunk):
         active = counts > i
-        byte = (pos >> 3).clamp(max=last)
-        window = (
-            (padded[byte] << 24)
-            | (padded[byte + 1] << 16)
-            | (padded[byte + 2] << 8)
-            | padded[byte + 3]
-        )
-        window = (window << (pos & 7)) & 0xFFFFFFFF
+        window = _peek32(padded, pos, last)
         entry = table[window >> (32 - table_bits)]
         length = entry >> 8
         out[:, i] = (entry & 0xFF).to(torch.uint8)
