@@ -272,11 +272,7 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
         for row in range(1, n):  # restore the lower triangle from the untouched upper one
             matrix[row, :row] = matrix[:row, row]
         fraction = fraction * 10 if fraction > 0 else 1e-3
-    raise PassError(
-        f"gptq: the Hessian is not positive definite even with dampening {fraction / 10:g} "
-        f"of mean(diag H) (started at {damp:g})",
-        hint="use more calibration samples, or a larger damp",
-    )
+    raise _not_positive_definite(fraction / 10, damp)
 
 
 def _factor_on_device(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -294,9 +290,13 @@ def _factor_on_device(h: torch.Tensor, damp: float) -> torch.Tensor:
             if bool(torch.isfinite(factor).all()):
                 return factor.contiguous()
         fraction = fraction * 10 if fraction > 0 else 1e-3
-    raise PassError(
-        f"gptq: the Hessian is not positive definite even with dampening {fraction / 10:g} "
-        f"of mean(diag H) (started at {damp:g})",
+    raise _not_positive_definite(fraction / 10, damp)
+
+
+def _not_positive_definite(last: float, first: float) -> PassError:
+    return PassError(
+        f"gptq: the Hessian is not positive definite even with dampening {last:g} "
+        f"of mean(diag H) (started at {first:g})",
         hint="use more calibration samples, or a larger damp",
     )
 
