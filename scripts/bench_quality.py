@@ -47,6 +47,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "gptq-w4": ("recipe", {"file": "recipes/smollm2-w4-gptq.yaml"}),
     "gptq-w3": ("recipe", {"file": "recipes/smollm2-w3-gptq.yaml"}),
     "gptq-w2": ("recipe", {"file": "recipes/smollm2-w2-gptq.yaml"}),
+    # the w4 recipe made symmetric: 4.25 bits/weight, the same as llm-compressor's W4A16
+    "gptq-w4-sym": (
+        "recipe",
+        {"file": "recipes/smollm2-w4-gptq.yaml", "pass_options": {"symmetric": True}},
+    ),
     **{
         f"awq-gptq-w{bits}": (
             "recipe",
@@ -98,9 +103,11 @@ def quantize_recipe(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -
 
     if "file" in options:
         recipe = load_recipe(ROOT / options["file"])
-        if "before" in options:  # the recipe's passes after extra ones (e.g. awq before gptq)
+        if "before" in options or "pass_options" in options:
+            # extra passes ahead of the recipe's (e.g. awq before gptq), options set on its own
             data = yaml.safe_load((ROOT / options["file"]).read_text())
-            recipe = parse_recipe({**data, "passes": options["before"] + data["passes"]})
+            passes = [{**step, **options.get("pass_options", {})} for step in data["passes"]]
+            recipe = parse_recipe({**data, "passes": options.get("before", []) + passes})
     else:
         recipe = parse_recipe({"model": MODEL, "passes": options["passes"]})
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,9 +118,11 @@ def quantize_recipe(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -
             calibration=recipe.calibration,
             export=Path(tmp) / "export",
         )
-        result = pipeline.run()
-        bits = summarize_export(result.export_dir).quantized_bits_per_weight
-        return Quantized(bits)  # type: ignore[arg-type]
+        export_dir = pipeline.run().export_dir
+        assert export_dir is not None  # the pipeline was given an export folder
+        bits = summarize_export(export_dir).quantized_bits_per_weight
+        assert bits is not None  # every method here quantizes something
+        return Quantized(bits)
 
 
 def quantize_gguf(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -> Quantized:
@@ -214,8 +223,8 @@ def run_one(name: str, windows: int, seq_len: int) -> dict[str, Any]:
     quantized = QUANTIZERS[kind](model, tokenizer, options)
     seconds = time.perf_counter() - start
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if quantized.seconds is not None:  # timed in the peer's own process
-        seconds, peak_rss_mb = quantized.seconds, quantized.peak_rss_mb
+    if quantized.seconds is not None and quantized.peak_rss_mb is not None:
+        seconds, peak_rss_mb = quantized.seconds, quantized.peak_rss_mb  # the peer's own process
     reference, _ = load_model(MODEL)
     ids = token_windows(tokenizer, load_texts("builtin:wiki", "evaluation"), seq_len, windows)
     metrics = compare_to_reference(model, reference, ids, batch_size=4)
@@ -330,18 +339,19 @@ def main() -> None:
         row["date"] = time.strftime("%Y-%m-%d")
         previous[name] = row
         print(f"[bench_quality] {row}", file=sys.stderr, flush=True)
-    rows = list(previous.values())
-    meta = {
-        "notes": notes,
-        "commands": [c for c in commands if c] + [command_line],
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"),
-        "windows": args.windows,
-        "seq_len": args.seq_len,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    args.out.with_suffix(".md").write_text(render(rows, meta))
+        # written after every method, so a long run that dies keeps what it measured
+        rows = list(previous.values())
+        meta = {
+            "notes": notes,
+            "commands": [c for c in commands if c] + [command_line],
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+            "date": time.strftime("%Y-%m-%d"),
+            "windows": args.windows,
+            "seq_len": args.seq_len,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        args.out.with_suffix(".md").write_text(render(rows, meta))
 
 
 if __name__ == "__main__":
