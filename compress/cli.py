@@ -79,6 +79,9 @@ class RichProgress:
         task = self._bar.add_task(description, total=total)
         for item in items:
             yield item
+            # not held while the next item is made: in a streamed export that would keep the
+            # previous tensor (a 400 MB embedding) alive beside the next layer
+            del item
             self._bar.advance(task)
 
     def log(self, message: str) -> None:

@@ -49,12 +49,16 @@ class QuantizedWeight:
         return out_features, in_features
 
 
-def set_quantized(module: nn.Linear, record: QuantizedWeight) -> None:
-    """Attach ``record`` and make the module's weight its dequantized value."""
+def set_quantized(
+    module: nn.Linear, record: QuantizedWeight, *, update_weight: bool = True
+) -> None:
+    """Attach ``record`` and make the module's weight its dequantized value (unless not
+    ``update_weight``: the weight is already that value, or a storage-free placeholder)."""
     if tuple(module.weight.shape) != record.shape:
         raise ValueError(f"record shape {record.shape} != weight {tuple(module.weight.shape)}")
-    with torch.no_grad():
-        module.weight.copy_(record.dequantize(module.weight.dtype))
+    if update_weight:
+        with torch.no_grad():
+            module.weight.copy_(record.dequantize(module.weight.dtype))
     setattr(module, _ATTR, record)
 
 

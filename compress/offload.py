@@ -31,8 +31,9 @@ from compress.errors import ModelLoadError, RecipeError
 from compress.formats import IntFormat
 from compress.ir import QuantizedWeight, clear_quantized, get_quantized, set_quantized
 from compress.registry import LayerAccess, PassReport
+from compress.utils.memory import release_free_memory
 from compress.utils.modules import decoder_layers
-from compress.utils.safetensors_io import read_tensors
+from compress.utils.safetensors_io import read_metadata, read_tensors
 
 __all__ = ["LayerStore", "SourceWeights", "empty_skeleton", "work_dir_for"]
 
@@ -172,8 +173,7 @@ class LayerStore(LayerAccess):
             hidden = self._hidden_file()
             if not hidden.is_file():
                 return 0
-            with safe_open(str(hidden), framework="pt") as handle:
-                after = int((handle.metadata() or {}).get("after_layer", -1))
+            after = int(read_metadata(hidden).get("after_layer", -1))
             done = min(done, after + 1)
         return done
 
@@ -193,9 +193,8 @@ class LayerStore(LayerAccess):
         path = self._hidden_file()
         if not path.is_file():
             return None
-        with safe_open(str(path), framework="pt") as handle:
-            keys = sorted(handle.keys(), key=lambda k: int(k[1:]))
-            return [handle.get_tensor(key) for key in keys]
+        saved = read_tensors(path)
+        return [saved[key] for key in sorted(saved, key=lambda k: int(k[1:]))]
 
     def finish(
         self,
@@ -233,8 +232,12 @@ class LayerStore(LayerAccess):
 
     # -- offloading --------------------------------------------------------------------------
 
-    def load(self, index: int, layer: nn.Module) -> None:
-        if not self.offloaded or not _is_empty(layer):
+    def load(self, index: int, layer: nn.Module, *, codes_only: bool = False) -> None:
+        if not self.offloaded:
+            return
+        if not codes_only:
+            _rebuild_released(layer)
+        if not _is_empty(layer):
             return
         name = f"{self.prefix}.{index}"
         if index in self._latest:
@@ -244,18 +247,20 @@ class LayerStore(LayerAccess):
             keys = list(layer.state_dict())
             read = self.source.read([f"{name}.{k}" for k in keys])
             state, records = {k: read[f"{name}.{k}"] for k in keys}, {}
-        _fill_layer_(layer, state, records, allocate=True)
+        _fill_layer_(layer, state, records, allocate=True, dequantize=not codes_only)
 
     def unload(self, index: int, layer: nn.Module) -> None:
         if not self.offloaded:
             return
         for module in layer.modules():
             clear_quantized(module)
-            for key, parameter in list(module._parameters.items()):
-                if parameter is not None:
-                    module._parameters[key] = nn.Parameter(
-                        torch.empty_like(parameter, device="meta"), requires_grad=False
-                    )
+            for key in list(module._parameters):
+                _to_meta(module, key)
+        release_free_memory(collect=False)  # the layer's tensors, before the next is read
+
+    def release_weight(self, module: nn.Module) -> None:
+        if self.offloaded and get_quantized(module) is not None:
+            _to_meta(module, "weight")
 
     @contextmanager
     def embedding(self, model: nn.Module) -> Iterator[None]:
@@ -319,6 +324,26 @@ def _is_empty(layer: nn.Module) -> bool:
     return any(p.is_meta for p in layer.parameters())
 
 
+def _to_meta(module: nn.Module, key: str) -> None:
+    """Replace a parameter by a storage-free one of the same shape and dtype."""
+    parameter = module._parameters.get(key)
+    if parameter is not None and not parameter.is_meta:
+        module._parameters[key] = nn.Parameter(
+            torch.empty_like(parameter, device="meta"), requires_grad=False
+        )
+
+
+def _rebuild_released(layer: nn.Module) -> None:
+    """Dequantize the weights :meth:`LayerStore.release_weight` freed, from their records."""
+    for module in layer.modules():
+        record = get_quantized(module)
+        weight = module._parameters.get("weight")
+        if record is not None and weight is not None and weight.is_meta:
+            module._parameters["weight"] = nn.Parameter(
+                record.dequantize(weight.dtype), requires_grad=False
+            )
+
+
 def _write_checkpoint(path: Path, layer: nn.Module, fragment: dict[str, Any]) -> None:
     """Layer tensors (quantized weights as codes only) + records + report part, atomically."""
     tensors: dict[str, torch.Tensor] = {}
@@ -345,28 +370,27 @@ def _write_checkpoint(path: Path, layer: nn.Module, fragment: dict[str, Any]) ->
 
 def _read_fragment(path: Path) -> dict[str, Any]:
     """The pass-report part of a layer checkpoint, without reading its tensors."""
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(json.loads((handle.metadata() or {}).get("report", "{}")))
+    return dict(json.loads(read_metadata(path).get("report", "{}")))
 
 
 def _read_checkpoint(
     path: Path,
 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight], dict[str, Any]]:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        formats = json.loads(metadata.get("formats", "{}"))
-        fragment = json.loads(metadata.get("report", "{}"))
-        names = set(handle.keys())
-        state = {k[2:]: handle.get_tensor(k) for k in names if k.startswith("s:")}
-        records = {}
-        for module_name, described in formats.items():
-            zeros_key = f"q:{module_name}:zeros"
-            records[module_name] = QuantizedWeight(
-                handle.get_tensor(f"q:{module_name}:codes"),
-                handle.get_tensor(f"q:{module_name}:scales"),
-                handle.get_tensor(zeros_key) if zeros_key in names else None,
-                IntFormat.from_dict(described),
-            )
+    # plain reads: mapped pages would count in the resident set beside the copies
+    metadata = read_metadata(path)
+    tensors = read_tensors(path)
+    formats = json.loads(metadata.get("formats", "{}"))
+    fragment = json.loads(metadata.get("report", "{}"))
+    state = {k[2:]: v for k, v in tensors.items() if k.startswith("s:")}
+    records = {
+        module_name: QuantizedWeight(
+            tensors[f"q:{module_name}:codes"],
+            tensors[f"q:{module_name}:scales"],
+            tensors.get(f"q:{module_name}:zeros"),
+            IntFormat.from_dict(described),
+        )
+        for module_name, described in formats.items()
+    }
     return state, records, fragment
 
 
@@ -376,8 +400,10 @@ def _fill_layer_(
     records: dict[str, QuantizedWeight],
     *,
     allocate: bool = False,
+    dequantize: bool = True,
 ) -> None:
-    """Put a checkpointed state into ``layer``; quantized weights are rebuilt from their codes."""
+    """Put a checkpointed state into ``layer``; quantized weights are rebuilt from their codes
+    (or, unless ``dequantize``, left storage-free beside their records)."""
     with torch.no_grad():
         for module_name, module in layer.named_modules():
             prefix = f"{module_name}." if module_name else ""
@@ -388,7 +414,8 @@ def _fill_layer_(
                 if full in state:
                     value = state[full].to(parameter.dtype)
                 elif module_name in records and key == "weight":
-                    value = torch.empty(parameter.shape, dtype=parameter.dtype)
+                    device = None if dequantize else "meta"
+                    value = torch.empty(parameter.shape, dtype=parameter.dtype, device=device)
                 else:
                     raise ModelLoadError(f"layer checkpoint has no tensor {full}")
                 if allocate or parameter.is_meta:
@@ -399,6 +426,6 @@ def _fill_layer_(
                 if buffer is not None and prefix + key in state:
                     buffer.copy_(state[prefix + key])
             if module_name in records:
-                set_quantized(module, records[module_name])
+                set_quantized(module, records[module_name], update_weight=dequantize)
             else:
                 clear_quantized(module)

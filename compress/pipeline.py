@@ -45,6 +45,7 @@ from compress.recipe import (
 )
 from compress.registry import PassConfig, PassContext, PassReport, config_for
 from compress.report import collect_environment, write_report
+from compress.utils.memory import map_large_blocks
 from compress.utils.progress import NullProgress, Progress
 
 __all__ = ["Pipeline", "RunResult"]
@@ -319,6 +320,7 @@ class Pipeline:
         if self.offload:
             folder = self._folder()
             self.progress.log(f"offloading: {folder} stays on disk, one layer loaded at a time")
+            map_large_blocks()  # freed layers go straight back to the OS, not to heap holes
             model = empty_skeleton(folder, spec.dtype, trust_remote_code=spec.trust_remote_code)
             tokenizer = self.tokenizer or load_tokenizer(
                 str(folder), trust_remote_code=spec.trust_remote_code

@@ -74,11 +74,21 @@ class LayerAccess:
         """Make these tensors outside the decoder layers usable for the duration (export)."""
         yield
 
-    def load(self, index: int, layer: nn.Module) -> None:
-        """Make layer ``index`` usable (its weights in memory) before a pass works on it."""
+    def load(self, index: int, layer: nn.Module, *, codes_only: bool = False) -> None:
+        """Make layer ``index`` usable (its weights in memory) before a pass works on it.
+
+        ``codes_only``: quantized Linears get their records but no float weight (an exporter
+        packs the codes and never reads the weight).
+        """
 
     def unload(self, index: int, layer: nn.Module) -> None:
         """Layer ``index`` is not needed now; an offloading store drops its weights."""
+
+    def release_weight(self, module: nn.Module) -> None:
+        """``module`` (of the layer being worked on) is quantized and its float weight is not
+        read again before the layer runs: an offloading store frees it, and :meth:`load`
+        rebuilds it from the codes. A wide layer's other weights are thus gone while its
+        largest Linear is calibrated."""
 
     def finish(
         self,

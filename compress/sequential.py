@@ -151,6 +151,7 @@ def run_sequential(
                     batches.run(layer)
 
             step(index, f"{prefix}.{index}", layer, run)
+            access.load(index, layer)  # weights the step released are rebuilt from their codes
             with torch.no_grad():
                 batches.hidden = batches.run(layer)
             access.finish(index, f"{prefix}.{index}", layer, batches.hidden, report)

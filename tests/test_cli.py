@@ -518,3 +518,32 @@ def test_report_of_a_missing_run_exits_2(capsys, exported: Exported, tmp_path) -
     result = invoke(capsys, "report", exported.directory, tmp_path / "nope")
     assert result.code == 2
     assert "no such report folder" in result.err
+
+
+def test_progress_bar_does_not_hold_the_previous_item() -> None:
+    """A streamed export drops each tensor once written; the bar must not keep it alive while
+    the producer makes the next one (offloaded exports budget for one tensor at a time)."""
+    import gc
+    import weakref
+
+    from compress.cli import RichProgress
+
+    class Item:
+        pass
+
+    alive_when_next_made = []
+    previous: list[weakref.ref] = []
+
+    def produce():
+        for _ in range(3):
+            gc.collect()
+            alive_when_next_made.append(any(ref() is not None for ref in previous))
+            item = Item()
+            previous.append(weakref.ref(item))
+            yield item
+            del item
+
+    with RichProgress() as progress:
+        for item in progress.track(produce(), "items", total=3):
+            del item
+    assert alive_when_next_made == [False, False, False]

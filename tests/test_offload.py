@@ -228,3 +228,31 @@ def test_cli_resume_after_sigkill(model_dir, text_file, plain_export, tmp_path) 
     )
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
     assert _weight_bytes(out) == _weight_bytes(plain_export)
+
+
+def test_released_weights_are_rebuilt_from_their_codes(model_dir: Path, tmp_path: Path) -> None:
+    """GPTQ frees each quantized weight of an offloaded layer; ``load`` brings back exactly the
+    dequantized weight, and a store that keeps the model in memory frees nothing."""
+    from compress.formats import IntFormat, quantize_int
+    from compress.ir import QuantizedWeight, set_quantized
+    from compress.offload import SourceWeights, empty_skeleton
+
+    model = empty_skeleton(model_dir, "float32", trust_remote_code=False)
+    store = LayerStore(model, tmp_path / "work", fingerprint="x", source=SourceWeights(model_dir))
+    layer = model.model.layers[1]
+    store.load(1, layer)
+    module = layer.self_attn.q_proj
+    fmt = IntFormat(4, 32, True)
+    codes, scales, zeros = quantize_int(module.weight.detach(), fmt)
+    set_quantized(module, QuantizedWeight(codes, scales, zeros, fmt))
+    expected = module.weight.detach().clone()
+
+    store.release_weight(module)
+    assert module.weight.is_meta
+    assert not layer.self_attn.k_proj.weight.is_meta  # not quantized: kept
+    store.load(1, layer)
+    assert torch.equal(module.weight, expected)
+
+    in_memory = LayerStore(model, tmp_path / "work2", fingerprint="x")
+    in_memory.release_weight(module)
+    assert torch.equal(module.weight, expected)

@@ -59,7 +59,7 @@ def packed_state(
             if current is not None:
                 access.unload(current, blocks[current])
             if index is not None:
-                access.load(index, blocks[index])
+                access.load(index, blocks[index], codes_only=True)
             current = index
         owner, _, leaf = key.rpartition(".")
         module = model.get_submodule(owner) if owner else model

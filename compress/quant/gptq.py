@@ -86,6 +86,7 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
                 hessians.drop(name)
             _quantize_module(name, mine[name], hessian, fmt, config, report, consume=last_use)
             del hessian
+            context.layers.release_weight(mine[name])  # offloading: its codes are enough now
 
     run_sequential(
         model,

@@ -135,7 +135,7 @@ def gptq_quantize(
     size = in_features // groups
 
     w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place below
-    if not bool(torch.isfinite(hessian).all()):
+    if not _all_finite(hessian):
         raise PassError(
             "gptq: the calibration Hessian has non-finite entries",
             hint="check the calibration data and the layer inputs for inf/nan activations",
@@ -183,11 +183,7 @@ def gptq_quantize(
     group_of_column = torch.arange(in_features, device=w.device) // size  # natural order
     if perm is not None:
         group_of_column = group_of_column[perm]
-    column_scales = column_zeros = torch.empty(0)
-    if not dynamic_groups:
-        # (out, in) in processing order: each column's own group's scale/zero
-        column_scales = scales[:, group_of_column]
-        column_zeros = zeros[:, group_of_column]
+    column_group = group_of_column.tolist()  # each column's group, in processing order
     group_fmt = IntFormat(fmt.bits, size, fmt.symmetric, fmt.scale_dtype)
 
     max_code = float(fmt.levels - 1)
@@ -208,8 +204,8 @@ def gptq_quantize(
                     scale, zero = _group_params(current, group_fmt, observer)
                     scales[:, column // size] = scale
                     zeros[:, column // size] = zero
-            else:
-                scale, zero = column_scales[:, column], column_zeros[:, column]
+            else:  # views, not an (out, in) expansion: that would be 2 x 46 MB on a wide layer
+                scale, zero = scales[:, column_group[column]], zeros[:, column_group[column]]
             x = block[:, i]
             code = torch.round(x / scale).add_(zero).clamp_(0.0, max_code)
             error = (x - (code - zero) * scale).div_(hinv_block[i, i])
@@ -263,7 +259,7 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
             for row in range(n - 1):
                 matrix[row, row + 1 :] = 0.0
             _reverse_in_place(matrix)  # J L⁻¹ J
-            if np.isfinite(matrix).all():
+            if _all_finite(h):
                 return h
             raise PassError(
                 "gptq: the inverse Hessian factor has non-finite entries",
@@ -273,6 +269,12 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
             matrix[row, :row] = matrix[:row, row]
         fraction = fraction * 10 if fraction > 0 else 1e-3
     raise _not_positive_definite(fraction / 10, damp)
+
+
+def _all_finite(tensor: torch.Tensor, rows: int = 256) -> bool:
+    """``isfinite(tensor).all()`` a slab of rows at a time: the full boolean mask of a
+    5632-wide Hessian would be a 32 MB temporary."""
+    return all(bool(torch.isfinite(slab).all()) for slab in torch.split(tensor, rows))
 
 
 def _factor_on_device(h: torch.Tensor, damp: float) -> torch.Tensor:

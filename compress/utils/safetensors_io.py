@@ -20,12 +20,13 @@ import os
 import shutil
 import struct
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
 from compress.errors import ExportError
 
-__all__ = ["ShardWriter", "read_tensors"]
+__all__ = ["ShardWriter", "read_metadata", "read_tensors"]
 
 _DTYPES = {
     torch.float64: "F64",
@@ -103,23 +104,15 @@ class ShardWriter:
         self.path.unlink(missing_ok=True)
 
 
-def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """The named tensors of a safetensors file, each read straight into its own tensor."""
+def read_tensors(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors (all, when ``names`` is None) of a safetensors file, each read straight
+    into its own tensor."""
     path = Path(path)
     with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise ExportError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (length,) = struct.unpack("<Q", prefix)
-        size = os.fstat(handle.fileno()).st_size
-        if length > size - 8:
-            raise ExportError(f"{path}: safetensors header of {length} bytes is past the end")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as error:
-            raise ExportError(f"{path}: safetensors header is not JSON ({error})") from None
+        length, size, header = _read_header(handle, path)
+        wanted = [k for k in header if k != "__metadata__"] if names is None else names
         tensors = {}
-        for name in names:
+        for name in wanted:
             entry = header.get(name)
             if not isinstance(entry, dict) or entry.get("dtype") not in _FROM_NAME:
                 raise ExportError(f"{path}: no readable tensor {name!r} in the file")
@@ -134,3 +127,30 @@ def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
                 raise ExportError(f"{path}: tensor {name} is truncated")
             tensors[name] = tensor
     return tensors
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file (empty when it has none)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        _, _, header = _read_header(handle, path)
+    metadata = header.get("__metadata__") or {}
+    return dict(metadata) if isinstance(metadata, dict) else {}
+
+
+def _read_header(handle: BinaryIO, path: Path) -> tuple[int, int, dict[str, Any]]:
+    """(header length, file size, parsed header) of an open safetensors file."""
+    prefix = handle.read(8)
+    if len(prefix) != 8:
+        raise ExportError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+    (length,) = struct.unpack("<Q", prefix)
+    size = os.fstat(handle.fileno()).st_size
+    if length > size - 8:
+        raise ExportError(f"{path}: safetensors header of {length} bytes is past the end")
+    try:
+        header = json.loads(handle.read(length))
+    except ValueError as error:
+        raise ExportError(f"{path}: safetensors header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ExportError(f"{path}: safetensors header is not a JSON object")
+    return length, size, header

@@ -102,3 +102,20 @@ def test_read_tensors_refuses_bad_files(tmp_path: Path) -> None:
     (tmp_path / "tiny.safetensors").write_bytes(b"abc")
     with pytest.raises(ExportError, match="shorter than 8 bytes"):
         read_tensors(tmp_path / "tiny.safetensors", ["a"])
+
+
+def test_read_all_tensors_and_metadata(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from compress.utils.safetensors_io import read_metadata, read_tensors
+
+    tensors = {k: v.contiguous() for k, v in _tensors().items()}
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"after_layer": "3"})
+    read = read_tensors(tmp_path / "x.safetensors")
+    assert sorted(read) == sorted(tensors)
+    for name, tensor in tensors.items():
+        as_bytes = [t.reshape(-1).view(torch.uint8) for t in (read[name], tensor)]
+        assert torch.equal(*as_bytes), name
+    assert read_metadata(tmp_path / "x.safetensors") == {"after_layer": "3"}
+    save_file({"a": torch.ones(2)}, str(tmp_path / "plain.safetensors"))
+    assert read_metadata(tmp_path / "plain.safetensors") == {}
