@@ -117,13 +117,14 @@ def convert_state(
         owner, _, leaf = key.rpartition(".")
         record = records.get(owner)
         if record is None or leaf not in ("qweight", "scales"):
-            yield key, tensor
-            continue
-        out_features, in_features = record.shape
-        if leaf == "qweight":
+            converted = [(key, tensor)]
+        elif leaf == "qweight":
+            out_features, in_features = record.shape
             check_representable(owner, record.fmt, in_features)
-            yield f"{owner}.weight_packed", _words(tensor)
-            yield f"{owner}.weight_shape", torch.tensor([out_features, in_features])
+            converted = [
+                (f"{owner}.weight_packed", _words(tensor)),
+                (f"{owner}.weight_shape", torch.tensor([out_features, in_features])),
+            ]
         else:
             scale = tensor.to(dtype)
             if not rounded and not torch.equal(scale.to(tensor.dtype), tensor):
@@ -135,7 +136,12 @@ def convert_state(
                     dtype,
                     owner,
                 )
-            yield f"{owner}.weight_scale", scale.contiguous()
+            converted = [(f"{owner}.weight_scale", scale.contiguous())]
+        # nothing of this tensor is held while the producer makes the next one (an offloaded
+        # export budgets for one tensor at a time)
+        del tensor
+        yield from converted
+        del converted
 
 
 def _weights_args(fmt: IntFormat, in_features: int) -> dict[str, Any]:

@@ -119,38 +119,44 @@ class EntropyEncoder:
 
         ``records`` (quantization records by module) may fill while the stream is consumed.
         """
-        config = self.config
         for name, tensor in tensors:
             kind = self.wanted(name, tensor, records)
-            if kind is None:
-                yield name, tensor
-                continue
-            extra: dict[str, Any] = {}
-            if kind == "bf16":
-                coded = encode_bf16(tensor, chunk=config.chunk, table_bits=config.pair_bits)
-                exponents, _ = split_bf16(tensor)
-                bound = entropy_bits(exponents) + 8 * tensor.numel()
-                raw_bytes = 2 * tensor.numel()
-            else:
-                record = records[name.rpartition(".")[0]]
-                columns = record.shape[1]
-                codes = unpack_codes(tensor, record.fmt.bits, columns)
-                coded = encode_codes(
-                    codes, record.fmt.bits, chunk=config.chunk, table_bits=config.table_bits
-                )
-                bound = entropy_bits(codes, 1 << record.fmt.bits)
-                raw_bytes = tensor.numel()
-                extra = {"pack_bits": record.fmt.bits, "columns": columns}
-            self.entries[name] = {
-                **coded.spec.to_dict(),
-                **extra,
-                "stream_bytes": coded.stream.numel(),
-                "stored_bytes": coded.nbytes,
-                "raw_bytes": raw_bytes,
-                "entropy_bound_bytes": bound / 8,
-            }
-            for part, value in coded.tensors().items():
-                yield stored_name(name, part), value
+            coded = [(name, tensor)] if kind is None else self._encode(name, tensor, kind, records)
+            # nothing of this tensor is held while the producer makes the next one
+            del tensor
+            yield from coded
+            del coded
+
+    def _encode(
+        self, name: str, tensor: torch.Tensor, kind: str, records: dict[str, Any]
+    ) -> list[tuple[str, torch.Tensor]]:
+        """The ``_ec_`` parts of one tensor; its entry for the manifest is recorded."""
+        config = self.config
+        extra: dict[str, Any] = {}
+        if kind == "bf16":
+            coded = encode_bf16(tensor, chunk=config.chunk, table_bits=config.pair_bits)
+            exponents, _ = split_bf16(tensor)
+            bound = entropy_bits(exponents) + 8 * tensor.numel()
+            raw_bytes = 2 * tensor.numel()
+        else:
+            record = records[name.rpartition(".")[0]]
+            columns = record.shape[1]
+            codes = unpack_codes(tensor, record.fmt.bits, columns)
+            coded = encode_codes(
+                codes, record.fmt.bits, chunk=config.chunk, table_bits=config.table_bits
+            )
+            bound = entropy_bits(codes, 1 << record.fmt.bits)
+            raw_bytes = tensor.numel()
+            extra = {"pack_bits": record.fmt.bits, "columns": columns}
+        self.entries[name] = {
+            **coded.spec.to_dict(),
+            **extra,
+            "stream_bytes": coded.stream.numel(),
+            "stored_bytes": coded.nbytes,
+            "raw_bytes": raw_bytes,
+            "entropy_bound_bytes": bound / 8,
+        }
+        return [(stored_name(name, part), value) for part, value in coded.tensors().items()]
 
     def quantization_config(self, qconfig: dict[str, Any] | None) -> dict[str, Any]:
         """``quantization_config`` with the entropy marker (one is made for a float model)."""
