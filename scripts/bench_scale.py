@@ -21,6 +21,7 @@ import os
 import platform
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -103,8 +104,8 @@ def write_model(folder: Path, args: argparse.Namespace) -> int:
             "lm_head.weight": torch.randn(vocab, args.hidden, generator=generator) * 0.02,
         },
     )
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    shard_index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(shard_index, indent=2))
     return total
 
 
@@ -167,7 +168,17 @@ def render(result: dict[str, Any]) -> str:
         "`model.offload: true`; calibration "
         "text `builtin:wiki`. Random weights: this measures memory and time, not quality.",
     ]
+    if result.get("notes"):  # written by hand into the JSON, kept by later runs
+        notes = result["notes"]  # "  - " starts a sub-point of the note before
+        lines += ["", "Notes:", ""] + [n if n.startswith("  - ") else f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _tensor_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file: its size less the 8-byte length and header."""
+    with open(path, "rb") as handle:
+        header_length = struct.unpack("<Q", handle.read(8))[0]
+    return path.stat().st_size - 8 - header_length
 
 
 def _same_model(model_dir: Path, args: argparse.Namespace) -> bool:
@@ -202,12 +213,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="reuse a model kept (--keep) in --workdir by an earlier run with the same shape",
     )
+    parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        result = json.loads((args.out / "scale.json").read_text())
+        (args.out / "scale.md").write_text(render(result))
+        return 0
 
     model_dir, export_dir = args.workdir / "model", args.workdir / "export"
     if args.reuse_model and _same_model(model_dir, args):
         print(f"reusing the random Llama in {model_dir}", flush=True)
-        model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+        model_bytes = sum(_tensor_bytes(p) for p in model_dir.glob("*.safetensors"))
         shutil.rmtree(export_dir, ignore_errors=True)
         shutil.rmtree(args.workdir / ".export.work", ignore_errors=True)
     else:
@@ -242,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_fraction": apply["peak_rss_bytes"] / model_bytes,
         "apply": apply,
     }
+    previous = args.out / "scale.json"
+    if previous.is_file():
+        result["notes"] = json.loads(previous.read_text()).get("notes", [])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "scale.md").write_text(render(result))
