@@ -194,9 +194,10 @@ def test_chromium_renders_the_plots(three_runs: list[Path], tmp_path: Path) -> N
     image = Image.open(shot).convert("RGB")
     # Plot lines, markers and bars are saturated colours; the page itself is black on white,
     # so coloured pixels exist only if the images were decoded and laid out.
+    pixels = image.tobytes()  # RGB triples; getdata() is deprecated in Pillow 13
     coloured = sum(
         1
-        for r, g, b in image.getdata()  # type: ignore[misc]
+        for r, g, b in zip(pixels[0::3], pixels[1::3], pixels[2::3], strict=True)
         if max(r, g, b) - min(r, g, b) > 60
     )
     assert coloured > 5000
