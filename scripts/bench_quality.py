@@ -52,14 +52,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
         "recipe",
         {"file": "recipes/smollm2-w4-gptq.yaml", "pass_options": {"symmetric": True}},
     ),
+    # AWQ scaling before the same GPTQ (rows of 2026-11-23 were run as the gptq recipes with
+    # the awq pass put first: the same passes as these files)
     **{
-        f"awq-gptq-w{bits}": (
-            "recipe",
-            {
-                "file": f"recipes/smollm2-w{bits}-gptq.yaml",
-                "before": [{"pass": "awq", "bits": bits, "group_size": 64, "symmetric": False}],
-            },
-        )
+        f"awq-gptq-w{bits}": ("recipe", {"file": f"recipes/smollm2-w{bits}-awq-gptq.yaml"})
         for bits in (4, 3, 2)
     },
     "gguf-q8_0": ("gguf", {"type": "Q8_0"}),
@@ -103,11 +99,10 @@ def quantize_recipe(model: nn.Module, tokenizer: Any, options: dict[str, Any]) -
 
     if "file" in options:
         recipe = load_recipe(ROOT / options["file"])
-        if "before" in options or "pass_options" in options:
-            # extra passes ahead of the recipe's (e.g. awq before gptq), options set on its own
+        if "pass_options" in options:  # the recipe with these options set on its passes
             data = yaml.safe_load((ROOT / options["file"]).read_text())
-            passes = [{**step, **options.get("pass_options", {})} for step in data["passes"]]
-            recipe = parse_recipe({**data, "passes": options.get("before", []) + passes})
+            passes = [{**step, **options["pass_options"]} for step in data["passes"]]
+            recipe = parse_recipe({**data, "passes": passes})
     else:
         recipe = parse_recipe({"model": MODEL, "passes": options["passes"]})
     with tempfile.TemporaryDirectory() as tmp:
