@@ -33,7 +33,7 @@ from compress.ir import QuantizedWeight, clear_quantized, get_quantized, set_qua
 from compress.registry import LayerAccess, PassReport
 from compress.utils.memory import release_free_memory
 from compress.utils.modules import decoder_layers
-from compress.utils.safetensors_io import read_metadata, read_tensors
+from compress.utils.safetensors_io import read_file, read_metadata, read_tensors
 
 __all__ = ["LayerStore", "SourceWeights", "empty_skeleton", "work_dir_for"]
 
@@ -377,8 +377,7 @@ def _read_checkpoint(
     path: Path,
 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight], dict[str, Any]]:
     # plain reads: mapped pages would count in the resident set beside the copies
-    metadata = read_metadata(path)
-    tensors = read_tensors(path)
+    tensors, metadata = read_file(path)
     formats = json.loads(metadata.get("formats", "{}"))
     fragment = json.loads(metadata.get("report", "{}"))
     state = {k[2:]: v for k, v in tensors.items() if k.startswith("s:")}

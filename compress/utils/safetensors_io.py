@@ -26,7 +26,7 @@ import torch
 
 from compress.errors import ExportError
 
-__all__ = ["ShardWriter", "read_metadata", "read_tensors"]
+__all__ = ["ShardWriter", "read_file", "read_metadata", "read_tensors"]
 
 _DTYPES = {
     torch.float64: "F64",
@@ -107,6 +107,21 @@ class ShardWriter:
 def read_tensors(path: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """The named tensors (all, when ``names`` is None) of a safetensors file, each read straight
     into its own tensor."""
+    return read_file(path, names)[0]
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file (empty when it has none)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        _, _, header = _read_header(handle, path)
+    return _metadata(header)
+
+
+def read_file(
+    path: Path, names: list[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`read_tensors` and :func:`read_metadata` in one pass over the file."""
     path = Path(path)
     with open(path, "rb") as handle:
         length, size, header = _read_header(handle, path)
@@ -126,14 +141,10 @@ def read_tensors(path: Path, names: list[str] | None = None) -> dict[str, torch.
             if nbytes and handle.readinto(target) != nbytes:
                 raise ExportError(f"{path}: tensor {name} is truncated")
             tensors[name] = tensor
-    return tensors
+    return tensors, _metadata(header)
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The ``__metadata__`` strings of a safetensors file (empty when it has none)."""
-    path = Path(path)
-    with open(path, "rb") as handle:
-        _, _, header = _read_header(handle, path)
+def _metadata(header: dict[str, Any]) -> dict[str, str]:
     metadata = header.get("__metadata__") or {}
     return dict(metadata) if isinstance(metadata, dict) else {}
 
