@@ -72,12 +72,9 @@ def _torch_int8(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def _native(fn: Callable[..., torch.Tensor]) -> Callable[[QuantLinear, torch.Tensor], torch.Tensor]:
     def kernel(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (M, K), converted once
         fmt = module.fmt
-        out = fn(flat, module.qweight, module.scales, module.qzeros, fmt.bits, fmt.group_size)
-        if module.bias is not None:
-            out += module.bias.to(torch.float32)
-        return out.to(x.dtype).reshape(*x.shape[:-1], module.out_features)
+        args = (module.qweight, module.scales, module.qzeros, fmt.bits, fmt.group_size)
+        return fn(x, *args, module.bias)
 
     return kernel
 

@@ -79,15 +79,93 @@ def test_native_dequantize_is_exact(bits, symmetric, shape):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("batch", [1, 3, 17])
 def test_half_activations_match_fp32_oracle(dtype, bits, batch):
-    """In fp32 inside, the native kernels are at least as close to exact as the reference."""
-    module = make(33, 200, IntFormat(bits, 40, False))
-    x = torch.randn(2, batch, 200).to(dtype)
+    """In fp32 (or int16 dots) inside, the native kernels are at least as close to exact as the
+    reference, per-8 blocks (g 40) and whole 64-code blocks (g 64) alike."""
+    group = 40 if bits in (5, 7) else 64
+    module = make(33, 320, IntFormat(bits, group, False))
+    x = torch.randn(2, batch, 320).to(dtype)
     oracle = kernels.KERNELS["reference"](module, x.float())
     reference = kernels.KERNELS["reference"](module, x)
     for name in NATIVE:
         got = kernels.KERNELS[name](module, x)
         assert got.dtype == dtype and got.shape == (2, batch, 33)
         assert relative_error(got, oracle) <= max(relative_error(reference, oracle), 4e-3), name
+
+
+# Shapes for the int16-activation path (whole 64-code blocks): chunks of 64 (g 64) and 128
+# (g 128, per-channel), several chunks per group (g 256, g 192 = three 64-chunks), a partial
+# last octet of chunks (K 1152 = 9 groups) and a per-channel fp32 tail (K 1088 + 8, K 200).
+INT16_SHAPES = [
+    (9, 192, 64),
+    (65, 256, 128),
+    (7, 200, None),
+    (40, 1152, 128),
+    (12, 1024, 256),
+    (12, 1152, 192),
+    (10, 1096, None),
+    (6, 4096, None),
+]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", INT16_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+def test_int16_activation_path_matches_reference(bits, symmetric, shape):
+    """x rounded to int16 per chunk: within 1e-4 of exact (measured worst 3.4e-5); a wrong lane
+    order, chunk scale or zero-point term is off by O(1)."""
+    out_features, in_features, group = shape
+    module = make(out_features, in_features, IntFormat(bits, group, symmetric), bias=False)
+    for batch in (1, 3, 17):  # tiles of 4, 2 and 1 rows
+        x = torch.randn(batch, in_features)
+        want = kernels.KERNELS["reference"](module, x)
+        got = cpu.gemv(
+            x, module.qweight, module.scales, module.qzeros, bits, group, int16_acts=True
+        )
+        assert relative_error(got, want) < 1e-4, batch
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
+def test_int16_path_reads_every_scale_dtype(scale_dtype):
+    """Scales of eight groups are loaded as one vector: K 1152 has a full octet and one more."""
+    module = make(20, 1152, IntFormat(4, 128, True, scale_dtype=scale_dtype), bias=False)
+    x = torch.randn(3, 1152)
+    want = kernels.KERNELS["reference"](module, x)
+    got = cpu.gemv(x, module.qweight, module.scales, None, 4, 128, int16_acts=True)
+    assert relative_error(got, want) < 1e-4
+
+
+def test_int16_path_with_an_outlier_channel():
+    """One activation 1000x the rest (as LLMs have) costs precision only inside its chunk."""
+    module = make(64, 1024, IntFormat(4, 128, True), bias=False)
+    x = torch.randn(1, 1024)
+    x[0, 300] = 1000.0
+    want = kernels.KERNELS["reference"](module, x.double().float())
+    got = cpu.gemv(x, module.qweight, module.scales, None, 4, 128, int16_acts=True)
+    assert relative_error(got, want) < 1e-4
+
+
+def test_int16_path_propagates_non_finite_activations_like_the_reference():
+    """A non-finite chunk has no int16 scale: the call falls back to fp32."""
+    module = make(16, 256, IntFormat(4, 128, True), bias=False)
+    x = torch.randn(2, 256)
+    x[0, 5] = float("inf")
+    x[1, 200] = float("nan")
+    want = kernels.KERNELS["reference"](module, x)
+    got = cpu.gemv(x, module.qweight, module.scales, None, 4, 128, int16_acts=True)
+    assert not want.isfinite().any()  # inf * weights of both signs: inf or nan everywhere
+    assert torch.equal(got.isfinite(), want.isfinite())
+
+
+def test_half_activations_take_the_int16_path_and_fp32_the_exact_one():
+    module = make(33, 512, IntFormat(4, 128, True), bias=False)
+    x = torch.randn(1, 512)
+    exact = cpu.gemv(x, module.qweight, module.scales, None, 4, 128, int16_acts=False)
+    rounded = cpu.gemv(x, module.qweight, module.scales, None, 4, 128, int16_acts=True)
+    assert not torch.equal(exact, rounded)  # the int16 rounding shows in the last bits
+    assert torch.equal(kernels.KERNELS["cpu_gemv"](module, x), exact)
+    x16 = x.to(torch.bfloat16)
+    rounded16 = cpu.gemv(x16.float(), module.qweight, module.scales, None, 4, 128, int16_acts=True)
+    assert torch.equal(kernels.KERNELS["cpu_gemv"](module, x16), rounded16.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
@@ -105,7 +183,7 @@ def test_tile_boundaries_of_the_gemm():
     x = torch.randn(5, 64)
     want = kernels.KERNELS["reference"](module, x)
     for tile in (1, 8, 36, 1000):
-        got = cpu.gemm(x, module.qweight, module.scales, module.qzeros, 3, 32, tile)
+        got = cpu.gemm(x, module.qweight, module.scales, module.qzeros, 3, 32, tile_rows=tile)
         assert relative_error(got, want) < 1e-5, tile
 
 
