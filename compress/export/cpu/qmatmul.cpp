@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -491,6 +492,18 @@ struct Wide {
   }
 };
 
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
 // x rounded to int16, chunk by chunk: a chunk is 64 or 128 codes and never straddles a weight
 // group. Per-chunk arrays are padded to whole octets of chunks with zeros.
 struct QuantActs {
@@ -510,28 +523,40 @@ struct QuantActs {
     q.assign(static_cast<size_t>(M * ksuper), 0);
     scale.assign(static_cast<size_t>(M * padded), 0.f);
     qsum.assign(static_cast<size_t>(M * padded), 0);
+    int8_t perm[64];  // block position t takes input perm[t] of the block
+    for (int v = 0; v < 4; ++v)
+      for (int j = 0; j < 16; ++j) perm[16 * v + j] = static_cast<int8_t>(wide_perm(p.bits, v, j));
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    alignas(32) int16_t natural[64];
     for (int64_t m = 0; m < M; ++m) {
       const float* src = x + m * K;
       int16_t* dst = q.data() + m * ksuper;
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t k0 = c * chunk, k1 = std::min(k0 + chunk, ksuper);
-        float amax = 0.f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(src[k]));
-        if (!std::isfinite(amax)) return false;
-        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
-        int32_t total = 0;
+        __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 8) {
+          const __m256 v = _mm256_and_ps(_mm256_loadu_ps(src + k), abs_mask);
+          vmax = _mm256_max_ps(vmax, v);
+          bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, inf, _CMP_NLT_UQ));  // inf or nan
+        }
+        if (_mm256_movemask_ps(bad) != 0) return false;
+        const float amax = hmax(vmax);
+        const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+        __m256i total = _mm256_setzero_si256();
         for (int64_t b = k0; b < k1; b += 64) {
-          for (int v = 0; v < 4; ++v) {
-            for (int j = 0; j < 16; ++j) {
-              const float r = std::nearbyint(src[b + wide_perm(p.bits, v, j)] * inv);
-              const int16_t t = static_cast<int16_t>(std::clamp(r, -32767.f, 32767.f));
-              dst[b + 16 * v + j] = t;
-              total += t;
-            }
+          for (int t = 0; t < 4; ++t) {  // round to nearest even (the MXCSR default)
+            const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + b + 16 * t), inv));
+            const __m256i hi =
+                _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + b + 16 * t + 8), inv));
+            total = _mm256_add_epi32(total, _mm256_add_epi32(lo, hi));
+            const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(natural + 16 * t), packed);
           }
+          for (int t = 0; t < 64; ++t) dst[b + t] = natural[perm[t]];
         }
         scale[m * padded + c] = amax / 32767.f;
-        qsum[m * padded + c] = total;
+        qsum[m * padded + c] = hsum_epi32(total);
       }
     }
     return true;
