@@ -427,39 +427,45 @@ void gemv_fp32(const Packed& p, const float* xs, int64_t M, int64_t K, float* o)
 // kernel is no longer bound by instructions but by the bytes of packed weights.
 
 // 64 codes -> four vectors of sixteen int16 codes. Lane j of vector v holds code wide_perm(v, j).
-constexpr bool has_wide(int B) { return B == 2 || B == 3 || B == 4 || B == 6 || B == 8; }
+// 7-bit codes do not fit: two of them span three bytes.
+constexpr bool has_wide(int B) { return B != 7; }
 
 inline int wide_perm(int B, int v, int j) {
   if (B == 8) return 16 * v + j;
-  if (B == 6) return 32 * (v / 2) + 2 * j + v % 2;
+  if (B == 5 || B == 6) return 32 * (v / 2) + 2 * j + v % 2;
   return 4 * j + v;
 }
 
 template <int B>
 struct Wide {
+  // 3, 5 and 6 bits: a run of 16 lanes of L bits (3: four codes, 5 and 6: two codes) whose
+  // high half is loaded from byte kHigh, so both halves read inside the run.
+  static constexpr int L = B == 5 ? 10 : 12;
+  static constexpr int kRun = 2 * L;  // bytes
+  static constexpr int kHigh = kRun - 16;
   __m256i ctrl, align, mask;
 
   Wide() {
-    // 3- and 6-bit: 16-bit lane j takes the two bytes holding bits [12j, 12j + 12) of a 24-byte
-    // run (the high half is loaded from byte 8); lanes starting mid-byte (odd j) sit at bit 4,
-    // the others are multiplied by 16 to sit there too.
+    // Lane j takes the two bytes holding bits [L j, L j + L) of the run, then is multiplied by
+    // 2^(16 - L - bit offset) so every lane's codes start at bit 16 - L (shifted-out bits are
+    // the neighbours').
     alignas(32) int8_t c[32];
     alignas(32) int16_t a[16];
     for (int j = 0; j < 16; ++j) {
-      const int bit = 12 * j;
-      const int byte = bit / 8 - (j < 8 ? 0 : 8);
+      const int bit = L * j;
+      const int byte = bit / 8 - (j < 8 ? 0 : kHigh);
       c[2 * j] = static_cast<int8_t>(byte);
       c[2 * j + 1] = static_cast<int8_t>(byte + 1);
-      a[j] = static_cast<int16_t>(bit % 8 == 0 ? 16 : 1);
+      a[j] = static_cast<int16_t>(1 << (16 - L - bit % 8));
     }
     ctrl = _mm256_load_si256(reinterpret_cast<const __m256i*>(c));
     align = _mm256_load_si256(reinterpret_cast<const __m256i*>(a));
     mask = _mm256_set1_epi16(static_cast<int16_t>((1 << B) - 1));
   }
 
-  inline __m256i load24(const uint8_t* src) const {
+  inline __m256i load_run(const uint8_t* src) const {
     const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + kHigh));
     return _mm256_mullo_epi16(_mm256_shuffle_epi8(_mm256_set_m128i(hi, lo), ctrl), align);
   }
 
@@ -474,15 +480,15 @@ struct Wide {
           _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
       for (int i = 0; i < 3; ++i) out[i] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * i), mask);
       out[3] = _mm256_srli_epi16(v, 6);
-    } else if (B == 3) {  // lane j = codes 4j..4j+3 from bit 4
-      const __m256i v = load24(src);
+    } else if (B == 3) {  // one run; lane j = codes 4j..4j+3 from bit 4
+      const __m256i v = load_run(src);
       for (int i = 0; i < 3; ++i) out[i] = _mm256_and_si256(_mm256_srli_epi16(v, 4 + 3 * i), mask);
       out[3] = _mm256_srli_epi16(v, 13);
-    } else if (B == 6) {  // two runs of 24 bytes; lane j = codes 2j, 2j+1 of the run from bit 4
+    } else if (B == 5 || B == 6) {  // two runs; lane j = codes 2j, 2j+1 of the run
       for (int h = 0; h < 2; ++h) {
-        const __m256i v = load24(src + 24 * h);
-        out[2 * h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-        out[2 * h + 1] = _mm256_srli_epi16(v, 10);
+        const __m256i v = load_run(src + kRun * h);
+        out[2 * h] = _mm256_and_si256(_mm256_srli_epi16(v, 16 - 2 * B), mask);
+        out[2 * h + 1] = _mm256_srli_epi16(v, 16 - B);
       }
     } else {  // B == 8
       for (int i = 0; i < 4; ++i) {
@@ -698,7 +704,8 @@ void gemv_run_wide(const Packed& p, const QuantActs& a, const float* x, int64_t 
 // int16 activations over the whole 64-code blocks; false (nothing written) when the format has
 // no such blocks or x is not finite.
 bool gemv_int16(const Packed& p, const float* xs, int64_t M, int64_t K, float* o) {
-  const int64_t ksuper = super_ok(p) ? K / 64 * 64 : 0;
+  const bool blocks_ok = has_wide(p.bits) && (p.groups == 1 || p.group % 64 == 0);
+  const int64_t ksuper = blocks_ok ? K / 64 * 64 : 0;
   if (ksuper == 0) return false;
   QuantActs a;
   if (!a.build(p, xs, M, K, ksuper)) return false;
@@ -714,6 +721,7 @@ bool gemv_int16(const Packed& p, const float* xs, int64_t M, int64_t K, float* o
     case 2: gemv_run_wide<2>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
     case 3: gemv_run_wide<3>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
     case 4: gemv_run_wide<4>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
+    case 5: gemv_run_wide<5>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
     case 6: gemv_run_wide<6>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
     default: gemv_run_wide<8>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
   }
