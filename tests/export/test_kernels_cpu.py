@@ -200,7 +200,12 @@ def test_selection_by_rows_and_override(monkeypatch):
     assert kernels.select(fmt, 4096, rows=kernels.GEMV_MAX_ROWS + 1, dtype=torch.float32) == (
         "cpu_gemm"
     )
-    assert kernels.describe(fmt, 4096) == f"cpu_gemv (≤{kernels.GEMV_MAX_ROWS} rows), cpu_gemm"
+    rows = kernels.GEMV_MAX_ROWS
+    assert kernels.describe(fmt, 4096) == (
+        f"cpu_gemv (≤{rows} rows; int16 dots for bf16/fp16 activations), cpu_gemm"
+    )
+    assert kernels.describe(IntFormat(7, 128), 4096) == f"cpu_gemv (≤{rows} rows), cpu_gemm"
+    assert kernels.describe(IntFormat(4, 32), 4096) == f"cpu_gemv (≤{rows} rows), cpu_gemm"
     monkeypatch.setenv("COMPRESS_KERNEL", "reference")
     assert kernels.select(fmt, 4096, rows=1, dtype=torch.float32) == "reference"
     monkeypatch.setenv("COMPRESS_KERNEL", "refrence")

@@ -16,7 +16,15 @@ import torch
 
 from compress.utils.native import load_native
 
-__all__ = ["GEMM_TILE_ROWS", "dequantize", "gemm", "gemv", "native", "vectorized"]
+__all__ = [
+    "GEMM_TILE_ROWS",
+    "dequantize",
+    "gemm",
+    "gemv",
+    "int16_path",
+    "native",
+    "vectorized",
+]
 
 # Rows dequantized per GEMM tile: 256 x 4096 fp32 is 4 MiB, which stays in the last-level cache.
 GEMM_TILE_ROWS = 256
@@ -30,6 +38,14 @@ _HALF = (torch.bfloat16, torch.float16)
 @cache
 def _source() -> str:
     return resources.files(__package__).joinpath("qmatmul.cpp").read_text(encoding="utf-8")
+
+
+def int16_path(bits: int, group_size: int | None, in_features: int) -> bool:
+    """Whether :func:`gemv` runs integer dots for bf16/fp16 activations in this format: whole
+    64-code blocks inside a group, and any width but 7 (two 7-bit codes span three bytes)."""
+    per_channel = group_size in (None, in_features)
+    blocks = per_channel or (group_size is not None and group_size % 64 == 0)
+    return bits != 7 and blocks and in_features >= 64
 
 
 def native() -> ModuleType | None:
