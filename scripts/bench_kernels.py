@@ -114,15 +114,17 @@ TARGETS = {4: 3.0, 8: 1.8, 2: 4.0, 3: 3.0}
 E2E_TARGET = 1.3  # int4 export over the bf16 model, tokens/s
 
 
-def packed_module(bits: int, n: int, k: int) -> Any:
+def packed_module(bits: int, n: int, k: int, symmetric: bool = True) -> Any:
     """A QuantLinear with random codes (every byte pattern is a valid stream)."""
     from compress.export.qlinear import QuantLinear
     from compress.formats import IntFormat
 
     group = 128 if k % 128 == 0 else 64
-    module = QuantLinear(k, n, IntFormat(bits, group, True), dtype=torch.bfloat16)
+    module = QuantLinear(k, n, IntFormat(bits, group, symmetric), dtype=torch.bfloat16)
     module.qweight.copy_(torch.randint(0, 256, module.qweight.shape, dtype=torch.uint8))
     module.scales.copy_(torch.rand(module.scales.shape) * 0.01 + 0.001)
+    if module.qzeros is not None:
+        module.qzeros.copy_(torch.randint(0, 256, module.qzeros.shape, dtype=torch.uint8))
     return module
 
 
@@ -130,7 +132,7 @@ def module_bytes(module: Any) -> int:
     return sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def bench_kernels(reps: int, threads: int) -> list[dict[str, Any]]:
+def bench_kernels(reps: int, threads: int, symmetric: bool = True) -> list[dict[str, Any]]:
     from compress.export import kernels
 
     torch.set_num_threads(threads)
@@ -145,10 +147,10 @@ def bench_kernels(reps: int, threads: int) -> list[dict[str, Any]]:
                 lambda x=x, weight=weight: F.linear(x, weight()), reps
             )[0]
         for bits in BITS:
-            probe = packed_module(bits, n, k)
+            probe = packed_module(bits, n, k, symmetric)
             nbytes = module_bytes(probe)
             kernel = probe._select(rows=rows, dtype=torch.bfloat16)
-            module = rotating(lambda b=bits, n=n, k=k: packed_module(b, n, k), nbytes)
+            module = rotating(lambda b=bits, n=n, k=k: packed_module(b, n, k, symmetric), nbytes)
             median, best = timed(
                 lambda m=module, name=kernel, x=x16: kernels.run(name, m(), x), reps
             )
@@ -159,7 +161,8 @@ def bench_kernels(reps: int, threads: int) -> list[dict[str, Any]]:
                     "N": n,
                     "K": k,
                     "bits": bits,
-                    "format": f"int{bits} g{probe.fmt.group_size} sym",
+                    "format": f"int{bits} g{probe.fmt.group_size} "
+                    + ("sym" if symmetric else "asym"),
                     "threads": threads,
                     "kernel": kernel,
                     "packed_bytes": nbytes,
@@ -339,11 +342,11 @@ def render(data: dict[str, Any]) -> str:
         f"(read + write bytes), read {meta['read_gbs']:.1f} GB/s; one thread read "
         f"{meta.get('read_gbs_1t', float('nan')):.1f} GB/s.",
         "",
-        "Formats: symmetric, group 128 (group 64 at K=576, where 128 does not divide), fp16 "
-        "scales; activations bf16, so `cpu_gemv` takes its int16-activation path. `bf16 ms` is "
-        "`F.linear` on a dense bf16 weight in the same run; `x bf16` its time over ours. GB/s = "
-        "packed bytes (codes + scales) / median time. Every call reads a different copy of the "
-        "weights (3x the L3 in total).",
+        f"Formats: {_symmetry(data)}, group 128 (group 64 at K=576, where 128 does not "
+        "divide), fp16 scales; activations bf16, so `cpu_gemv` takes its int16-activation path. "
+        "`bf16 ms` is `F.linear` on a dense bf16 weight in the same run; `x bf16` its time over "
+        "ours. GB/s = packed bytes (codes + scales + zero points) / median time. Every call reads "
+        "a different copy of the weights (3x the L3 in total).",
         "",
         *_targets(data),
     ]
@@ -418,6 +421,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=25)
     parser.add_argument("--runs", type=int, default=3, help="timed generate runs per model")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="kernel rows with packed zero points (as GPTQ/AWQ exports have) instead of symmetric",
+    )
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--exports", type=Path, help="folder to keep the SmolLM2 exports in")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "kernels.json")
@@ -451,7 +459,7 @@ def main() -> None:
     if not args.skip_kernels:
         threads = torch.get_num_threads()
         for count in sorted({threads, 1}, reverse=True):
-            data["kernels"] += bench_kernels(args.reps, count)
+            data["kernels"] += bench_kernels(args.reps, count, not args.asymmetric)
         torch.set_num_threads(threads)
     if not args.skip_e2e:
         with tempfile.TemporaryDirectory() as tmp:
@@ -460,6 +468,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=2))
     args.out.with_suffix(".md").write_text(render(data))
+
+
+def _symmetry(data: dict[str, Any]) -> str:
+    asym = any(r["format"].endswith("asym") for r in data["kernels"])
+    return "asymmetric (packed zero points)" if asym else "symmetric"
 
 
 def _busy(meta: dict[str, Any]) -> bool:

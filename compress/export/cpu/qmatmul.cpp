@@ -34,6 +34,7 @@ struct Packed {
   const uint8_t* qweight;
   const uint8_t* end;     // one past the last weight byte: reads never cross it
   const uint8_t* qzeros;  // nullptr when symmetric
+  const uint8_t* zeros_end;  // one past the last zero-point byte
   const void* scales;
   int scale_kind;  // 0 fp32, 1 fp16, 2 bf16
   int bits;
@@ -97,6 +98,7 @@ Packed make_packed(const torch::Tensor& qweight, const torch::Tensor& scales,
                 "qzeros must be contiguous uint8");
     TORCH_CHECK(qzeros.numel() >= (p.N * p.groups * bits + 7) / 8, "qzeros too short");
     p.qzeros = qzeros.data_ptr<uint8_t>();
+    p.zeros_end = p.qzeros + qzeros.numel();
   }
   p.scales = scales.data_ptr();
   switch (scales.scalar_type()) {
@@ -579,6 +581,24 @@ inline __m256 scales8(const Packed& p, int64_t n, int64_t g) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16
 }
 
+// Zero-point codes [i, i + count) of the packed stream (count <= 8), zero above: one 64-bit
+// read holds eight codes of up to 7 bits from any bit offset (8-bit codes start on a byte).
+inline __m256i zeros8(const Packed& p, int64_t i, int count) {
+  const int64_t bit = i * p.bits;
+  const uint8_t* src = p.qzeros + (bit >> 3);
+  uint64_t w = 0;
+  if (__builtin_expect(src + 8 <= p.zeros_end, 1)) {
+    std::memcpy(&w, src, 8);
+  } else {  // the stream's last bytes: never read past the tensor
+    std::memcpy(&w, src, static_cast<size_t>(p.zeros_end - src));
+  }
+  w >>= bit & 7;
+  const uint64_t mask = (uint64_t{1} << p.bits) - 1;
+  alignas(32) int32_t z[8];
+  for (int j = 0; j < 8; ++j) z[j] = j < count ? static_cast<int32_t>((w >> (j * p.bits)) & mask) : 0;
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(z));
+}
+
 // All ones in lanes [0, count), zero above.
 inline __m256i lane_mask(int count) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -655,11 +675,15 @@ void gemv_tile_wide(const Packed& p, const QuantActs& a, int64_t m0, const float
           wsv = _mm256_load_ps(ws);
         }
         if (p.qzeros != nullptr) {
-          for (int i = 0; i < 8; ++i) {
-            const int64_t g = g0 + (cb % a.per_group + i) / a.per_group;
-            zs[i] = i < cn ? static_cast<int32_t>(p.zero(n, g)) : 0;
+          if (a.per_group == 1) {
+            zv = zeros8(p, n * p.groups + cb, cn);
+          } else {
+            for (int i = 0; i < 8; ++i) {
+              const int64_t g = g0 + (cb % a.per_group + i) / a.per_group;
+              zs[i] = i < cn ? static_cast<int32_t>(p.zero(n, g)) : 0;
+            }
+            zv = _mm256_load_si256(reinterpret_cast<const __m256i*>(zs));
           }
-          zv = _mm256_load_si256(reinterpret_cast<const __m256i*>(zs));
         }
       }
       for (int m = 0; m < MT; ++m) {
