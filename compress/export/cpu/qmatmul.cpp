@@ -356,12 +356,17 @@ void dequant_rows_avx2(const Packed& p, int64_t n0, int64_t n1, float* out) {
   }
 }
 
+// At least ~128k weights per thread: a fork/join costs a few microseconds on idle cores (far
+// more when they are oversubscribed), about what 30k weights take; SmolLM2's 1536x576 still
+// splits over two cores (82 -> 53 us measured on the 2-core reference machine).
+inline int64_t rows_per_thread(const Packed& p) {
+  return std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, p.K));
+}
+
 template <int B, bool SUPER>
 void gemv_run(const Packed& p, const float* x, int64_t M, int64_t Kp, int64_t ksuper,
               const float* xsum, float* out) {
-  // At least ~1M weights per thread: below that a fork/join costs more than it saves (and
-  // far more when the cores are oversubscribed), so small matrices stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, p.K));
+  const int64_t grain = rows_per_thread(p);
   at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
     int64_t m = 0;
     const int64_t G = p.groups;
@@ -712,7 +717,7 @@ void gemv_tile_wide(const Packed& p, const QuantActs& a, int64_t m0, const float
 template <int B>
 void gemv_run_wide(const Packed& p, const QuantActs& a, const float* x, int64_t M, int64_t Kp,
                    const float* xrest, float* out) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, p.K));
+  const int64_t grain = rows_per_thread(p);
   at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
     const int64_t G = p.groups;
     int64_t m = 0;
