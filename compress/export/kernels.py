@@ -41,7 +41,7 @@ from compress.formats import IntFormat
 if TYPE_CHECKING:
     from compress.export.qlinear import QuantLinear
 
-__all__ = ["GEMV_MAX_ROWS", "KERNELS", "describe", "run", "select"]
+__all__ = ["GEMV_MAX_ROWS", "KERNELS", "describe", "log_choice", "run", "select"]
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,14 @@ def describe(fmt: IntFormat, in_features: int, device: str = "cpu") -> str:
     return text
 
 
-def run(kernel: str, module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    key = (kernel, f"int{module.fmt.bits}/g{module.fmt.group_size}")
+def log_choice(kernel: str, fmt: IntFormat) -> None:
+    """Log, once per (kernel, format), which path QuantLinear takes."""
+    key = (kernel, f"int{fmt.bits}/g{fmt.group_size}")
     if key not in _LOGGED:
         _LOGGED.add(key)
         log.info("QuantLinear %s uses kernel %r", key[1], kernel)
+
+
+def run(kernel: str, module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    log_choice(kernel, module.fmt)
     return KERNELS[kernel](module, x)

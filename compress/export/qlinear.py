@@ -19,6 +19,8 @@ name          shape                   dtype        meaning
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -48,6 +50,7 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        self._decode_kernels: dict[tuple[int, torch.dtype, str, str | None], str] = {}
         self.in_features = in_features
         self.out_features = out_features
         self.fmt = fmt
@@ -120,7 +123,16 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        return kernels.run(self._select(rows=rows, dtype=x.dtype), self, x)
+        if rows > kernels.GEMV_MAX_ROWS:  # prefill: the selection's cost does not matter
+            return kernels.run(self._select(rows=rows, dtype=x.dtype), self, x)
+        # Decode calls a module once per token: the choice is remembered per (rows, dtype,
+        # device, COMPRESS_KERNEL), which saves microseconds against a kernel of tens.
+        key = (rows, x.dtype, x.device.type, os.environ.get("COMPRESS_KERNEL"))
+        kernel = self._decode_kernels.get(key)
+        if kernel is None:
+            kernel = self._decode_kernels[key] = self._select(rows=rows, dtype=x.dtype)
+            kernels.log_choice(kernel, self.fmt)
+        return kernels.KERNELS[kernel](self, x)
 
     def extra_repr(self) -> str:
         fmt = self.fmt

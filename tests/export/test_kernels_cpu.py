@@ -230,3 +230,20 @@ def test_forward_takes_the_selected_path_and_logs_it(caplog):
         got = module(x)
     assert "'cpu_gemv'" in caplog.text
     assert relative_error(got, kernels.KERNELS["reference"](module, x)) < 1e-5
+
+
+def test_decode_choice_is_remembered_but_follows_the_override(monkeypatch):
+    """Decode remembers its kernel per (rows, dtype, device, COMPRESS_KERNEL): setting the
+    variable between calls still switches the path."""
+    module = make(24, 128, IntFormat(4, 64, True))
+    x = torch.randn(1, 128)
+    monkeypatch.delenv("COMPRESS_KERNEL", raising=False)
+    native = module(x)
+    assert torch.equal(native, kernels.KERNELS["cpu_gemv"](module, x))
+    reference = kernels.KERNELS["reference"](module, x)
+    assert not torch.equal(native, reference)  # else the switch could not be seen
+    monkeypatch.setenv("COMPRESS_KERNEL", "reference")
+    assert torch.equal(module(x), reference)
+    monkeypatch.delenv("COMPRESS_KERNEL")
+    assert torch.equal(module(x), native)
+    assert sorted(module._decode_kernels.values()) == ["cpu_gemv", "reference"]
