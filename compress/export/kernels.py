@@ -142,15 +142,16 @@ def describe(fmt: IntFormat, in_features: int, device: str = "cpu") -> str:
     """Human summary of the paths a format takes, e.g. ``cpu_gemv (≤8 rows), cpu_gemm``."""
     decode = select(fmt, in_features, rows=1, dtype=torch.float32, device=device)
     prefill = select(fmt, in_features, rows=GEMV_MAX_ROWS + 1, dtype=torch.float32, device=device)
-    if (
+    int16 = (
         decode == "cpu_gemv"
         and cpu.vectorized()
         and cpu.int16_path(fmt.bits, fmt.group_size, in_features)
-    ):
-        decode += f" (≤{GEMV_MAX_ROWS} rows; int16 dots for bf16/fp16 activations)"
-    elif decode != prefill:
-        decode += f" (≤{GEMV_MAX_ROWS} rows)"
-    text = decode if decode == prefill else f"{decode}, {prefill}"
+    )
+    if decode == prefill:  # one path for every row count (a forced kernel)
+        text = decode + (" (int16 dots for bf16/fp16 activations)" if int16 else "")
+    else:
+        detail = "; int16 dots for bf16/fp16 activations" if int16 else ""
+        text = f"{decode} (≤{GEMV_MAX_ROWS} rows{detail}), {prefill}"
     if device == "cpu" and decode == "reference" and _forced() is None:
         text += " (native CPU kernels unavailable; see the log)"
     return text

@@ -208,6 +208,10 @@ def test_selection_by_rows_and_override(monkeypatch):
     assert kernels.describe(IntFormat(4, 32), 4096) == f"cpu_gemv (≤{rows} rows), cpu_gemm"
     monkeypatch.setenv("COMPRESS_KERNEL", "reference")
     assert kernels.select(fmt, 4096, rows=1, dtype=torch.float32) == "reference"
+    assert kernels.describe(fmt, 4096) == "reference"
+    monkeypatch.setenv("COMPRESS_KERNEL", "cpu_gemv")
+    assert kernels.describe(fmt, 4096) == "cpu_gemv (int16 dots for bf16/fp16 activations)"
+    monkeypatch.setenv("COMPRESS_KERNEL", "reference")
     monkeypatch.setenv("COMPRESS_KERNEL", "refrence")
     with pytest.raises(ExportError, match="did you mean 'reference'"):
         kernels.select(fmt, 4096, rows=1, dtype=torch.float32)

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -363,26 +364,31 @@ inline int64_t rows_per_thread(const Packed& p) {
   return std::max<int64_t>(1, (int64_t{1} << 17) / std::max<int64_t>(1, p.K));
 }
 
-template <int B, bool SUPER>
-void gemv_run(const Packed& p, const float* x, int64_t M, int64_t Kp, int64_t ksuper,
-              const float* xsum, float* out) {
-  const int64_t grain = rows_per_thread(p);
-  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
+// Weight rows split over the threads; activation rows in tiles of 4, 2, then 1:
+// tile(mt, m, n0, n1) with mt a std::integral_constant holding the tile height.
+template <typename Tile>
+void over_tiles(const Packed& p, int64_t M, const Tile& tile) {
+  at::parallel_for(0, p.N, rows_per_thread(p), [&](int64_t n0, int64_t n1) {
     int64_t m = 0;
-    const int64_t G = p.groups;
-    for (; m + 4 <= M; m += 4)
-      gemv_tile<B, 4, SUPER>(p, x + m * Kp, Kp, ksuper, xsum + m * G, out + m * p.N, p.N, n0, n1);
-    for (; m + 2 <= M; m += 2)
-      gemv_tile<B, 2, SUPER>(p, x + m * Kp, Kp, ksuper, xsum + m * G, out + m * p.N, p.N, n0, n1);
-    for (; m < M; ++m)
-      gemv_tile<B, 1, SUPER>(p, x + m * Kp, Kp, ksuper, xsum + m * G, out + m * p.N, p.N, n0, n1);
+    for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>{}, m, n0, n1);
+    for (; m + 2 <= M; m += 2) tile(std::integral_constant<int, 2>{}, m, n0, n1);
+    for (; m < M; ++m) tile(std::integral_constant<int, 1>{}, m, n0, n1);
   });
 }
 
-// Super-blocks need whole 64-code blocks inside one group.
-inline bool super_ok(const Packed& p) {
-  return has_super(p.bits) && (p.groups == 1 || p.group % 64 == 0);
+template <int B, bool SUPER>
+void gemv_run(const Packed& p, const float* x, int64_t M, int64_t Kp, int64_t ksuper,
+              const float* xsum, float* out) {
+  over_tiles(p, M, [&](auto mt, int64_t m, int64_t n0, int64_t n1) {
+    gemv_tile<B, decltype(mt)::value, SUPER>(p, x + m * Kp, Kp, ksuper, xsum + m * p.groups,
+                                             out + m * p.N, p.N, n0, n1);
+  });
 }
+
+// Whole 64-code blocks lie inside one group (the super-block and int16 paths need that).
+inline bool blocks_fit(const Packed& p) { return p.groups == 1 || p.group % 64 == 0; }
+
+inline bool super_ok(const Packed& p) { return has_super(p.bits) && blocks_fit(p); }
 
 template <int B>
 void gemv_bits(const Packed& p, const float* x, int64_t M, int64_t Kp, int64_t ksuper,
@@ -717,32 +723,26 @@ void gemv_tile_wide(const Packed& p, const QuantActs& a, int64_t m0, const float
 template <int B>
 void gemv_run_wide(const Packed& p, const QuantActs& a, const float* x, int64_t M, int64_t Kp,
                    const float* xrest, float* out) {
-  const int64_t grain = rows_per_thread(p);
-  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
-    const int64_t G = p.groups;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      gemv_tile_wide<B, 4>(p, a, m, x + m * Kp, Kp, xrest + m * G, out + m * p.N, p.N, n0, n1);
-    for (; m + 2 <= M; m += 2)
-      gemv_tile_wide<B, 2>(p, a, m, x + m * Kp, Kp, xrest + m * G, out + m * p.N, p.N, n0, n1);
-    for (; m < M; ++m)
-      gemv_tile_wide<B, 1>(p, a, m, x + m * Kp, Kp, xrest + m * G, out + m * p.N, p.N, n0, n1);
+  over_tiles(p, M, [&](auto mt, int64_t m, int64_t n0, int64_t n1) {
+    gemv_tile_wide<B, decltype(mt)::value>(p, a, m, x + m * Kp, Kp, xrest + m * p.groups,
+                                           out + m * p.N, p.N, n0, n1);
   });
 }
 
 // int16 activations over the whole 64-code blocks; false (nothing written) when the format has
 // no such blocks or x is not finite.
 bool gemv_int16(const Packed& p, const float* xs, int64_t M, int64_t K, float* o) {
-  const bool blocks_ok = has_wide(p.bits) && (p.groups == 1 || p.group % 64 == 0);
-  const int64_t ksuper = blocks_ok ? K / 64 * 64 : 0;
+  const int64_t ksuper = has_wide(p.bits) && blocks_fit(p) ? K / 64 * 64 : 0;
   if (ksuper == 0) return false;
   QuantActs a;
   if (!a.build(p, xs, M, K, ksuper)) return false;
-  // the fp32 tail past ksuper (per-channel, K % 64 != 0) reads x zero-padded, in natural order
-  const int64_t Kp = (K + 7) / 8 * 8;
+  // The fp32 tail past ksuper (per-channel only, K % 64 != 0) reads x zero-padded, in natural
+  // order, and its sum; without a tail neither is built.
+  const bool tail = ksuper < K;
+  const int64_t Kp = tail ? (K + 7) / 8 * 8 : 0;
   std::vector<float> xpad(static_cast<size_t>(M * Kp), 0.f);
   std::vector<float> xrest(static_cast<size_t>(M * p.groups), 0.f);
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = 0; tail && m < M; ++m) {
     std::memcpy(xpad.data() + m * Kp, xs + m * K, sizeof(float) * static_cast<size_t>(K));
     for (int64_t k = ksuper; k < K; ++k) xrest[m * p.groups] += xs[m * K + k];
   }
