@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compress.errors import ExportError
 from compress.export.entropy import storage as entropy
 from compress.export.manifest import (
+    BASE_MODEL_TYPE_KEY,
     FORMAT_VERSION,
+    GUARDED_MODEL_TYPE,
     QUANT_METHOD,
     check_format_version,
     read_manifest,
@@ -28,7 +31,12 @@ from compress.export.manifest import (
 from compress.export.qlinear import QuantLinear
 from compress.formats import IntFormat
 
-__all__ = ["CompressHfQuantizer", "CompressQuantizationConfig", "register"]
+__all__ = [
+    "CompressHfQuantizer",
+    "CompressQuantizationConfig",
+    "GuardedExportConfig",
+    "register",
+]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +138,32 @@ def replace_linears_(model: nn.Module, formats: dict[str, IntFormat], dtype: Any
         setattr(parent, child, replacement)
 
 
+class GuardedExportConfig(PretrainedConfig):
+    """What ``AutoConfig`` finds for an export's guarded ``model_type``: the family's own config.
+
+    An export's ``config.json`` names :data:`GUARDED_MODEL_TYPE` so that stock transformers
+    refuses it with a message naming ``import compress``; once compress is imported, reading it
+    yields the config class of the real family (``LlamaConfig`` ...), never this one.
+    """
+
+    model_type = GUARDED_MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        from transformers import CONFIG_MAPPING
+
+        data = dict(config_dict)
+        base = data.pop(BASE_MODEL_TYPE_KEY, None)
+        if not isinstance(base, str) or base not in CONFIG_MAPPING:
+            raise ExportError(
+                f"config.json of a compress export names base model type {base!r}, which this "
+                "transformers does not know",
+                hint="upgrade transformers, or re-export the model",
+            )
+        data["model_type"] = base
+        return CONFIG_MAPPING[base].from_dict(data, **kwargs)
+
+
 _REGISTERED = False
 
 
@@ -138,9 +172,12 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    from transformers import CONFIG_MAPPING, AutoConfig
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
 
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(CompressQuantizationConfig)
         register_quantizer(QUANT_METHOD)(CompressHfQuantizer)
+    if GUARDED_MODEL_TYPE not in CONFIG_MAPPING:
+        AutoConfig.register(GUARDED_MODEL_TYPE, GuardedExportConfig)
     _REGISTERED = True

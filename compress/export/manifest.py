@@ -13,10 +13,13 @@ from compress.errors import ExportError
 from compress.utils.fs import sha256_file
 
 __all__ = [
+    "BASE_MODEL_TYPE_KEY",
     "FORMAT_VERSION",
+    "GUARDED_MODEL_TYPE",
     "MANIFEST_NAME",
     "QUANT_METHOD",
     "check_format_version",
+    "guard_config_dict",
     "read_manifest",
     "verify_files",
 ]
@@ -24,6 +27,24 @@ __all__ = [
 MANIFEST_NAME = "compress_manifest.json"
 QUANT_METHOD = "compress"
 FORMAT_VERSION = 1
+
+GUARDED_MODEL_TYPE = "compress-export (import compress before loading)"
+"""``model_type`` in the ``config.json`` of our exports. Stock transformers stops on it with
+"has model type `compress-export (import compress before loading)` but Transformers does not
+recognize this architecture", instead of loading packed layers as randomly initialised ``nn.Linear`` with
+only a warning; ``import compress`` registers it and restores the family's own type."""
+
+BASE_MODEL_TYPE_KEY = "compress_base_model_type"
+"""The family's own ``model_type`` (``llama``, ``gemma3_text`` ...) in a guarded ``config.json``."""
+
+
+def guard_config_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` of an export loaded through our quantizer, with the family's
+    ``model_type`` moved aside so that loading it without ``import compress`` fails loudly."""
+    guarded = dict(config)
+    guarded[BASE_MODEL_TYPE_KEY] = guarded.get("model_type")
+    guarded["model_type"] = GUARDED_MODEL_TYPE
+    return guarded
 
 
 def check_format_version(version: Any, where: Path | str) -> None:

@@ -20,7 +20,12 @@ from torch import nn
 from compress.errors import ExportError, PassError
 from compress.export import compressed_tensors
 from compress.export.entropy import storage as entropy
-from compress.export.manifest import FORMAT_VERSION, MANIFEST_NAME, QUANT_METHOD
+from compress.export.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    QUANT_METHOD,
+    guard_config_dict,
+)
 from compress.export.qlinear import QuantLinear
 from compress.ir import QuantizedWeight, get_quantized
 from compress.registry import LayerAccess
@@ -209,6 +214,10 @@ def export_model(
         elif hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(tmp)
+        if qconfig is not None and qconfig.get("quant_method") == QUANT_METHOD:
+            config_path = tmp / "config.json"
+            guarded = guard_config_dict(json.loads(config_path.read_text()))
+            config_path.write_text(json.dumps(guarded, indent=2, sort_keys=True) + "\n")
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)

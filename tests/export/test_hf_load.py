@@ -154,3 +154,39 @@ def test_per_channel_group_nominal_cost_is_parameter_weighted(tiny_llama, tmp_pa
     expected = sum(m.weight.numel() * (8 + 16 / m.in_features) for m in modules) / group.params
     assert group.nominal_bits_per_weight == pytest.approx(expected)
     assert group.bits_per_weight == pytest.approx(expected)
+
+
+_STOCK_LOAD = """
+import sys
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1])
+except Exception as error:
+    print(f"{type(error).__name__}: {error}")
+    sys.exit(3)
+print("loaded")
+"""
+
+
+def test_stock_transformers_refuses_export_without_import_compress(tiny_llama, tmp_path):
+    """Without ``import compress`` transformers would load packed layers as randomly initialised
+    Linears with only a warning; the guarded model_type makes it stop with the fix in the text."""
+    import subprocess
+    import sys
+
+    model = quantized_copy(tiny_llama, 4, 32, True)
+    export_model(model, None, tmp_path / "export", recipe={"passes": []})
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["compress_base_model_type"] == "llama"
+    done = subprocess.run(
+        [sys.executable, "-c", _STOCK_LOAD, str(tmp_path / "export")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "import compress" in done.stdout
+    # with compress imported the same folder loads as the family's own classes
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert loaded.config.model_type == "llama"
+    assert type(loaded).__name__ == "LlamaForCausalLM"
