@@ -31,8 +31,9 @@ FORMAT_VERSION = 1
 GUARDED_MODEL_TYPE = "compress-export (import compress before loading)"
 """``model_type`` in the ``config.json`` of our exports. Stock transformers stops on it with
 "has model type `compress-export (import compress before loading)` but Transformers does not
-recognize this architecture", instead of loading packed layers as randomly initialised ``nn.Linear`` with
-only a warning; ``import compress`` registers it and restores the family's own type."""
+recognize this architecture", instead of loading packed layers as randomly initialised
+``nn.Linear`` with only a warning; ``import compress`` registers it and restores the family's
+own type."""
 
 BASE_MODEL_TYPE_KEY = "compress_base_model_type"
 """The family's own ``model_type`` (``llama``, ``gemma3_text`` ...) in a guarded ``config.json``."""
