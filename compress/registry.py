@@ -132,6 +132,7 @@ class PassReport:
     skipped: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     per_module: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what a user should know (e.g. untied)
 
     def check_strict(self, strict: bool) -> None:
         """Under ``--strict`` a skipped module is a failure, not a note."""
@@ -149,6 +150,7 @@ class PassReport:
             "skipped": dict(self.skipped),
             "metrics": dict(self.metrics),
             "per_module": {k: dict(v) for k, v in self.per_module.items()},
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
 

@@ -28,6 +28,7 @@ from compress.export.manifest import (
     read_manifest,
     verify_files,
 )
+from compress.export.qembedding import QuantEmbedding, embed_scale_of
 from compress.export.qlinear import QuantLinear
 from compress.formats import IntFormat
 
@@ -50,11 +51,13 @@ class CompressQuantizationConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         verify_checksums: bool = True,
         entropy: dict[str, Any] | None = None,
+        tied: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # not a builtin method
         self.format_version = format_version
         self.modules = dict(modules or {})
+        self.tied = dict(tied or {})  # module -> module whose packed tensors it reads
         self.verify_checksums = verify_checksums
         self.entropy = entropy  # set when tensors are entropy-coded (entropy_code pass)
         check_format_version(format_version, "config.json quantization_config")
@@ -64,6 +67,7 @@ class CompressQuantizationConfig(QuantizationConfigMixin):
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
             "modules": self.modules,
+            **({"tied": self.tied} if self.tied else {}),
             **({"entropy": self.entropy} if self.entropy else {}),
         }
 
@@ -92,7 +96,7 @@ class CompressHfQuantizer(HfQuantizer):
         if manifest is not None and qconfig.verify_checksums:
             verify_files(Path(files[0]).parent, manifest)
         dtype = kwargs.get("dtype")
-        replace_linears_(model, self.quantization_config.formats(), dtype=dtype)
+        replace_linears_(model, qconfig.formats(), dtype=dtype, tied=qconfig.tied)
         self._entropy = entropy.loader_for(
             model, qconfig.entropy, manifest, str(Path(files[0]).parent if files else "")
         )
@@ -101,6 +105,10 @@ class CompressHfQuantizer(HfQuantizer):
         loader = getattr(self, "_entropy", None)
         if loader is not None:
             loader.finish(model)  # decode now, or per decoder layer just in time
+        for name, source in self.quantization_config.tied.items():
+            tied = model.get_submodule(name)
+            if isinstance(tied, QuantLinear):
+                tied.share_buffers(model.get_submodule(source))
         kernels = {m.kernel for m in model.modules() if isinstance(m, QuantLinear)}
         log.info("compress export loaded; CPU kernels: %s", ", ".join(sorted(kernels)))
 
@@ -112,29 +120,63 @@ class CompressHfQuantizer(HfQuantizer):
         return False
 
 
-def replace_linears_(model: nn.Module, formats: dict[str, IntFormat], dtype: Any = None) -> None:
-    """Swap each named Linear for an empty :class:`QuantLinear` of its format, in place."""
+def replace_linears_(
+    model: nn.Module,
+    formats: dict[str, IntFormat],
+    dtype: Any = None,
+    tied: dict[str, str] | None = None,
+) -> None:
+    """Swap each named Linear (Embedding) for an empty :class:`QuantLinear`
+    (:class:`QuantEmbedding`) of its format, in place.
+
+    ``tied`` modules (``lm_head`` -> ``model.embed_tokens``) get a :class:`QuantLinear` of their
+    source's format without persistent buffers: the loader shares the source's tensors with it.
+    """
     modules = dict(model.named_modules())
-    for name, fmt in formats.items():
-        linear = modules.get(name)
-        if not isinstance(linear, nn.Linear):
+    wanted = dict(formats)
+    for name, source in (tied or {}).items():
+        if source not in formats:
+            raise ExportError(
+                f"quantization_config ties {name!r} to {source!r}, which is not quantized",
+                hint="the export does not match its config.json; re-export it",
+            )
+        wanted[name] = formats[source]
+    for name, fmt in wanted.items():
+        module = modules.get(name)
+        is_tied = name in (tied or {})
+        if not isinstance(module, nn.Linear | nn.Embedding) or (
+            is_tied and not isinstance(module, nn.Linear)
+        ):
             raise ExportError(
                 f"quantization_config names module {name!r}, which is "
-                + ("missing" if linear is None else f"a {type(linear).__name__}, not a Linear")
-                + f" in {type(model).__name__}",
+                + ("missing" if module is None else f"a {type(module).__name__}")
+                + f" in {type(model).__name__}, not a "
+                + ("Linear" if is_tied else "Linear or Embedding"),
                 hint="the export does not match its config.json; re-export it",
             )
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        bias_dtype = linear.bias.dtype if linear.bias is not None else linear.weight.dtype
-        replacement = QuantLinear(
-            linear.in_features,
-            linear.out_features,
-            fmt,
-            bias=linear.bias is not None,
-            dtype=bias_dtype,
-            device=linear.weight.device,
-        )
+        replacement: nn.Module
+        if isinstance(module, nn.Embedding):
+            replacement = QuantEmbedding(
+                module.num_embeddings,
+                module.embedding_dim,
+                fmt,
+                dtype=module.weight.dtype,
+                device=module.weight.device,
+                embed_scale=embed_scale_of(module),
+            )
+        else:
+            bias_dtype = module.bias.dtype if module.bias is not None else module.weight.dtype
+            replacement = QuantLinear(
+                module.in_features,
+                module.out_features,
+                fmt,
+                bias=module.bias is not None,
+                dtype=bias_dtype,
+                device=module.weight.device,
+                persistent=not is_tied,
+            )
         setattr(parent, child, replacement)
 
 

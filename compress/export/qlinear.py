@@ -48,7 +48,11 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        persistent: bool = True,
     ) -> None:
+        """``persistent=False``: the packed buffers are another module's (a tied ``lm_head``
+        reads the embedding's codes, see :meth:`share_buffers`), so they are not in this
+        module's state dict and a loader does not look for them."""
         super().__init__()
         self._decode_kernels: dict[tuple[int, torch.dtype, str, str | None], str] = {}
         self.in_features = in_features
@@ -57,17 +61,23 @@ class QuantLinear(nn.Module):
         groups = fmt.groups(in_features)
         row_bytes = packed_row_bytes(in_features, fmt.bits)
         self.register_buffer(
-            "qweight", torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device)
+            "qweight",
+            torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device),
+            persistent=persistent,
         )
         self.register_buffer(
-            "scales", torch.empty(out_features, groups, dtype=fmt.torch_scale_dtype, device=device)
+            "scales",
+            torch.empty(out_features, groups, dtype=fmt.torch_scale_dtype, device=device),
+            persistent=persistent,
         )
         if fmt.symmetric:
             self.qzeros = None
         else:
             zero_bytes = packed_row_bytes(out_features * groups, fmt.bits)
             self.register_buffer(
-                "qzeros", torch.empty(zero_bytes, dtype=torch.uint8, device=device)
+                "qzeros",
+                torch.empty(zero_bytes, dtype=torch.uint8, device=device),
+                persistent=persistent,
             )
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -94,6 +104,26 @@ class QuantLinear(nn.Module):
         if linear.bias is not None and module.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module
+
+    def share_buffers(self, source: nn.Module) -> None:
+        """Use ``source``'s packed tensors (same format and shape) as this module's: a tied
+        ``lm_head`` and the embedding it is tied to hold one copy of the codes."""
+        for name in ("qweight", "scales", "qzeros"):
+            mine, theirs = getattr(self, name), getattr(source, name, None)
+            same = (mine is None and theirs is None) or (
+                mine is not None
+                and theirs is not None
+                and mine.shape == theirs.shape
+                and mine.dtype == theirs.dtype
+            )
+            if not same:
+                raise ValueError(
+                    f"cannot share {name}: {type(source).__name__} holds "
+                    f"{None if theirs is None else (tuple(theirs.shape), theirs.dtype)}, "
+                    f"this module {None if mine is None else (tuple(mine.shape), mine.dtype)}"
+                )
+            if theirs is not None:
+                self._buffers[name] = theirs
 
     def codes(self) -> torch.Tensor:
         """(N, K) uint8 codes, unpacked."""

@@ -26,6 +26,7 @@ from compress.export.manifest import (
     QUANT_METHOD,
     guard_config_dict,
 )
+from compress.export.qembedding import QuantEmbedding
 from compress.export.qlinear import QuantLinear
 from compress.ir import QuantizedWeight, get_quantized
 from compress.registry import LayerAccess
@@ -43,10 +44,13 @@ def packed_state(
     model: nn.Module,
     layers: LayerAccess | None = None,
     records: dict[str, QuantizedWeight] | None = None,
+    ties: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors an export stores, in module order; quantized weights packed, aliases dropped.
 
-    Tied weights (``lm_head`` sharing the embedding) are stored once; transformers re-ties them.
+    Tied weights (``lm_head`` sharing the embedding) are stored once: dense ones are re-tied by
+    transformers; a quantized pair (one record on both modules) is added to ``ties`` as
+    ``{"lm_head": "model.embed_tokens"}`` and re-tied by our loader.
     With an offloading ``layers`` store, each decoder layer is loaded just for its own tensors,
     so memory holds one layer, never the model. The quantization records met on the way are
     added to ``records`` as shape and format only (their tensors on the meta device).
@@ -57,6 +61,7 @@ def packed_state(
     except PassError:  # not a decoder stack: nothing to stream
         prefix, blocks = "", nn.ModuleList()
     seen: set[int] = set()
+    packed_owner: dict[int, str] = {}  # id(record) -> module whose tensors hold it
     current: int | None = None
     for key in list(model.state_dict().keys()):
         index = _layer_index(key, prefix) if len(blocks) else None
@@ -70,9 +75,15 @@ def packed_state(
         module = model.get_submodule(owner) if owner else model
         record = get_quantized(module)
         if record is not None and leaf == "weight":
+            if id(record) in packed_owner:  # a tied module: its codes are stored already
+                if ties is not None:
+                    ties[owner] = packed_owner[id(record)]
+                continue
+            if index is None:  # records inside the layers are not kept alive past the layer
+                packed_owner[id(record)] = owner
             if records is not None:  # shape and format only: codes of all layers would add up
                 records[owner] = _without_tensors(record)
-            packed = QuantLinear.from_record(module, record)  # type: ignore[arg-type]
+            packed = _packed_module(module, record)
             for name, buffer in packed.named_buffers():
                 yield f"{owner}.{name}", buffer
             continue
@@ -89,6 +100,19 @@ def packed_state(
             yield key, _state_tensor(module, leaf).detach().contiguous()
     if current is not None:
         access.unload(current, blocks[current])
+
+
+def _packed_module(module: nn.Module, record: QuantizedWeight) -> nn.Module:
+    """The module whose buffers are the stored tensors of a quantized Linear or Embedding."""
+    if isinstance(module, nn.Embedding):
+        return QuantEmbedding.from_record(module, record)
+    if isinstance(module, nn.Linear):
+        return QuantLinear.from_record(module, record)
+    raise ExportError(
+        f"{type(module).__name__} carries a quantization record, but only Linear and "
+        "Embedding modules can be exported quantized",
+        hint="leave the module out of the quantization pass (ignore:)",
+    )
 
 
 def _without_tensors(record: QuantizedWeight) -> QuantizedWeight:
@@ -130,15 +154,23 @@ def check_export_target(directory: Path, *, overwrite: bool) -> None:
         )
 
 
-def quantization_config(records: dict[str, QuantizedWeight]) -> dict[str, Any] | None:
-    """The ``quantization_config`` block of ``config.json``, or None if nothing is quantized."""
+def quantization_config(
+    records: dict[str, QuantizedWeight], ties: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """The ``quantization_config`` block of ``config.json``, or None if nothing is quantized.
+
+    ``tied`` (only when some module is): modules that read another module's packed tensors.
+    """
     if not records:
         return None
-    return {
+    config: dict[str, Any] = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "modules": {name: record.fmt.describe() for name, record in records.items()},
     }
+    if ties:
+        config["tied"] = dict(ties)
+    return config
 
 
 def export_model(
@@ -164,9 +196,11 @@ def export_model(
         # Shards are written as they fill (an offloaded model is never whole in memory) and
         # named once their count is known.
         records: dict[str, QuantizedWeight] = {}
+        ties: dict[str, str] = {}
         written: list[tuple[Path, list[str], int]] = []
-        state = packed_state(model, layers, records)
+        state = packed_state(model, layers, records, ties)
         if format == compressed_tensors.FORMAT_NAME:  # same codes, vLLM's layout and config
+            _refuse_quantized_embeddings(model, format)
             state = compressed_tensors.convert_state(state, records, dtype=_float_dtype(model))
         coder = entropy.encoder_for(model, format)  # lossless coding (entropy_code pass)
         if coder is not None:
@@ -204,7 +238,9 @@ def export_model(
         config = copy.deepcopy(config)
         # Recorded so loaders need not open a shard to guess it (and meet a corrupt one first).
         config.dtype = _float_dtype(model)
-        qconfig = quantization_config(records)
+        qconfig = quantization_config(records, ties)
+        if ties:  # our loader re-ties the packed tensors; transformers would look for .weight
+            config.tie_word_embeddings = False
         if format == compressed_tensors.FORMAT_NAME:
             qconfig = compressed_tensors.quantization_config(records, model)
         if coder is not None:
@@ -238,6 +274,7 @@ def export_model(
                 name: {"format": record.fmt.describe(), "shape": list(record.shape)}
                 for name, record in records.items()
             },
+            **({"tied": dict(ties)} if ties else {}),
             "recipe": recipe or {},
             "files": files,
         }
@@ -245,6 +282,17 @@ def export_model(
             manifest["entropy"] = coder.manifest_entry()
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return directory
+
+
+def _refuse_quantized_embeddings(model: nn.Module, format: str) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and get_quantized(module) is not None:
+            raise ExportError(
+                f"module {name!r} is a quantized embedding, which export format {format!r} "
+                "cannot hold (it stores quantized Linear weights only)",
+                hint=f"leave {name} out of the quantization pass, or export with format: "
+                f"{QUANT_METHOD}",
+            )
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:

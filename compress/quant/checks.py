@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from compress.errors import FormatError
@@ -12,10 +13,13 @@ from compress.formats import IntFormat
 __all__ = ["check_group_sizes"]
 
 
-def check_group_sizes(modules: Mapping[str, nn.Linear], fmt: IntFormat) -> None:
-    """Fail, naming the layer, if the format's group size does not divide a module's input."""
+def check_group_sizes(modules: Mapping[str, nn.Module], fmt: IntFormat) -> None:
+    """Fail, naming the layer, if the format's group size does not divide a module's input
+    (a Linear's ``in_features``, an Embedding's ``embedding_dim``: the weight's columns)."""
     for name, module in modules.items():
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
         try:
-            fmt.groups(module.in_features)
+            fmt.groups(weight.shape[1])
         except FormatError as error:
             raise FormatError(f"layer {name}: {error.message}", hint=error.hint) from None

@@ -25,7 +25,7 @@ from compress.quant.checks import check_group_sizes
 from compress.quant.observers import choose_clip
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import for_each_layer
-from compress.utils.modules import decoder_layers, select_linears
+from compress.utils.modules import decoder_layers, select_weights, untie_
 
 __all__ = ["RTNConfig", "quantization_error", "rtn"]
 
@@ -48,7 +48,9 @@ class RTNConfig(PassConfig):
     )
     targets: list[str] | None = Field(
         default=None,
-        description="glob patterns of module names; default: every Linear in decoder blocks",
+        description="glob patterns of module names; default: every Linear in decoder blocks. "
+        "Embeddings and lm_head are quantized only when named, e.g. [model.embed_tokens, "
+        "lm_head]; a tied pair named together is quantized once and stored once",
     )
     ignore: list[str] = Field(default_factory=list, description="glob patterns to leave as is")
 
@@ -67,26 +69,35 @@ def quantization_error(weight: torch.Tensor, record: QuantizedWeight) -> float:
 def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport:
     """Round-to-nearest integer quantization of Linear weights."""
     fmt = config.int_format()
-    modules, skipped = select_linears(model, config.targets, config.ignore)
+    modules, skipped = select_weights(model, config.targets, config.ignore)
     if not modules:
         raise PassError(
-            "rtn: no Linear module matched targets="
+            "rtn: no Linear or Embedding module matched targets="
             f"{config.targets if config.targets is not None else '<decoder blocks>'}",
             hint="check the targets/ignore patterns against model.named_modules()",
         )
     check_group_sizes(modules, fmt)
     report = PassReport(name="rtn", skipped=skipped)
+    report.notes += untie_(model, modules)
+    shared: dict[int, QuantizedWeight] = {}  # a tied weight is quantized once
 
-    def quantize(name: str, module: nn.Linear) -> None:
-        if module.weight.is_meta:
+    def quantize(name: str, module: nn.Linear | nn.Embedding) -> None:
+        weight = module.weight
+        if weight.is_meta:
             raise PassError(
                 f"rtn: {name} is not in memory (the model is offloaded)",
                 hint="with model.offload only modules inside the decoder layers can be quantized",
             )
-        clip = choose_clip(module.weight, fmt, config.observer)
-        codes, scales, zeros = quantize_int(module.weight, fmt, clip_ratio=clip)
+        record = shared.get(id(weight))
+        if record is not None:  # tied to a module quantized already: same codes, same weight
+            set_quantized(module, record, update_weight=False)
+            report.touched.append(name)
+            return
+        clip = choose_clip(weight, fmt, config.observer)
+        codes, scales, zeros = quantize_int(weight, fmt, clip_ratio=clip)
         record = QuantizedWeight(codes, scales, zeros, fmt)
-        report.per_module[name] = {"relative_error": quantization_error(module.weight, record)}
+        report.per_module[name] = {"relative_error": quantization_error(weight, record)}
+        shared[id(weight)] = record
         set_quantized(module, record)
         report.touched.append(name)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
 from compress.errors import PassError
 
-__all__ = ["decoder_layers", "match_any", "select_linears"]
+__all__ = ["decoder_layers", "match_any", "select_linears", "select_weights", "untie_"]
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -48,20 +48,31 @@ def select_linears(
     ``targets=None`` means every Linear inside the decoder blocks (embeddings and ``lm_head``
     stay as they are). Otherwise glob patterns over full module names choose among all Linears.
     """
-    if targets is None:
-        prefix, _ = decoder_layers(model)
-        candidates = {
-            name: module
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.startswith(prefix + ".")
-        }
-    else:
-        candidates = {
-            name: module
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and match_any(name, targets)
-        }
-    selected: dict[str, nn.Linear] = {}
+    selected, skipped = select_weights(model, targets, ignore, embeddings=False)
+    return {n: m for n, m in selected.items() if isinstance(m, nn.Linear)}, skipped
+
+
+def select_weights(
+    model: nn.Module,
+    targets: Sequence[str] | None,
+    ignore: Sequence[str],
+    *,
+    embeddings: bool = True,
+) -> tuple[dict[str, nn.Linear | nn.Embedding], dict[str, str]]:
+    """:func:`select_linears`, where named targets may also be ``nn.Embedding`` modules (their
+    ``(vocab, hidden)`` weight is quantized like a Linear's ``(out, in)`` one)."""
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
+    candidates: dict[str, nn.Linear | nn.Embedding] = {}
+    prefix = decoder_layers(model)[0] if targets is None else ""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear | nn.Embedding):
+            continue
+        if targets is None:
+            if isinstance(module, nn.Linear) and name.startswith(prefix + "."):
+                candidates[name] = module
+        elif isinstance(module, kinds) and match_any(name, targets):
+            candidates[name] = module
+    selected: dict[str, nn.Linear | nn.Embedding] = {}
     skipped: dict[str, str] = {}
     for name, module in candidates.items():
         if match_any(name, ignore):
@@ -69,3 +80,33 @@ def select_linears(
         else:
             selected[name] = module
     return selected, skipped
+
+
+def untie_(model: nn.Module, selected: Mapping[str, nn.Linear | nn.Embedding]) -> list[str]:
+    """Give each selected module whose weight it shares with an unselected one its own copy.
+
+    A pass that quantizes ``lm_head`` but not the embedding it is tied to (or the reverse) must
+    not change the other; the model's config stops declaring the tie, so an export stores
+    both. Returns one line per untied pair, for the pass report.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(name)
+    notes = []
+    for name, module in selected.items():
+        sharing = [n for n in owners.get(id(module.weight), []) if n != name]
+        if sharing and any(other not in selected for other in sharing):
+            weight = module.weight
+            module.weight = nn.Parameter(
+                weight.detach().clone(), requires_grad=weight.requires_grad
+            )
+            config = getattr(model, "config", None)
+            if config is not None and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+            notes.append(
+                f"{name} was tied to {', '.join(sharing)}; untied so that only {name} changes "
+                "(both are stored)"
+            )
+    return notes
