@@ -101,3 +101,36 @@ def hub_offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     yield
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+"""``config.model_type`` of every family with a layout (compress.layouts), tiny in the tests."""
+
+
+def tiny_family_model(family: str, *, seed: int = 0, **overrides: object) -> PreTrainedModel:
+    """A random causal LM of ``family`` shaped like ``tiny_llama`` (hidden 64, 2 layers, vocab
+    256, 4 heads over 2 key/value heads), in float32 and eval mode; built from a config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings: dict[str, object] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 256,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    if family.startswith("gemma"):
+        settings.update(query_pre_attn_scalar=16, sliding_window=32)
+    if family == "gemma3_text":
+        settings["layer_types"] = ["sliding_attention", "full_attention"]
+    settings.update(overrides)
+    config = AutoConfig.for_model(family, **settings)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

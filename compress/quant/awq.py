@@ -6,9 +6,10 @@ its output by ``s``: the model computes the same function, the exported model ha
 the rounding error on the important columns shrinks by ``s``. ``α`` is searched per group on
 calibration text against the group's output error after round-to-nearest in the configured format
 (Lin et al., "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration",
-2023). This pass quantizes nothing: follow it with ``rtn`` or ``gptq`` in the same format. Groups
-of the Llama layout (Llama, Mistral, Qwen2 and kin), per decoder layer, layer by layer through
-:mod:`compress.sequential`; the maths lives in :mod:`compress.quant.awq_math`.
+2023). This pass quantizes nothing: follow it with ``rtn`` or ``gptq`` in the same format. The
+groups come from :mod:`compress.layouts` (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3 and Llama-like
+models), per decoder layer, layer by layer through :mod:`compress.sequential`; the maths lives in
+:mod:`compress.quant.awq_math`.
 
 Example recipe entry::
 
@@ -38,28 +39,19 @@ from torch import nn
 from compress.errors import PassError
 from compress.formats import IntFormat
 from compress.ir import get_quantized
+from compress.layouts import layout_of
 from compress.quant.awq_math import ScaleSearch, search_scales
 from compress.quant.checks import check_group_sizes
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
 from compress.utils.hooks import capture_inputs
-from compress.utils.modules import decoder_layers, match_any
+from compress.utils.modules import match_any
 
-__all__ = ["LLAMA_GROUPS", "AWQConfig", "awq"]
-
-# (op whose output is divided by s, the Linears that read it), relative to a decoder layer
-LLAMA_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
-)
+__all__ = ["AWQConfig", "awq"]
 
 _LAYOUT_HINT = (
-    "awq knows the Llama layout: input_layernorm -> self_attn.{q,k,v}_proj, "
-    "self_attn.v_proj -> self_attn.o_proj, post_attention_layernorm -> mlp.{gate,up}_proj, "
-    "mlp.up_proj -> mlp.down_proj (Llama, Mistral, Qwen2 and kin); quantize other "
-    "architectures with rtn or gptq alone"
+    "awq folds its scales into the op that produces each Linear's input, as compress.layouts "
+    "describes the families it knows; quantize other architectures with rtn or gptq alone"
 )
 
 
@@ -100,6 +92,8 @@ class _Group:
 
     previous: str  # qualified module names
     linears: tuple[str, ...]
+    rows: tuple[int, int] | None = None  # output rows of a fused producer that form the input
+    one_plus: bool = False  # a norm computing x * (1 + weight) (Gemma)
 
     @property
     def name(self) -> str:
@@ -182,24 +176,23 @@ def _plan(
     fmt: IntFormat,
     skipped: dict[str, str],
 ) -> dict[str, list[_Group]]:
-    """The groups of every decoder layer; fails before any change if the layout is not Llama's."""
-    prefix, layers = decoder_layers(model)
+    """The groups of every decoder layer (from :mod:`compress.layouts`); fails before any change
+    if the model's layout is unknown."""
+    try:
+        layout = layout_of(model)
+    except PassError as error:
+        raise PassError(f"awq does not support it: {error.message}", hint=_LAYOUT_HINT) from None
     plan: dict[str, list[_Group]] = {}
-    for index, layer in enumerate(layers):
-        layer_name = f"{prefix}.{index}"
+    for index in range(layout.num_layers):
+        layer_name = layout.layer_name(index)
         plan[layer_name] = []
-        for previous, linears in LLAMA_GROUPS:
+        for scale_group in layout.scale_groups:
             group = _Group(
-                f"{layer_name}.{previous}", tuple(f"{layer_name}.{name}" for name in linears)
+                layout.qualified(index, scale_group.source),
+                tuple(layout.qualified(index, name) for name in scale_group.linears),
+                rows=scale_group.source_rows,
+                one_plus=scale_group.source_kind == "norm" and layout.norm_kind == "rms_one_plus",
             )
-            for name in (group.previous, *group.linears):
-                if name not in modules:
-                    raise PassError(
-                        f"awq does not support {type(model).__name__}: decoder layer "
-                        f"{layer_name} ({type(layer).__name__}) has no module "
-                        f"{name[len(layer_name) + 1 :]!r}",
-                        hint=_LAYOUT_HINT,
-                    )
             reason = _check_group(group, modules, config, fmt)
             if reason is None:
                 plan[layer_name].append(group)
@@ -233,9 +226,10 @@ def _check_group(
         raise PassError(f"awq: {', '.join(group.linears)} read inputs of different widths")
     previous = modules[group.previous]
     if isinstance(previous, nn.Linear):
-        if previous.out_features != in_features:
+        start, end = group.rows or (0, previous.out_features)
+        if end - start != in_features:
             return (
-                f"{group.previous} has {previous.out_features} outputs but {group.name} reads "
+                f"{group.previous} has {end - start} outputs but {group.name} reads "
                 f"{in_features}: grouped-query attention repeats the value heads, so scales "
                 "of its inputs cannot be folded into the preceding Linear"
             )
@@ -338,7 +332,9 @@ def _fold_(
 ) -> None:
     """Scale the group's input columns by ``s`` and the preceding op's output by ``1/s``.
 
-    Computed in float32, stored in each parameter's dtype; originals go to ``saved`` first.
+    Computed in float32, stored in each parameter's dtype; originals go to ``saved`` first. A
+    norm that multiplies by ``1 + w`` gets ``w' = (1 + w) / s - 1``; a fused producer only
+    the output rows that form the group's input.
     """
     previous = modules[group.previous]
     with torch.no_grad():
@@ -352,10 +348,15 @@ def _fold_(
             if not isinstance(parameter, torch.Tensor):
                 continue
             _save(saved, f"{group.previous}.{attribute}", parameter)
+            target = parameter if group.rows is None else parameter[group.rows[0] : group.rows[1]]
             divisor = scales.to(parameter.device)
-            if parameter.dim() == 2:
+            if target.dim() == 2:
                 divisor = divisor.unsqueeze(1)
-            parameter.copy_(parameter.to(torch.float32) / divisor)
+            value = target.to(torch.float32)
+            if group.one_plus and attribute == "weight":
+                target.copy_((1.0 + value) / divisor - 1.0)
+            else:
+                target.copy_(value / divisor)
 
 
 def _linear(modules: dict[str, nn.Module], name: str) -> nn.Linear:

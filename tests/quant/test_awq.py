@@ -274,7 +274,7 @@ def test_other_architectures_are_refused_by_name():
     with pytest.raises(PassError) as caught:
         awq(model, AWQConfig(group_size=16), PassContext(calibration=token_ids()))
     assert "GPT2LMHeadModel" in caught.value.message
-    assert "transformer.h.0 (GPT2Block) has no module 'input_layernorm'" in caught.value.message
+    assert "(transformer.h.0, GPT2Block) has no module 'self_attn.q_proj'" in caught.value.message
     assert "rtn or gptq" in (caught.value.hint or "")
 
 
