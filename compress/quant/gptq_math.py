@@ -237,6 +237,16 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """
     if h.device.type != "cpu":
         return _factor_on_device(h, damp)
+    from threadpoolctl import threadpool_limits
+
+    # One BLAS thread: these factorisations take milliseconds, and OpenBLAS's threads spin-wait
+    # for each other; on a busy machine a 1536-wide factor took 1.5-5 s with two threads
+    # against 0.07 s with one (measured on the 2-core CI machine under load 6).
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _factor_cpu(h, damp)
+
+
+def _factor_cpu(h: torch.Tensor, damp: float) -> torch.Tensor:
     from scipy.linalg import lapack  # scipy.linalg imports slowly; only GPTQ needs it
 
     matrix = h.numpy()  # C-contiguous float32, shares memory with h
