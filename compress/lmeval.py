@@ -14,7 +14,7 @@ hub id, local HF folder) is evaluated as is, with an original only when one is g
 From Python::
 
     from compress.lmeval import evaluate_tasks
-    result = evaluate_tasks("out/smollm2-w4", ["offline_goal_inference"], limit=200)
+    result = evaluate_tasks("out/smollm2-w4", ["offline_arc_easy"], limit=200)
     for row in result.paired:
         print(row.task, row.metric, row.original, row.compressed, row.ci_low, row.ci_high)
 """
@@ -531,14 +531,19 @@ def lm_eval_spec(
         max_length=max_length,
     )
     if not spec.tasks:
-        raise DataError("no lm-eval task given", hint="e.g. --tasks offline_goal_inference")
+        raise DataError(
+            "no lm-eval task given",
+            hint="e.g. --tasks offline (run `compress fetch tasks` once first)",
+        )
     return spec
 
 
 def check_tasks(spec: LmEvalSpec) -> Any:
     """lm-eval's task index for ``spec``; a :class:`DataError` names an unknown task."""
-    from compress.tasks import check_task_names
+    from compress.tasks import check_offline_names, check_task_names
 
+    if not spec.include_path:  # an include path may define offline_* tasks of its own
+        check_offline_names(spec.tasks)  # before indexing lm-eval's registry (~20 s)
     manager = _task_manager(spec.include_path, spec.tasks)
     check_task_names(spec.tasks, _known_tasks(manager))
     return manager

@@ -22,7 +22,9 @@ from compress.lmeval import (
     LMEVAL_JSON,
     LMEVAL_RESULTS_JSON,
     LmEvalSpec,
+    check_tasks,
     evaluate_tasks,
+    lm_eval_spec,
     load_for_eval,
     paired_scores,
     run_lm_eval,
@@ -196,6 +198,26 @@ def test_unknown_task_names_the_nearest(tiny_setup: dict[str, Path]) -> None:
             reference=None,
         )
     assert "did you mean 'tiny_mc'" in str(info.value.hint)
+
+
+def test_offline_tasks_not_fetched_say_to_fetch_them(
+    tiny_setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Told at once, before lm-eval's registry of hub tasks is indexed (~20 s), and with no
+    "did you mean" pointing at an unrelated hub task."""
+    import lm_eval.tasks
+
+    def no_index(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("lm-eval's task registry was indexed")
+
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", no_index)
+    with pytest.raises(DataError, match="'offline_arc_easy' is not fetched yet") as info:
+        evaluate_tasks(tiny_setup["export"], ["offline"], reference=None)
+    assert info.value.hint is not None and "compress fetch tasks" in info.value.hint
+    assert "did you mean" not in info.value.hint
+    with pytest.raises(DataError, match="unknown offline lm-eval task 'offline_goal_inference'"):
+        check_tasks(lm_eval_spec(["offline_goal_inference"]))
 
 
 def test_missing_include_path(tiny_setup: dict[str, Path], tmp_path: Path) -> None:
