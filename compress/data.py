@@ -475,6 +475,12 @@ def _load_local(spec: str, path: Path) -> datasets.Dataset:
             f"dataset file {path} (from {spec!r}) does not exist",
             hint="check the path; or use builtin:wiki",
         )
+    if path.stat().st_size == 0:  # datasets would say only "An error occurred while generating"
+        raise DataError(
+            f"dataset file {path} (from {spec!r}) is empty",
+            hint="put text in it (.txt: one text per line; .json/.jsonl: records with a 'text' "
+            "field), or use builtin:wiki",
+        )
     builder = "text" if path.suffix.lower() == ".txt" else "json"
     try:
         # With ``split=`` and without streaming, load_dataset returns a Dataset.

@@ -2,8 +2,11 @@
 
 A recipe is validated in full before any model is loaded, so a typo costs a second, not a
 download. Every error names the file, the line, the key path (``passes[0].group_size``), the bad
-value, and a hint with the nearest valid key, pass name or allowed values. Checks that need the
-model (e.g. group size against each layer's input dimension) belong to the passes.
+value, and a hint with the nearest valid key, pass name or allowed values. Beyond the schema,
+:func:`check_plan` refuses what would only fail after the passes ran: a pass order that cannot
+work (``awq`` after ``rtn``), a format the chosen export cannot hold (``compressed-tensors`` with
+int3), a dataset that does not exist; a recipe file must also name at least one pass. Checks
+that need the model (e.g. group size against each layer's input dimension) belong to the passes.
 
 Example::
 
@@ -40,6 +43,7 @@ from compress.errors import PassError, RecipeError, nearest
 from compress.registry import PassConfig, available_passes, config_for, get_pass
 
 __all__ = [
+    "MAX_YAML_VALUES",
     "CalibrationSpec",
     "EvaluateSpec",
     "ExportSpec",
@@ -47,6 +51,7 @@ __all__ = [
     "LmEvalTasksSpec",
     "ModelSpec",
     "Recipe",
+    "check_plan",
     "load_recipe",
     "parse_recipe",
     "recipe_to_yaml",
@@ -58,6 +63,11 @@ LineMap = dict[tuple[Any, ...], int]
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _MAX_LISTED = 5  # further errors named after the first one
+MAX_YAML_VALUES = 100_000
+"""Most values a recipe may expand to (aliases counted at each use); a real one has dozens."""
+# Pass order: these rescale weights for the quantizers that follow them and must come first.
+_QUANTIZERS = ("rtn", "gptq")
+_BEFORE_QUANTIZERS = ("awq",)
 
 
 class _Spec(BaseModel):
@@ -240,7 +250,23 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as error:
         raise RecipeError(f"{source}: cannot read: {error.strerror or error}") from None
     data, lines = yaml_with_lines(text, source)
-    return parse_recipe(data, source, lines)
+    recipe = parse_recipe(data, source, lines)
+    if not recipe.passes:
+        raise RecipeError(
+            f"{_where(source, _line(lines, ('passes',)))}: passes: empty list: nothing to "
+            "compress (the export would be an uncompressed copy of the model)",
+            hint="add a pass, e.g. - {pass: rtn, bits: 4, group_size: 64}; "
+            "`compress recipes list` shows them all",
+        )
+    check_plan(
+        recipe.passes,
+        calibration=recipe.calibration,
+        export=recipe.export,
+        evaluate=recipe.evaluate,
+        source=source,
+        lines=lines,
+    )
+    return recipe
 
 
 def yaml_with_lines(text: str, source: str = "<recipe>") -> tuple[Any, LineMap]:
@@ -253,6 +279,12 @@ def yaml_with_lines(text: str, source: str = "<recipe>") -> tuple[Any, LineMap]:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is None:
             return None, {(): 1}
+        if _expanded_size(node, {}, set()) > MAX_YAML_VALUES:
+            raise RecipeError(
+                f"{source}: the document expands to more than {MAX_YAML_VALUES:,} values "
+                "(each use of an alias *name repeats the whole &name value)",
+                hint="a recipe needs a few dozen values; write them out, or nest fewer aliases",
+            )
         lines: LineMap = {(): node.start_mark.line + 1}
         _index_node(node, (), lines, yaml.SafeLoader(""), source, set())
         data = yaml.SafeLoader("").construct_document(node)
@@ -282,10 +314,13 @@ def parse_recipe(data: Any, source: str = "<recipe>", lines: LineMap | None = No
     raw_passes = data.get("passes")
     if isinstance(raw_passes, (list, tuple)):
         data["passes"], problems = _build_passes(list(raw_passes), lines)
+    problems += _boolean_problems(
+        {k: v for k, v in data.items() if k != "passes"}, Recipe, (), lines
+    )
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
-        _raise(problems + _from_validation(error, data, (), Recipe, lines), source)
+        _raise(_merged(problems, _from_validation(error, data, (), Recipe, lines)), source)
     if problems:
         _raise(problems, source)
     return recipe
@@ -342,6 +377,31 @@ def _index_node(
             _index_node(item, (*path, index), lines, keys, source, seen)
 
 
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Values ``node`` becomes once aliases are expanded; more than the limit once it is
+    clear, so a billion-laughs document is measured in microseconds, not built."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:  # an alias inside its own anchor: an endless document
+        return MAX_YAML_VALUES + 1
+    open_nodes.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children: list[yaml.Node] = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_VALUES:
+            break
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
 def _yaml_error(error: yaml.MarkedYAMLError, source: str) -> RecipeError:
     mark = error.problem_mark or error.context_mark
     line = mark.line + 1 if mark else 1
@@ -355,6 +415,11 @@ def _yaml_error(error: yaml.MarkedYAMLError, source: str) -> RecipeError:
         detail = f"invalid YAML: {error.context}: {problem}"
     if "\\t" in problem or "\t" in problem:
         hint = "indent with spaces; YAML does not allow tabs"
+    elif "constructor for the tag" in problem:
+        hint = (
+            "YAML tags (!name, !!type) are not used in recipes: remove the tag, or quote the "
+            "value if the '!' belongs to the text"
+        )
     elif "another document" in problem:
         hint = "a recipe is a single YAML document; remove the extra '---'"
     else:
@@ -461,11 +526,192 @@ def _build_passes(items: list[Any], lines: LineMap) -> tuple[list[PassConfig], l
             problems.append(_Problem(name_path, error.message, error.hint, _line(lines, name_path)))
             continue
         settings = {key: value for key, value in item.items() if key != "pass"}
+        booleans = _boolean_problems(settings, entry.config_cls, path, lines)
+        problems += booleans
         try:
             configs.append(entry.config_cls.model_validate(settings))
         except ValidationError as error:
-            problems += _from_validation(error, settings, path, entry.config_cls, lines)
+            found = _from_validation(error, settings, path, entry.config_cls, lines)
+            problems += _merged(booleans, found)[len(booleans) :]
     return configs, problems
+
+
+def _boolean_problems(
+    data: Any, cls: type[BaseModel], path: tuple[Any, ...], lines: LineMap
+) -> list[_Problem]:
+    """``true``/``false`` where a number belongs: pydantic would read them as 1 and 0."""
+    if not isinstance(data, Mapping):
+        return []
+    problems = []
+    for key, value in data.items():
+        if not isinstance(key, str) or key not in cls.model_fields:
+            continue
+        kinds = _unwrap(cls.model_fields[key].annotation)
+        where = (*path, key)
+        if isinstance(value, bool) and bool not in kinds and ({int, float} & set(kinds)):
+            description = cls.model_fields[key].description
+            problems.append(
+                _Problem(
+                    where,
+                    f"{_show(value)} is not valid: expected a number, not a boolean",
+                    f"{key}: {description}" if description else None,
+                    _line(lines, where),
+                )
+            )
+        section = next((t for t in kinds if _is_model(t)), None)
+        if section is not None:
+            problems += _boolean_problems(value, section, where, lines)
+    return problems
+
+
+def _merged(first: list[_Problem], more: list[_Problem]) -> list[_Problem]:
+    """``first`` and then those of ``more`` at paths ``first`` does not already name."""
+    named = {problem.path for problem in first}
+    return first + [problem for problem in more if problem.path not in named]
+
+
+# --------------------------------------------------------------------------------------------
+# Checks across sections: what would otherwise fail only after the passes ran
+
+
+def check_plan(
+    passes: Sequence[PassConfig],
+    *,
+    calibration: CalibrationSpec | None = None,
+    export: ExportSpec | None = None,
+    evaluate: EvaluateSpec | None = None,
+    source: str = "<recipe>",
+    lines: LineMap | None = None,
+) -> None:
+    """Refuse a pass order that cannot work, a format the export cannot hold and datasets that
+    do not exist; :class:`RecipeError` naming the key, as for schema errors."""
+    lines = lines or {}
+    names = [config_for(config).name for config in passes]
+    problems = _order_problems(names, lines)
+    if export is not None:
+        problems += _export_problems(passes, names, export, lines)
+    datasets: list[tuple[tuple[Any, ...], str]] = []
+    if calibration is not None and any(get_pass(name).calibrated for name in names):
+        datasets.append((("calibration", "dataset"), calibration.dataset))
+    if evaluate is not None:
+        datasets += [
+            (("evaluate", "perplexity", index), spec)
+            for index, spec in enumerate(evaluate.perplexity)
+        ]
+    for path, spec in datasets:
+        found = _dataset_problem(spec)
+        if found is not None:
+            detail, hint = found
+            problems.append(_Problem(path, detail, hint, _line(lines, path)))
+    if problems:
+        _raise(problems, source)
+
+
+def _order_problems(names: list[str], lines: LineMap) -> list[_Problem]:
+    problems = []
+    for index, name in enumerate(names):
+        if name not in _BEFORE_QUANTIZERS:
+            continue
+        earlier = [(i, n) for i, n in enumerate(names[:index]) if n in _QUANTIZERS]
+        if earlier:
+            first, quantizer = earlier[0]
+            path = ("passes", index, "pass")
+            problems.append(
+                _Problem(
+                    path,
+                    f"{name} comes after {quantizer} (passes[{first}]): {name} rescales weights "
+                    f"before they are quantized, and after {quantizer} it would break their codes",
+                    f"move {name} before {quantizer}, with the same bits and group_size",
+                    _line(lines, path),
+                )
+            )
+    return problems
+
+
+def _export_problems(
+    passes: Sequence[PassConfig], names: list[str], export: ExportSpec, lines: LineMap
+) -> list[_Problem]:
+    """Formats the chosen export format cannot store (compressed-tensors: what vLLM serves)."""
+    from compress.export import compressed_tensors as ct
+
+    if export.format != ct.FORMAT_NAME:
+        return []
+    problems = []
+    for index, (name, config) in enumerate(zip(names, passes, strict=True)):
+        path: tuple[Any, ...] = ("passes", index)
+        if name == "entropy_code":
+            problems.append(
+                _Problem(
+                    (*path, "pass"),
+                    f"entropy_code cannot be exported as {ct.FORMAT_NAME} (export.format)",
+                    "use export.format: compress, or drop the entropy_code pass",
+                    _line(lines, (*path, "pass")),
+                )
+            )
+        if name not in _QUANTIZERS:
+            continue
+        bits, group = getattr(config, "bits", None), getattr(config, "group_size", None)
+        if bits not in ct.SUPPORTED_BITS:
+            held = " or ".join(map(str, ct.SUPPORTED_BITS))
+            key, reason = "bits", f"{bits}-bit codes (it holds {held})"
+        elif group not in ct.SUPPORTED_GROUPS:
+            key, reason = "group_size", f"group_size {group} (it holds 32, 64, 128 or null)"
+        elif not getattr(config, "symmetric", True):
+            key, reason = "symmetric", "asymmetric codes (its loaders cannot read zero points)"
+        else:
+            continue
+        where = (*path, key)
+        problems.append(
+            _Problem(
+                where,
+                f"export.format {ct.FORMAT_NAME} cannot hold {name}'s {reason}",
+                "quantize to symmetric int4 or int8 with group_size 32, 64, 128 or null, or "
+                "export with format: compress",
+                _line(lines, where),
+            )
+        )
+    return problems
+
+
+def _dataset_problem(spec: str) -> tuple[str, str] | None:
+    """(message, hint) if ``spec`` names no dataset :func:`compress.data.load_texts` can read;
+    checked without loading anything (hub datasets only by the shape of their spec)."""
+    from compress import data
+    from compress.errors import DataError
+
+    known = [f"builtin:{name}" for name in data.BUILTIN_DATASETS]
+    aliases = list(data._HUB_ALIASES)  # the corpora load_texts names by a short alias
+    if spec.startswith("builtin:") or spec in data.BUILTIN_DATASETS:
+        name = spec.removeprefix("builtin:")
+        if name in data.BUILTIN_DATASETS:
+            return None
+        guess = nearest(spec, known)
+        return f"{spec!r} is not a builtin dataset", (
+            f"did you mean {guess!r}? " if guess else ""
+        ) + f"builtin datasets: {', '.join(known)}"
+    if spec in aliases:
+        return None
+    if spec.startswith("hub:"):
+        try:
+            data._parse_hub_spec(spec)
+        except DataError as error:
+            return error.message, error.hint or ""
+        return None
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in {".txt", ".json", ".jsonl"}:
+        if not path.is_file():
+            where = "is a folder" if path.is_dir() else "does not exist"
+            return f"dataset file {path} {where}", "check the path; or use builtin:wiki"
+        if path.stat().st_size == 0:
+            return f"dataset file {path} is empty", (
+                ".txt: one text per line; .json/.jsonl: records with a 'text' field"
+            )
+        return None
+    guess = nearest(spec, [*known, *aliases])
+    return f"unknown dataset {spec!r}", (f"did you mean {guess!r}? " if guess else "") + (
+        f"use one of {', '.join([*known, *aliases])}, hub:<dataset id>[:<config>][@<split>], "
+        "or a local .txt/.json/.jsonl file"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,16 +760,33 @@ def _from_validation(
             problems.append(_Problem(path, "missing", hint, _line(lines, path[:-1])))
         else:
             reason = item["msg"].removeprefix("Value error, ")
-            detail = f"{_show(value)} is not valid: {reason}"
-            problems.append(
-                _Problem(
-                    path,
-                    detail,
-                    _value_hint(root_cls, root, relative, kind, value),
-                    _line(lines, path),
+            value_hint = _value_hint(root_cls, root, relative, kind, value)
+            key = next((p for p in reversed(relative) if isinstance(p, str)), None)
+            if isinstance(value, str) and kind in _NUMBER_ERRORS and key and _quoted(value):
+                # YAML reads a quoted 4 as the text "4": say so, the parser's words do not
+                value_hint = (
+                    f"{key} takes a number (or null where allowed); quotes make {_show(value)} "
+                    f"text: write it unquoted, e.g. {key}: 4"
                 )
-            )
+            elif isinstance(value, bool) and kind not in ("bool_type", "bool_parsing"):
+                reason = "expected a number or text, not a boolean"
+            elif isinstance(value, int | float) and kind == "string_type" and key:
+                value_hint = f"{key} takes text; quote it: {key}: '{value}'"
+            detail = f"{_show(value)} is not valid: {reason}"
+            problems.append(_Problem(path, detail, value_hint, _line(lines, path)))
     return problems
+
+
+def _quoted(text: str) -> bool:
+    """Whether YAML would have read ``text`` as a number or null without its quotes."""
+    try:
+        float(text)
+    except ValueError:
+        return text.strip().lower() in ("null", "~", "none", "true", "false")
+    return True
+
+
+_NUMBER_ERRORS = ("int_parsing", "float_parsing", "int_from_float", "int_type", "float_type")
 
 
 def _value_hint(

@@ -454,3 +454,147 @@ def test_export_dir_must_name_a_folder(tmp_path: Path) -> None:
     path = write(tmp_path, "model: m\npasses: []\nexport: {dir: .}\n")
     error = error_of(path)
     assert error.message.startswith(f"{path}:3: export.dir: '.' is not valid: must name a folder")
+
+
+# --- refused before any model is loaded (issue 13) ----------------------------------------------
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    path = write(tmp_path, "\n".join([*lines, "model: m", "passes: *a7"]) + "\n")
+    started = time.monotonic()
+    error = error_of(path)
+    assert time.monotonic() - started < 2
+    assert error.message == f"{path}: the document expands to more than 100,000 values " + (
+        "(each use of an alias *name repeats the whole &name value)"
+    )
+    assert error.hint is not None and "aliases" in error.hint
+
+
+def test_recursive_alias_is_refused(tmp_path: Path) -> None:
+    error = error_of(write(tmp_path, "a: &a [*a]\nmodel: m\npasses: []\n"))
+    assert "expands to more than" in error.message
+
+
+def test_small_aliases_still_work(tmp_path: Path) -> None:
+    text = "model: m\ncalibration: {samples: &n 64, seq_len: *n}\npasses: [{pass: rtn}]\n"
+    assert load_recipe(write(tmp_path, text)).calibration.seq_len == 64
+
+
+def test_yaml_tag_hint_is_about_tags(tmp_path: Path) -> None:
+    path = write(tmp_path, "model: m\npasses:\n  - pass: rtn\n    bits: !int 4\n")
+    error = error_of(path)
+    assert error.message.startswith(f"{path}:4: invalid YAML: could not determine a constructor")
+    assert error.hint is not None and "YAML tags" in error.hint
+    assert "indentation" not in error.hint
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [('"null"', "'null' is not valid"), ("'1e3'", "'1e3' is not valid")],
+)
+def test_quoted_number_says_the_quotes_make_text(tmp_path: Path, value: str, detail: str) -> None:
+    path = write(
+        tmp_path, f"model: m\npasses:\n  - {{pass: rtn}}\nevaluate: {{max_windows: {value}}}\n"
+    )
+    error = error_of(path)
+    assert error.message.startswith(f"{path}:4: evaluate.max_windows: {detail}")
+    assert error.hint is not None and "quotes make" in error.hint and "unquoted" in error.hint
+
+
+def test_boolean_where_a_number_belongs(tmp_path: Path) -> None:
+    path = write(tmp_path, "model: m\npasses:\n  - {pass: rtn, bits: 4, group_size: true}\n")
+    error = error_of(path)
+    assert error.message == (
+        f"{path}:3: passes[0].group_size: true is not valid: expected a number, not a boolean"
+    )
+    calibration = write(
+        tmp_path, "model: m\ncalibration: {samples: false}\npasses: [{pass: rtn}]\n"
+    )
+    assert "calibration.samples: false is not valid" in error_of(calibration).message
+
+
+def test_number_where_text_belongs_says_quote_it(tmp_path: Path) -> None:
+    error = error_of(write(tmp_path, "model: m\ncalibration: {dataset: 2024}\npasses: []\n"))
+    assert error.hint == "dataset takes text; quote it: dataset: '2024'"
+
+
+def test_empty_passes_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "model: m\n\npasses: []\n")
+    error = error_of(path)
+    assert error.message.startswith(f"{path}:3: passes: empty list: nothing to compress")
+    assert error.hint is not None and "pass: rtn" in error.hint
+
+
+def test_awq_after_rtn_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "model: m\npasses:\n  - {pass: rtn}\n  - {pass: awq}\n")
+    error = error_of(path)
+    assert error.message.startswith(f"{path}:4: passes[1].pass: awq comes after rtn (passes[0])")
+    assert error.hint == "move awq before rtn, with the same bits and group_size"
+
+
+@pytest.mark.parametrize(
+    ("pass_line", "key", "reason"),
+    [
+        ("{pass: rtn, bits: 3, group_size: 64}", "bits", "3-bit codes"),
+        ("{pass: gptq, bits: 4, group_size: 16}", "group_size", "group_size 16"),
+        ("{pass: rtn, bits: 8, group_size: 64, symmetric: false}", "symmetric", "asymmetric"),
+        ("{pass: entropy_code}", "pass", "entropy_code cannot be exported"),
+    ],
+)
+def test_formats_the_compressed_tensors_export_cannot_hold(
+    tmp_path: Path, pass_line: str, key: str, reason: str
+) -> None:
+    text = f"model: m\npasses:\n  - {pass_line}\nexport: {{dir: out, format: compressed-tensors}}\n"
+    path = write(tmp_path, text)
+    error = error_of(path)
+    assert error.message.startswith(f"{path}:3: passes[0].{key}: ")
+    assert reason in error.message
+    assert error.hint is not None and "format: compress" in error.hint
+
+
+def test_compressed_tensors_int4_is_accepted(tmp_path: Path) -> None:
+    text = (
+        "model: m\npasses:\n  - {pass: awq, bits: 4, group_size: 64}\n"
+        "  - {pass: gptq, bits: 4, group_size: 64}\n"
+        "export: {dir: out, format: compressed-tensors}\n"
+    )
+    assert load_recipe(write(tmp_path, text)).export is not None
+
+
+@pytest.mark.parametrize(
+    ("spec", "message", "hint"),
+    [
+        (
+            "builtin:wikki",
+            "'builtin:wikki' is not a builtin dataset",
+            "did you mean 'builtin:wiki'?",
+        ),
+        ("wikitxt", "unknown dataset 'wikitxt'", "did you mean 'wikitext'?"),
+        ("hub:", "dataset spec 'hub:' is not of the form", "e.g. hub:"),
+        ("no/such/file.txt", "dataset file no/such/file.txt does not exist", "check the path"),
+    ],
+)
+def test_unknown_evaluation_dataset_is_refused(
+    tmp_path: Path, spec: str, message: str, hint: str
+) -> None:
+    text = (
+        f"model: m\npasses:\n  - {{pass: rtn}}\nevaluate:\n  perplexity: [builtin:wiki, '{spec}']\n"
+    )
+    path = write(tmp_path, text)
+    error = error_of(path)
+    assert error.message.startswith(f"{path}:5: evaluate.perplexity[1]: {message}")
+    assert error.hint is not None and hint in error.hint
+
+
+def test_empty_calibration_file_is_refused_for_a_calibrated_pass(tmp_path: Path) -> None:
+    empty = tmp_path / "calib.txt"
+    empty.write_text("")
+    text = f"model: m\ncalibration: {{dataset: '{empty}'}}\npasses:\n  - {{pass: PASS}}\n"
+    error = error_of(write(tmp_path, text.replace("PASS", "gptq")))
+    assert error.message.endswith(f"calibration.dataset: dataset file {empty} is empty")
+    # rtn reads no calibration text: the same block is not its problem
+    assert load_recipe(write(tmp_path, text.replace("PASS", "rtn"))).passes
