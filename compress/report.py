@@ -766,7 +766,10 @@ def _json_default(value: Any) -> Any:
 def _write_atomic(path: Path, text: str) -> None:
     """Readers never see a half-written file: write a temp file beside it, then rename."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's file is private; a report is not
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
         os.replace(temporary, path)
@@ -800,6 +803,12 @@ def read_report(directory: Path) -> dict[str, Any]:
     hint = "pass the folder a `compress apply` run exported to (it holds report.json)"
     if not directory.exists():
         raise ExportError(f"no such report folder: {directory}", hint=hint)
+    if directory.is_file() and path != directory:
+        inside = (directory.parent / JSON_NAME).is_file()
+        raise ExportError(
+            f"{directory}: is a file, not a run folder",
+            hint=f"pass its folder: {directory.parent}" if inside else hint,
+        )
     if not path.is_file():
         raise ExportError(f"no report in {directory}: {path} is missing", hint=hint)
     try:

@@ -60,6 +60,14 @@ def check_format_version(version: Any, where: Path | str) -> None:
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The manifest of an export folder; a clear error if it is missing or unreadable."""
     directory = Path(directory)
+    if directory.is_file():
+        inside = directory.parent if (directory.parent / MANIFEST_NAME).is_file() else None
+        raise ExportError(
+            f"{directory}: is a file, not an export folder",
+            hint=f"pass its folder: {inside}"
+            if inside
+            else "pass the folder that `compress apply` exported",
+        )
     if not directory.is_dir():
         raise ExportError(
             f"{directory}: no such folder", hint="pass the folder that `compress apply` exported"
@@ -83,7 +91,15 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
     """Check every file the manifest lists against its recorded size and SHA-256."""
     directory = Path(directory)
-    for name, expected in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict) and {"bytes", "sha256"} <= entry.keys() for entry in files.values()
+    ):
+        raise ExportError(
+            f"{directory / MANIFEST_NAME}: 'files' is not a mapping of name -> bytes, sha256",
+            hint="the manifest is damaged; re-run `compress apply`",
+        )
+    for name, expected in files.items():
         path = directory / name
         if not path.is_file():
             raise ExportError(

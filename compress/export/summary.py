@@ -2,10 +2,16 @@
 
 Read from the manifest and the safetensors headers only (no tensor data), so it is cheap even
 for large exports. Used by ``compress inspect`` and by the run report.
+
+Verifying (:func:`verify_export`, ``compress inspect`` and ``compress report`` by default) checks
+every file's size and SHA-256 against the manifest, the format versions of the manifest, of
+``config.json`` and of the entropy codec, each module's format entry, and that each quantized
+module's stored tensors have the shapes and dtypes its format and weight shape imply.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,11 +19,21 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from compress.errors import ExportError
-from compress.export.manifest import read_manifest, verify_files
+from compress.errors import CompressError, ExportError
+from compress.export.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    QUANT_METHOD,
+    read_manifest,
+    verify_files,
+)
+from compress.export.packing import packed_row_bytes
 from compress.formats import IntFormat
 
-__all__ = ["ExportSummary", "format_label", "summarize_export"]
+__all__ = ["ExportSummary", "format_label", "summarize_export", "verify_export"]
+
+_CORRUPTED = "the export is corrupted; re-run `compress apply` or restore the file"
+_SCALE_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -101,17 +117,23 @@ def _tensor_shapes(directory: Path) -> dict[str, tuple[list[int], str]]:
     return shapes
 
 
+def verify_export(directory: Path) -> ExportSummary:
+    """Check an export folder in full (files, versions, tensor shapes); its summary if sound."""
+    return summarize_export(directory, verify=True)
+
+
 def summarize_export(directory: Path, *, verify: bool = False) -> ExportSummary:
-    """Sizes and formats of an export; ``verify`` also checks every file's checksum."""
+    """Sizes and formats of an export; ``verify`` also checks every file's checksum, the format
+    versions and the stored tensors' shapes and dtypes against the manifest."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if verify:
         verify_files(directory, manifest)
     shapes = _tensor_shapes(directory)
-    modules = {
-        name: (IntFormat.from_dict(entry["format"]), entry["shape"])
-        for name, entry in manifest["modules"].items()
-    }
+    modules = _modules(directory, manifest)
+    if verify:
+        _check_versions(directory, manifest)
+        _check_layout(directory, manifest, modules, shapes)
     quantized_keys: set[str] = set()
     per_format: dict[str, FormatGroup] = defaultdict(FormatGroup)
     per_module: dict[str, dict[str, Any]] = {}
@@ -152,6 +174,117 @@ def summarize_export(directory: Path, *, verify: bool = False) -> ExportSummary:
         per_module=per_module,
         recipe=manifest.get("recipe", {}),
     )
+
+
+def _modules(directory: Path, manifest: dict[str, Any]) -> dict[str, tuple[IntFormat, list[int]]]:
+    """Each module's format and weight shape (out, in), refusing entries that make no sense."""
+    modules = {}
+    entries = manifest.get("modules")
+    if not isinstance(entries, dict):
+        raise ExportError(
+            f"{directory / MANIFEST_NAME}: 'modules' is not a mapping", hint=_CORRUPTED
+        )
+    for name, entry in entries.items():
+        try:
+            fmt = IntFormat.from_dict(dict(entry["format"]))
+            shape = [int(d) for d in entry["shape"]]
+            if len(shape) != 2 or min(shape) < 1:
+                raise ValueError(f"shape {entry['shape']!r} is not (out_features, in_features)")
+            fmt.groups(shape[1])
+        except (CompressError, KeyError, TypeError, ValueError) as error:
+            reason = error.message if isinstance(error, CompressError) else str(error)
+            raise ExportError(
+                f"{directory / MANIFEST_NAME}: module {name!r}: unreadable entry ({reason})",
+                hint="written by a newer compress? upgrade it; otherwise " + _CORRUPTED,
+            ) from None
+        modules[name] = (fmt, shape)
+    return modules
+
+
+def _check_versions(directory: Path, manifest: dict[str, Any]) -> None:
+    """config.json's quantization_config and the entropy codec must be versions we read."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing", hint=_CORRUPTED) from None
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{path}: unreadable: {error}", hint=_CORRUPTED) from None
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(qconfig, dict) and qconfig.get("quant_method") == QUANT_METHOD:
+        version = qconfig.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ExportError(
+                f"{path}: quantization_config format_version {version!r}, but this compress "
+                f"reads version {FORMAT_VERSION} (and the manifest says "
+                f"{manifest.get('format_version')!r})",
+                hint="upgrade compress, or re-export the model with this version",
+            )
+    entropy = manifest.get("entropy")
+    if isinstance(entropy, dict):
+        from compress.export.entropy.codec import CODEC, CODEC_VERSION
+
+        found = (entropy.get("codec"), entropy.get("version"))
+        if found != (CODEC, CODEC_VERSION):
+            raise ExportError(
+                f"{directory / MANIFEST_NAME}: entropy codec {found[0]!r} version {found[1]!r}; "
+                f"this compress decodes {CODEC!r} version {CODEC_VERSION}",
+                hint="upgrade compress, or re-export the model with this version",
+            )
+
+
+def _check_layout(
+    directory: Path,
+    manifest: dict[str, Any],
+    modules: dict[str, tuple[IntFormat, list[int]]],
+    shapes: dict[str, tuple[list[int], str]],
+) -> None:
+    """Each quantized module's stored tensors have the shape and dtype its format implies."""
+    vllm = _quant_method(directory) == "compressed-tensors"
+    for name, (fmt, (out_features, in_features)) in modules.items():
+        groups = fmt.groups(in_features)
+        expected: dict[str, tuple[list[int], str | None]]
+        if vllm:
+            words = (in_features * fmt.bits + 31) // 32
+            expected = {
+                "weight_packed": ([out_features, words], "I32"),
+                "weight_scale": ([out_features, groups], None),  # the model's dtype
+                "weight_shape": ([2], None),
+            }
+        else:
+            expected = {
+                "qweight": ([out_features, packed_row_bytes(in_features, fmt.bits)], "U8"),
+                "scales": ([out_features, groups], _SCALE_DTYPES[fmt.scale_dtype]),
+            }
+            if not fmt.symmetric:
+                expected["qzeros"] = ([packed_row_bytes(out_features * groups, fmt.bits)], "U8")
+        for leaf, (shape, dtype) in expected.items():
+            key = f"{name}.{leaf}"
+            if key not in shapes:
+                if any(k.startswith(f"{key}_ec_") for k in shapes):
+                    continue  # entropy-coded: its stream's own header is checked on load
+                raise ExportError(
+                    f"{directory}: tensor {key} of quantized module {name} is missing",
+                    hint=_CORRUPTED,
+                )
+            found_shape, found_dtype = shapes[key]
+            if found_shape != shape or (dtype is not None and found_dtype != dtype):
+                want = f"{tuple(shape)} {dtype}" if dtype else str(tuple(shape))
+                raise ExportError(
+                    f"{directory}: tensor {key} is {tuple(found_shape)} {found_dtype}, but "
+                    f"{format_label(fmt)} of a {out_features}x{in_features} weight stores "
+                    f"{want}",
+                    hint=_CORRUPTED,
+                )
+
+
+def _quant_method(directory: Path) -> str | None:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    return qconfig.get("quant_method") if isinstance(qconfig, dict) else None
 
 
 def _numel(shape: list[int]) -> int:
