@@ -401,12 +401,49 @@ def _missing_error(spec: str, location: str) -> ModelLoadError:
     )
 
 
-def _hub_error(spec: str, error: BaseException, what: str) -> ModelLoadError:
+def _hub_error(
+    spec: str, error: BaseException, what: str, unreachable: str | None = None
+) -> ModelLoadError:
+    if unreachable is not None:
+        return ModelLoadError(
+            f"model {spec!r} is not a builtin alias or an existing local path, and loading its "
+            f"{what} as a Hugging Face hub id failed: the hub is out of reach ({unreachable}) "
+            "and the local hub cache does not hold it",
+            hint="use a builtin model or a local model folder; " + _builtin_hint(spec),
+        )
     return ModelLoadError(
         f"model {spec!r} is not a builtin alias or an existing local path, and loading its "
         f"{what} as a Hugging Face hub id failed: {_first_line(error)}",
         hint="no network to the Hugging Face hub? use a builtin model; " + _builtin_hint(spec),
     )
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the hub cannot be reached, or None if it answers (or only a proxy could tell).
+
+    One quick connection instead of the hub client's retries, which take about half a minute
+    to give up on a machine without network.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        return None  # only the proxy knows the way
+    url = urlparse(constants.ENDPOINT)
+    if not url.hostname:
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout_s):
+            return None
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        return f"cannot connect to {url.hostname}: {reason}"
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -461,17 +498,27 @@ def load_model(
         _check_folder(folder)
         model = _from_folder(folder, torch_dtype, trust_remote_code=trust_remote_code)
         return model, load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
+    unreachable = _hub_unreachable()  # then only the local hub cache can serve it
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             dtype=torch_dtype,
+            local_files_only=unreachable is not None,
         )
     except (OSError, ValueError, KeyError) as error:
-        raise _hub_error(spec, error, "model") from error
+        raise _hub_error(spec, error, "model", unreachable) from error
     logger.debug("loaded %s from the hub", location)
-    return model.eval(), load_tokenizer(location, trust_remote_code=trust_remote_code)
+    if unreachable is None:
+        return model.eval(), load_tokenizer(location, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            location, trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise _hub_error(spec, error, "tokenizer", unreachable) from error
+    return model.eval(), tokenizer
 
 
 def model_folder(
