@@ -379,6 +379,7 @@ def _shared_context_scores(
 
 def _make_lm(model: Any, tokenizer: Any, spec: LmEvalSpec, progress: Progress, label: str) -> Any:
     """lm-eval's HFLM around an already loaded model, reporting progress chunk by chunk."""
+    import torch
     from lm_eval.models.huggingface import HFLM
 
     class _TrackedHFLM(HFLM):
@@ -435,6 +436,9 @@ def _make_lm(model: Any, tokenizer: Any, spec: LmEvalSpec, progress: Progress, l
         batch_size=spec.batch_size,
         max_length=spec.max_length,
         device=str(getattr(model, "device", "cpu")),
+        # log-probabilities summed in float32 whatever the model's dtype: in bf16 a 300-token
+        # total is rounded to multiples of 4, and would disagree with the shared-context path
+        softmax_dtype=torch.float32,
     )
 
 
