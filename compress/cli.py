@@ -1,7 +1,9 @@
 """The ``compress`` command line: thin wrappers that parse, call the library and print.
 
-Every :class:`~compress.errors.CompressError` (bad recipe, missing model, corrupted export...)
-ends the command with its message and exit code 2.
+Exit codes: 0 success; 2 for every :class:`~compress.errors.CompressError` (bad recipe, missing
+model, corrupted export, unwritable target...) and every usage error (unknown command or
+option, missing argument), each with its message; 130 after Ctrl-C and 143 after SIGTERM, with
+a line saying what was kept and how to resume.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -77,12 +78,21 @@ class RichProgress:
         if total is None and hasattr(items, "__len__"):
             total = len(items)  # type: ignore[arg-type]
         task = self._bar.add_task(description, total=total)
-        for item in items:
-            yield item
-            # not held while the next item is made: in a streamed export that would keep the
-            # previous tensor (a 400 MB embedding) alive beside the next layer
-            del item
-            self._bar.advance(task)
+        done = 0
+        try:
+            for item in items:
+                yield item
+                # not held while the next item is made: in a streamed export that would keep
+                # the previous tensor (a 400 MB embedding) alive beside the next layer
+                del item
+                self._bar.advance(task)
+                done += 1
+        finally:
+            # a bar whose total was unknown (or guessed) ends at what was done, and its clock
+            # stops here rather than running on through the steps after it
+            if total is None or done != total:
+                self._bar.update(task, total=done, completed=done)
+            self._bar.stop_task(task)
 
     def log(self, message: str) -> None:
         self._bar.console.log(escape(message))
@@ -94,7 +104,12 @@ def _setup_logging(verbose: bool) -> None:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
+    # huggingface_hub prints through a handler of its own and then again through ours
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        hub_logger.removeHandler(handler)
     if not verbose:
+        hub_logger.setLevel(logging.ERROR)  # each retry of an unreachable hub, one by one
         import transformers
 
         transformers.logging.set_verbosity_error()
@@ -106,6 +121,36 @@ def _setup_logging(verbose: bool) -> None:
 
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log library details.")]
+
+
+class _Interrupted(Exception):
+    """A command stopped by a signal; ``run`` prints ``message`` and returns ``code``.
+
+    An ``Exception`` (not a ``KeyboardInterrupt``) so that typer passes it through unchanged.
+    """
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from compress import __version__
+
+        out.print(f"compress {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Compress Hugging Face causal LMs: quantize, pack, export, load, evaluate."""
 
 
 @app.command()
@@ -131,7 +176,7 @@ def apply(
     verbose: Verbose = False,
 ) -> None:
     """Run a recipe: load, compress, export, evaluate, report."""
-    from compress.pipeline import Pipeline
+    from compress.pipeline import Pipeline, RunInterrupted
     from compress.recipe import ExportSpec, load_recipe
     from compress.report import summary_rows
 
@@ -143,19 +188,32 @@ def apply(
             f"{recipe}: --overwrite given but the recipe has no export section",
             hint="add export: {dir: ...} to the recipe, or pass --export-dir DIR",
         )
-    if export_dir is not None or overwrite:
-        base = loaded.export or ExportSpec(dir=export_dir or Path("out"))
+    if export_dir is not None:
+        # The recipe's overwrite names the recipe's folder: -o DIR elsewhere does not inherit it.
+        same = loaded.export is not None and _same_path(export_dir, loaded.export.dir)
+        base = loaded.export or ExportSpec(dir=export_dir)
+        keep = base.overwrite if same else False
         updates["export"] = base.model_copy(
-            update={"dir": export_dir or base.dir, "overwrite": overwrite or base.overwrite}
+            update={"dir": export_dir, "overwrite": overwrite or keep}
         )
+    elif overwrite and loaded.export is not None:
+        updates["export"] = loaded.export.model_copy(update={"overwrite": True})
     if not evaluate:
         updates["evaluate"] = None
     if updates:
         loaded = loaded.model_copy(update=updates)
-    with RichProgress() as progress:
-        result = Pipeline.from_recipe(
-            loaded, progress=progress, strict=strict, resume=resume, offload=offload
-        ).run()
+    try:
+        with RichProgress() as progress:
+            result = Pipeline.from_recipe(
+                loaded, progress=progress, strict=strict, resume=resume, offload=offload
+            ).run()
+    except RunInterrupted as stop:
+        rerun = f"compress apply {recipe}"
+        if export_dir is not None:
+            rerun += f" -o {export_dir}"
+        raise _Interrupted(stop.describe(rerun), stop.exit_code) from None
+    except KeyboardInterrupt:
+        raise _Interrupted("interrupted: no export was written", 130) from None
     table = Table(title=escape(f"compress apply {recipe}"))
     table.add_column("metric")
     table.add_column("original", justify="right")
@@ -166,6 +224,10 @@ def apply(
     if result.export_dir is not None:
         report_path = result.export_dir / "report.md"
         out.print(f"export: {result.export_dir}  (report: {report_path})", markup=False)
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 @app.command()
@@ -252,21 +314,59 @@ def report(
             "--output", "-o", help="Folder for the HTML/markdown/JSON comparison of the runs."
         ),
     ] = None,
+    verify: Annotated[
+        bool, typer.Option(help="Check each export's files, shapes and versions first.")
+    ] = True,
 ) -> None:
     """Print a run's report; write an HTML page comparing the runs (table and plots).
 
-    One run without -o: prints its markdown and writes report.html into the run folder.
-    Several runs: writes report.html, comparison.md and comparison.json into -o
-    (default ./compress-report).
+    One run without -o: prints its markdown and writes report.html into the run folder (if it
+    can: a read-only export gets a warning). Several runs: writes report.html, comparison.md and
+    comparison.json into -o (default ./compress-report). Nothing is written into a run folder
+    when -o names another one.
     """
+    from compress.export.manifest import MANIFEST_NAME
+    from compress.export.summary import verify_export
     from compress.report import read_report, render_markdown
     from compress.report_html import write_comparison
 
     results = [read_report(directory) for directory in directories]  # checks every folder first
+    for directory in directories:
+        if not verify:
+            break
+        folder = directory.parent if directory.is_file() else directory  # report.json given
+        if (folder / MANIFEST_NAME).is_file():
+            verify_export(folder)  # a damaged export fails like `compress inspect`
+        else:
+            console.print(
+                f"[yellow]warning:[/yellow] {escape(str(folder))}: export not verified "
+                f"(no {MANIFEST_NAME})",
+                highlight=False,
+            )
     if len(directories) == 1 and output is None:
         out.print(render_markdown(results[0]), markup=False, highlight=False, end="")
-    target = output or (directories[0] if len(directories) == 1 else Path("compress-report"))
-    paths = write_comparison(directories, target)
+        run_folder = directories[0].parent if directories[0].is_file() else directories[0]
+        try:
+            paths = write_comparison(directories, run_folder)
+        except OSError as error:
+            where = error.filename or run_folder
+            console.print(
+                f"[yellow]warning:[/yellow] report.html not written: {escape(str(where))}: "
+                f"{escape(error.strerror or str(error))}",
+                highlight=False,
+            )
+            console.print("  [yellow]hint:[/yellow] pass -o DIR to write it elsewhere")
+            return
+    else:
+        target = output or Path("compress-report")
+        try:
+            paths = write_comparison(directories, target)
+        except OSError as error:
+            where = error.filename or target
+            raise CompressError(
+                f"{where}: cannot write the report: {error.strerror or error}",
+                hint="choose a folder you can write to with -o DIR",
+            ) from None
     console.print(f"html report: {paths['html']}", markup=False, highlight=False)
 
 
@@ -370,23 +470,34 @@ def recipes_list() -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI on ``argv``; return the exit code (2 for bad input)."""
+    """Run the CLI on ``argv``; return the exit code (2 for bad input or usage, 130 for Ctrl-C).
+
+    typer brings its own click-compatible module, so its exceptions (not ``click``'s) are the
+    ones to catch: usage errors derive from ``typer.TyperException``.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="compress", standalone_mode=False)
     except CompressError as error:
         console.print(f"[bold red]error:[/bold red] {escape(error.message)}", highlight=False)
         if error.hint:
             console.print(f"  [yellow]hint:[/yellow] {escape(error.hint)}", highlight=False)
         return 2
-    except click.exceptions.Exit as done:
-        return done.exit_code
-    except click.ClickException as error:
-        error.show()
+    except _Interrupted as stop:
+        console.print(escape(stop.message), highlight=False)
+        return stop.code
+    except typer.TyperException as error:
+        show = getattr(error, "show", None)
+        if callable(show):
+            show()  # click's usage line, "Try 'compress --help'", then "Error: ..." (or help)
+        else:  # pragma: no cover
+            console.print(f"Error: {escape(error.format_message())}", highlight=False)
         return error.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         console.print("aborted")
-        return 130
-    return 0
+        return 1
+    if code == 130:  # typer turns a KeyboardInterrupt of the other commands into exit 130
+        console.print("interrupted (Ctrl-C)", highlight=False)
+    return code if isinstance(code, int) else 0
 
 
 def main() -> None:

@@ -35,7 +35,14 @@ from compress.utils.memory import release_free_memory
 from compress.utils.modules import decoder_layers
 from compress.utils.safetensors_io import read_file, read_metadata, read_tensors
 
-__all__ = ["LayerStore", "SourceWeights", "empty_skeleton", "work_dir_for"]
+__all__ = [
+    "LayerStore",
+    "SourceWeights",
+    "empty_skeleton",
+    "finished_layers",
+    "remove_work_dir",
+    "work_dir_for",
+]
 
 _RUN_FILE = "run.json"
 
@@ -44,6 +51,23 @@ def work_dir_for(export_dir: Path) -> Path:
     """Where a run exporting to ``export_dir`` keeps its layer checkpoints (a hidden sibling)."""
     export_dir = Path(export_dir)
     return export_dir.parent / f".{export_dir.name}.work"
+
+
+def finished_layers(work_dir: Path) -> int:
+    """How many layer checkpoints (of all passes) a run left in ``work_dir`` for ``--resume``."""
+    work_dir = Path(work_dir)
+    if not (work_dir / _RUN_FILE).is_file():
+        return 0
+    return sum(1 for _ in work_dir.glob("pass*-layer*.safetensors"))
+
+
+def remove_work_dir(export_dir: Path) -> bool:
+    """Remove the checkpoints of a run exporting to ``export_dir``; whether there were any."""
+    work_dir = work_dir_for(export_dir)
+    if not work_dir.exists():
+        return False
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return True
 
 
 class SourceWeights:

@@ -12,12 +12,17 @@ From Python::
 from __future__ import annotations
 
 import copy
+import errno
 import gc
 import hashlib
 import json
+import os
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +31,26 @@ from torch import nn
 
 from compress import __version__
 from compress.data import calibration_batch, load_texts, token_windows
-from compress.errors import CompressError, RecipeError
+from compress.errors import CompressError, ModelLoadError, RecipeError
 from compress.evaluate import compare_to_reference, generation_sample, perplexity
+from compress.export.manifest import MANIFEST_NAME
 from compress.export.summary import summarize_export
-from compress.export.writer import DEFAULT_SHARD_BYTES, check_export_target, export_model
+from compress.export.writer import (
+    DEFAULT_SHARD_BYTES,
+    check_export_target,
+    export_model,
+    unwritable_target,
+)
 from compress.ir import quantized_modules
 from compress.models import load_model, load_tokenizer, model_folder
-from compress.offload import LayerStore, SourceWeights, empty_skeleton, work_dir_for
+from compress.offload import (
+    LayerStore,
+    SourceWeights,
+    empty_skeleton,
+    finished_layers,
+    remove_work_dir,
+    work_dir_for,
+)
 from compress.recipe import (
     CalibrationSpec,
     EvaluateSpec,
@@ -40,15 +58,17 @@ from compress.recipe import (
     LmEvalTasksSpec,
     ModelSpec,
     Recipe,
+    check_plan,
     load_recipe,
     parse_recipe,
 )
 from compress.registry import PassConfig, PassContext, PassReport, config_for
 from compress.report import collect_environment, write_report
+from compress.utils.fs import remove_stale_temporaries, target_lock
 from compress.utils.memory import map_large_blocks
 from compress.utils.progress import NullProgress, Progress
 
-__all__ = ["Pipeline", "RunResult"]
+__all__ = ["Pipeline", "RunInterrupted", "RunResult"]
 
 SAMPLE_PROMPT = "The capital of France is"
 # offloaded exports hold one shard in memory while writing it: keep that small next to a layer
@@ -58,6 +78,45 @@ Q4_1_CAVEAT = (
     "with group 32 asymmetric would look unrealistically good on it; compare at group 64+ "
     "symmetric."
 )
+
+
+# What a full disk, a read-only one or a missing permission raise while the export is written.
+_WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (SIGINT) or SIGTERM, after cleaning up; says what was kept.
+
+    A ``KeyboardInterrupt``, so Python callers see the usual exception; ``exit_code`` is the
+    shell's 128 + signal number (130, 143).
+    """
+
+    def __init__(self, signum: int, kept: str, *, resumable: bool, advice: str) -> None:
+        super().__init__(kept)
+        self.signum = signum
+        self.kept = kept
+        self.resumable = resumable
+        self.advice = advice
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def describe(self, command: str = "compress apply RECIPE") -> str:
+        """One line: which signal, what is left on disk, and how to go on from there."""
+        name = signal.Signals(self.signum).name
+        then = f"continue with `{command} --resume`" if self.resumable else self.advice
+        return f"interrupted ({name}): {self.kept}; {then}"
+
+
+class _Signalled(KeyboardInterrupt):
+    """Raised by the SIGTERM handler, so cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -142,6 +201,33 @@ class Pipeline:
         return parse_recipe(data).resolved()
 
     def run(self) -> RunResult:
+        """Load, compress, export, evaluate, report.
+
+        Everything that can be checked without the model is checked first (the export target
+        is writable and may be replaced, the datasets exist, the passes fit the export format).
+        The export target is locked for the whole run, so a second run into it fails at once.
+        Ctrl-C and SIGTERM remove what is half-written and raise :class:`RunInterrupted`.
+        """
+        self._check_early()
+        target = self.export.dir if self.export is not None else None
+        before = _identity(target) if target is not None else None
+        try:
+            with _terminate_as_interrupt():
+                if target is None:
+                    return self._run()
+                with target_lock(target):
+                    for folder in remove_stale_temporaries(target):
+                        self.progress.log(f"removed {folder}, left behind by a killed run")
+                    return self._run()
+        except KeyboardInterrupt as stop:
+            raise self._interrupted(stop, before) from None
+        except OSError as error:
+            if target is None or error.errno not in _WRITE_ERRNOS:
+                raise
+            raise self._write_error(error, target) from None
+
+    def _check_early(self) -> None:
+        """What would otherwise fail after the expensive part: refused before loading."""
         if self.export is not None:
             check_export_target(self.export.dir, overwrite=self.export.overwrite)
         elif self.resume:
@@ -149,8 +235,62 @@ class Pipeline:
                 "--resume needs an export folder: checkpoints live beside it",
                 hint="add export: {dir: ...} to the recipe (or pass -o DIR)",
             )
+        if not isinstance(self.model_source, nn.Module):
+            _refuse_export_as_model(self._spec().name)
+        check_plan(
+            self.passes,
+            calibration=self.calibration,
+            export=self.export,
+            evaluate=self.evaluate,
+        )
+        if not self.passes:
+            self.progress.log("no passes: the model is exported and evaluated as it is")
         if self.evaluate is not None and self.evaluate.lm_eval is not None:
             _lm_eval_spec(self.evaluate.lm_eval)  # an unknown task fails now, not after the passes
+
+    def _interrupted(
+        self, stop: KeyboardInterrupt, before: tuple[int, int] | None
+    ) -> RunInterrupted:
+        """What an interrupted run left: finished layers to resume from, or a whole export."""
+        signum = getattr(stop, "signum", signal.SIGINT)
+        if self.export is None:
+            return RunInterrupted(
+                signum, "nothing was written", resumable=False, advice="run again to start over"
+            )
+        target = self.export.dir
+        work_dir = work_dir_for(target)
+        layers = finished_layers(work_dir)
+        written = (target / MANIFEST_NAME).is_file() and _identity(target) != before
+        if written:
+            return RunInterrupted(
+                signum,
+                f"the export {target} is complete, but its evaluation was cut short (no "
+                "report.json)",
+                resumable=False,
+                advice="run again with --overwrite for the report, or `compress eval` it",
+            )
+        if layers:
+            return RunInterrupted(
+                signum,
+                f"no export yet; {layers} finished layer checkpoint(s) kept in {work_dir}",
+                resumable=True,
+                advice="",
+            )
+        kept = "no export was written" + (f" ({target} is as it was)" if before is not None else "")
+        return RunInterrupted(signum, kept, resumable=False, advice="run again to start over")
+
+    def _write_error(self, error: OSError, target: Path) -> CompressError:
+        """An OSError met while writing: the path and a hint; a full disk gets its space back."""
+        mapped = unwritable_target(target, error)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT) and remove_work_dir(target):
+            mapped = type(mapped)(
+                f"{mapped.message} (the layer checkpoints in {work_dir_for(target)} were "
+                "removed to free the space)",
+                hint=mapped.hint,
+            )
+        return mapped
+
+    def _run(self) -> RunResult:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         model, tokenizer, source = self._load()
@@ -167,6 +307,10 @@ class Pipeline:
         except CompressError:
             if store is not None:
                 store.close()  # a deterministic failure: resuming would only meet it again
+            raise
+        except BaseException:
+            if store is not None and self.export is None:
+                store.close()  # a temporary offload folder: nothing can resume from it
             raise
 
     def _compress(
@@ -414,6 +558,61 @@ def _lm_eval_spec(spec: LmEvalTasksSpec) -> Any:
     )
     check_tasks(checked)
     return checked
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM unwind like Ctrl-C, so half-written folders are removed on the way out.
+
+    Only where Python can take signals (the main thread), and only if nobody installed a
+    SIGTERM handler of their own.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Signalled(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Inode and change time of ``path``: tells whether a run replaced it."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_ctime_ns
+
+
+def _refuse_export_as_model(spec: str) -> None:
+    """Compressing an export again would quantize packed codes; say what to point at instead."""
+    folder = Path(spec).expanduser()
+    if not (folder / MANIFEST_NAME).is_file():
+        return
+    try:
+        recipe = json.loads((folder / MANIFEST_NAME).read_text()).get("recipe") or {}
+        model = recipe.get("model")
+        original = model.get("name") if isinstance(model, dict) else model
+    except (OSError, ValueError, AttributeError):
+        original = None
+    hint = "point model: at the original model" + (
+        f" ({original!r}, from the export's manifest)" if original else ""
+    )
+    raise ModelLoadError(
+        f"model {spec!r} is already a compress export (it holds {MANIFEST_NAME}); its "
+        "weights are packed, not a model to compress again",
+        hint=f"{hint}; to measure the export itself, run `compress eval {spec}`",
+    )
 
 
 def _parameter_bytes(model: nn.Module) -> int:

@@ -9,6 +9,7 @@ checks what ``inspect`` and ``report`` make of the export. The real SmolLM2 is n
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import re
@@ -547,3 +548,168 @@ def test_progress_bar_does_not_hold_the_previous_item() -> None:
         for item in progress.track(produce(), "items", total=3):
             del item
     assert alive_when_next_made == [False, False, False]
+
+
+# --- usage errors, version, interrupts (issue 13) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["aply"], "Error: No such command 'aply'. Did you mean 'apply'?"),
+        (["apply"], "Error: Missing argument 'recipe'."),
+        (["apply", "r.yaml", "--bogus"], "Error: No such option: --bogus"),
+        (["inspect"], "Error: Missing argument 'directory'."),
+        (["recipes", "valdate"], "Error: No such command 'valdate'."),
+    ],
+    ids=["unknown-command", "missing-argument", "unknown-option", "inspect-no-dir", "subcommand"],
+)
+def test_usage_errors_exit_2_with_clicks_message(capsys, argv, message) -> None:
+    result = invoke(capsys, *argv)
+    assert result.code == 2
+    assert "Usage: compress" in result.err and "Try 'compress" in result.err
+    assert message in result.err
+    assert "Traceback" not in result.err
+
+
+def test_bare_compress_prints_help(capsys) -> None:
+    result = invoke(capsys)
+    assert result.code == 2  # click's code for a command line that names no command
+    shown = result.out + result.err  # typer's rich help goes to stdout
+    assert "Usage: compress" in shown and "Traceback" not in shown
+    for command in ("apply", "inspect", "report", "recipes"):
+        assert command in shown
+
+
+def test_version(capsys) -> None:
+    from compress import __version__
+
+    result = invoke(capsys, "--version")
+    assert result.code == 0, result.err
+    assert result.out.strip() == f"compress {__version__}"
+
+
+def test_ctrl_c_in_a_command_exits_130(capsys, monkeypatch) -> None:
+    import compress.recipe
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compress.recipe, "load_recipe", interrupted)
+    result = invoke(capsys, "recipes", "validate", RECIPES[0])
+    assert result.code == 130
+    assert "interrupted" in result.err
+
+
+# --- report and inspect verify the export (issue 13) ----------------------------------------------
+
+
+def _rewrite(export: Path, name: str, data: bytes) -> None:
+    """Replace a file of an export and record it in the manifest: only deeper checks see it."""
+    import hashlib
+
+    (export / name).write_bytes(data)
+    path = export / "compress_manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def test_report_on_a_corrupted_export_exits_2(capsys, export_copy: Path) -> None:
+    shard = export_copy / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    result = invoke(capsys, "report", export_copy)
+    assert result.code == 2
+    assert f"{shard}: size" in result.err and "truncated" in result.err
+    assert result.out == ""
+    assert invoke(capsys, "report", export_copy, "--no-verify").code == 0
+
+
+def test_report_with_output_writes_nothing_into_the_export(
+    capsys, export_copy: Path, tmp_path
+) -> None:
+    before = sorted(p.name for p in export_copy.iterdir())
+    result = invoke(capsys, "report", export_copy, "-o", tmp_path / "elsewhere")
+    assert result.code == 0, result.err
+    assert (tmp_path / "elsewhere" / "report.html").is_file()
+    assert sorted(p.name for p in export_copy.iterdir()) == before
+
+
+def test_report_output_that_cannot_be_written_exits_2(capsys, export_copy, tmp_path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    result = invoke(capsys, "report", export_copy, "-o", blocker / "out")
+    assert result.code == 2
+    assert str(blocker) in result.err and "hint:" in result.err
+
+
+def test_report_of_an_export_it_cannot_write_into_still_prints(
+    capsys, export_copy: Path, monkeypatch
+) -> None:
+    import compress.report_html
+
+    def read_only(run_dirs, output):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(output / "report.html"))
+
+    monkeypatch.setattr(compress.report_html, "write_comparison", read_only)
+    result = invoke(capsys, "report", export_copy)
+    assert result.code == 0, result.err
+    assert result.out.startswith("# compress report")
+    assert "report.html not written" in result.err and "Read-only file system" in result.err
+    assert "-o DIR" in result.err
+
+
+def test_inspect_checks_tensor_shapes(capsys, export_copy: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(export_copy / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.scales"
+    tensors[key] = tensors[key][:, :1].contiguous()
+    save_file(tensors, export_copy / "model.safetensors", metadata={"format": "pt"})
+    _rewrite(export_copy, "model.safetensors", (export_copy / "model.safetensors").read_bytes())
+    result = invoke(capsys, "inspect", export_copy)
+    assert result.code == 2
+    assert f"tensor {key} is (64, 1) F16, but int4 g32 sym of a 64x64 weight stores" in result.err
+    assert "(64, 2) F16" in result.err and "hint:" in result.err
+
+
+def test_inspect_checks_the_config_format_version(capsys, export_copy: Path) -> None:
+    config = json.loads((export_copy / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 99
+    _rewrite(export_copy, "config.json", json.dumps(config).encode())
+    result = invoke(capsys, "inspect", export_copy)
+    assert result.code == 2
+    assert "quantization_config format_version 99" in result.err
+    assert "hint: upgrade compress" in result.err
+
+
+def test_inspect_an_unknown_module_format_exits_2(capsys, export_copy: Path) -> None:
+    path = export_copy / "compress_manifest.json"
+    manifest = json.loads(path.read_text())
+    name = next(iter(manifest["modules"]))
+    manifest["modules"][name]["format"]["codebook"] = "nf4"
+    path.write_text(json.dumps(manifest))
+    result = invoke(capsys, "inspect", export_copy)
+    assert result.code == 2
+    assert f"module {name!r}: unreadable entry" in result.err and "codebook" in result.err
+
+
+def test_inspect_a_file_says_it_is_a_file(capsys, exported: Exported) -> None:
+    shard = exported.directory / "model.safetensors"
+    result = invoke(capsys, "inspect", shard)
+    assert result.code == 2
+    assert f"{shard}: is a file, not an export folder" in result.err
+    assert f"hint: pass its folder: {exported.directory}" in result.err
+
+
+# --- progress bars (issue 13, section 4) ----------------------------------------------------------
+
+
+def test_a_bar_of_unknown_length_ends_at_its_count_and_stops_its_clock() -> None:
+    from compress.cli import RichProgress
+
+    with RichProgress() as progress:
+        assert list(progress.track(iter(range(5)), "items")) == list(range(5))
+        (task,) = progress._bar.tasks
+        assert (task.total, task.completed, task.finished) == (5, 5, True)
+        assert task.stop_time is not None  # elapsed no longer grows

@@ -117,3 +117,63 @@ def test_smollm2_int2_is_visibly_damaged(tmp_path):
     assert quality["kl_mean"] > 1.0
     assert quality["perplexity"] > 3 * quality["reference_perplexity"]
     assert quality["top1_agreement"] < 0.6
+
+
+# --- checked before the model is loaded (issue 13) ----------------------------------------------
+
+
+def test_an_export_is_refused_as_the_model_to_compress(tiny_llama_copy, byte_tokenizer, tmp_path):
+    from compress.errors import ModelLoadError
+
+    export = tmp_path / "export"
+    Pipeline(
+        model=tiny_llama_copy,
+        passes=[RTNConfig(bits=4, group_size=32)],
+        tokenizer=byte_tokenizer,
+        export=export,
+    ).run()
+    with pytest.raises(ModelLoadError) as info:
+        Pipeline(model=str(export), passes=[RTNConfig(bits=4, group_size=32)]).run()
+    assert info.value.message.startswith(f"model '{export}' is already a compress export")
+    assert info.value.hint is not None and f"compress eval {export}" in info.value.hint
+
+
+def test_unknown_evaluation_dataset_fails_before_anything_is_written(
+    tiny_llama_copy, byte_tokenizer, tmp_path
+):
+    from compress.errors import RecipeError
+
+    pipeline = Pipeline(
+        model=tiny_llama_copy,
+        passes=[RTNConfig(bits=4, group_size=32)],
+        tokenizer=byte_tokenizer,
+        export=tmp_path / "export",
+        evaluate=EvaluateSpec(perplexity=["builtin:wikki"]),
+    )
+    with pytest.raises(RecipeError, match=r"evaluate.perplexity\[0\]: 'builtin:wikki' is not a"):
+        pipeline.run()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_export_bar_counts_modules_to_the_end(tiny_llama_copy, byte_tokenizer, tmp_path):
+    bars: dict[str, list] = {}
+
+    class Recorder:
+        def track(self, items, description, total=None):
+            steps = bars.setdefault(description, [total, 0])
+            for item in items:
+                yield item
+                steps[1] += 1
+
+        def log(self, message):
+            pass
+
+    Pipeline(
+        model=tiny_llama_copy,
+        passes=[RTNConfig(bits=4, group_size=32)],
+        tokenizer=byte_tokenizer,
+        export=tmp_path / "export",
+        progress=Recorder(),
+    ).run()
+    # embedding, 2 x (4 attention + 3 mlp Linears + 2 norms), final norm, lm_head
+    assert bars["export (modules)"] == [21, 21]

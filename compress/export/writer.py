@@ -7,6 +7,8 @@ failure never leaves a half-written export.
 from __future__ import annotations
 
 import copy
+import errno
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -30,12 +32,12 @@ from compress.export.qembedding import QuantEmbedding
 from compress.export.qlinear import QuantLinear
 from compress.ir import QuantizedWeight, get_quantized
 from compress.registry import LayerAccess
-from compress.utils.fs import atomic_directory, sha256_file
+from compress.utils.fs import atomic_directory, probe_writable, sha256_file
 from compress.utils.modules import decoder_layers
 from compress.utils.progress import NullProgress, Progress
 from compress.utils.safetensors_io import ShardWriter
 
-__all__ = ["check_export_target", "export_model", "packed_state"]
+__all__ = ["check_export_target", "export_model", "packed_state", "unwritable_target"]
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -141,17 +143,63 @@ def _state_tensor(module: nn.Module, leaf: str) -> torch.Tensor:
 
 
 def check_export_target(directory: Path, *, overwrite: bool) -> None:
-    """Refuse an existing target up front, before any expensive work is done."""
+    """Refuse a target that cannot or must not be written, before any expensive work is done.
+
+    ``overwrite`` only ever replaces an export of ours (a folder with our manifest) or an
+    empty folder; anything else at ``directory`` is refused. The folder it would be created in
+    is probed with a real file, so a read-only disk, a missing permission or a path under a
+    regular file is named now, not after the passes ran.
+    """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(
+            f"{directory}: is a file, not a folder; an export is a folder",
+            hint="choose another export.dir (or -o DIR); compress never replaces a file",
+        )
     if directory.exists() and not overwrite:
         raise ExportError(
             f"{directory}: export folder already exists",
             hint="choose another export.dir, or set export.overwrite: true (--overwrite)",
         )
-    if directory.exists() and not directory.is_dir():
+    if directory.exists() and not _replaceable(directory):
         raise ExportError(
-            f"{directory}: exists and is not a folder", hint="choose another export.dir"
+            f"{directory}: exists and is not a compress export (no {MANIFEST_NAME}); "
+            "overwrite only replaces an earlier export",
+            hint="choose another export.dir (or -o DIR), or move the folder away yourself",
         )
+    try:
+        probe_writable(directory.parent)
+    except OSError as error:
+        raise unwritable_target(directory, error) from None
+
+
+def _replaceable(directory: Path) -> bool:
+    try:
+        return (directory / MANIFEST_NAME).is_file() or not any(directory.iterdir())
+    except OSError:
+        return False
+
+
+def unwritable_target(directory: Path, error: OSError) -> ExportError:
+    """An :class:`ExportError` for an ``OSError`` met writing the export ``directory``: the path
+    the system named, what went wrong, and a hint for that kind of failure."""
+    where = error.filename or directory
+    reason = error.strerror or type(error).__name__
+    hints = {
+        errno.EROFS: "the file system is read-only; choose an export.dir (-o DIR) on a "
+        "writable disk",
+        errno.EACCES: "no permission to write there; choose an export.dir (-o DIR) you can "
+        "write to, or fix the folder's permissions",
+        errno.ENOTDIR: "a part of the path is a file, not a folder; choose another export.dir",
+        errno.ENOSPC: "the disk is full; free some space or choose an export.dir (-o DIR) on "
+        "another disk",
+        errno.ENOENT: "that folder cannot hold files (a pseudo file system such as /proc?); "
+        "choose an ordinary folder",
+    }
+    hints[errno.EPERM] = hints[errno.EACCES]
+    hints[errno.EDQUOT] = hints[errno.ENOSPC]
+    hint = hints.get(error.errno or 0, "choose another export.dir (-o DIR)")
+    return ExportError(f"{where}: cannot write the export {directory}: {reason}", hint=hint)
 
 
 def quantization_config(
@@ -206,7 +254,7 @@ def export_model(
         if coder is not None:
             state = coder.encode(state, records)
         shard: ShardWriter | None = None
-        for name, tensor in progress.track(state, "export tensors"):
+        for name, tensor in _module_progress(state, progress, _stored_modules(model)):
             nbytes = tensor.numel() * tensor.element_size()
             if shard is not None and shard.names and shard.nbytes + nbytes > max_shard_bytes:
                 shard.close()
@@ -293,6 +341,40 @@ def _refuse_quantized_embeddings(model: nn.Module, format: str) -> None:
                 hint=f"leave {name} out of the quantization pass, or export with format: "
                 f"{QUANT_METHOD}",
             )
+
+
+def _stored_modules(model: nn.Module) -> int:
+    """How many modules own the tensors an export of ``model`` stores (tied ones count once)."""
+    seen: set[int] = set()
+    owners: set[str] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            owners.add(key.rpartition(".")[0])
+    return len(owners)
+
+
+def _module_progress(
+    state: Iterator[tuple[str, torch.Tensor]], progress: Progress, total: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``state`` unchanged, with a bar of ``total`` modules: one step each time the tensors of a
+    module have all been taken. Counted by module because packing, conversion and coding turn
+    one weight into several stored tensors, a number known only once they are made."""
+    ticks = iter(progress.track(itertools.repeat(None), "export (modules)", total=total))
+    owner: str | None = None
+    try:
+        for name, tensor in state:
+            module = name.rpartition(".")[0]
+            if module != owner:
+                next(ticks)  # the previous module's tensors are written
+                owner = module
+            yield name, tensor
+            del tensor
+        next(ticks)
+    finally:
+        close = getattr(ticks, "close", None)
+        if close is not None:
+            close()
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
