@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -212,8 +215,9 @@ def apply(
         if export_dir is not None:
             rerun += f" -o {export_dir}"
         raise _Interrupted(stop.describe(rerun), stop.exit_code) from None
-    except KeyboardInterrupt:
-        raise _Interrupted("interrupted: no export was written", 130) from None
+    except KeyboardInterrupt as stop:
+        code = 128 + getattr(stop, "signum", signal.SIGINT)
+        raise _Interrupted("interrupted: no export was written", code) from None
     table = Table(title=escape(f"compress apply {recipe}"))
     table.add_column("metric")
     table.add_column("original", justify="right")
@@ -469,14 +473,42 @@ def recipes_list() -> None:
     out.print(table)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the process is, so cleanup runs as it does for Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[list[int]]:
+    """While the CLI runs, SIGTERM raises :class:`_Terminated`; the list records that it did."""
+    received: list[int] = []
+    installable = threading.current_thread() is threading.main_thread()
+    if not installable or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI on ``argv``; return the exit code (2 for bad input or usage, 130 for Ctrl-C).
+    """Run the CLI on ``argv``; return the exit code (2 for bad input or usage, 130 for Ctrl-C,
+    143 for SIGTERM).
 
     typer brings its own click-compatible module, so its exceptions (not ``click``'s) are the
     ones to catch: usage errors derive from ``typer.TyperException``.
     """
     try:
-        code = app(args=argv, prog_name="compress", standalone_mode=False)
+        with _sigterm_unwinds() as terminated:
+            code = app(args=argv, prog_name="compress", standalone_mode=False)
     except CompressError as error:
         console.print(f"[bold red]error:[/bold red] {escape(error.message)}", highlight=False)
         if error.hint:
@@ -496,7 +528,9 @@ def run(argv: list[str] | None = None) -> int:
         console.print("aborted")
         return 1
     if code == 130:  # typer turns a KeyboardInterrupt of the other commands into exit 130
-        console.print("interrupted (Ctrl-C)", highlight=False)
+        if terminated:
+            code = 128 + signal.SIGTERM
+        console.print(f"interrupted ({'SIGTERM' if terminated else 'Ctrl-C'})", highlight=False)
     return code if isinstance(code, int) else 0
 
 

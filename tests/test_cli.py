@@ -713,3 +713,20 @@ def test_a_bar_of_unknown_length_ends_at_its_count_and_stops_its_clock() -> None
         (task,) = progress._bar.tasks
         assert (task.total, task.completed, task.finished) == (5, 5, True)
         assert task.stop_time is not None  # elapsed no longer grows
+
+
+def test_sigterm_in_a_command_exits_143(capsys, monkeypatch) -> None:
+    import os
+    import signal
+
+    import compress.recipe
+
+    def terminated(path):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, as in a real run
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(compress.recipe, "load_recipe", terminated)
+    result = invoke(capsys, "recipes", "validate", RECIPES[0])
+    assert result.code == 143
+    assert "interrupted (SIGTERM)" in result.err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the run
