@@ -15,6 +15,10 @@ logged once) or ``COMPRESS_KERNEL=reference``.
 
 ``torch_int8``: PyTorch's ``_weight_int8pack_mm`` for symmetric per-channel int8 with bf16/fp16
 activations and few rows; only used without the native build, where it beats the reference.
+Only for input widths that are a multiple of 16: otherwise torch 2.13's op kills the process or
+returns garbage (measured in subprocesses on an AVX-512 CPU, ATen's AVX-512 and AVX2 kernels
+alike: bf16 activations with K % 16 != 0 segfault at two or more rows and come back wrong at one
+or three; fp16 passed, and is held to the same rule).
 
 ``triton_gemv`` / ``triton_gemm``: on CUDA, when triton is installed (the ``gpu`` extra), the
 split-K GEMV (few rows) or dequant-GEMM of :mod:`compress.export.triton_kernels`.
@@ -49,6 +53,7 @@ GEMV_MAX_ROWS = 8
 """Row counts up to this use ``cpu_gemv``; more rows use ``cpu_gemm`` (measured crossover)."""
 
 _TORCH_INT8_MAX_ROWS = 16
+_TORCH_INT8_K_MULTIPLE = 16  # in_features must be a multiple of this (see the module docstring)
 _TRITON_GEMV_MAX_ROWS = 4  # triton_kernels.GEMV_MAX_ROWS, not imported here: triton is optional
 _LOGGED: set[tuple[str, str]] = set()
 
@@ -60,6 +65,17 @@ def _reference(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_int8(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if module.in_features % _TORCH_INT8_K_MULTIPLE:  # forced: never hand the op such a shape
+        key = ("torch_int8 refused", f"K={module.in_features}")
+        if key not in _LOGGED:
+            _LOGGED.add(key)
+            log.warning(
+                "COMPRESS_KERNEL=torch_int8: in_features %d is not a multiple of %d, which "
+                "torch's _weight_int8pack_mm cannot take; using the reference kernel",
+                module.in_features,
+                _TORCH_INT8_K_MULTIPLE,
+            )
+        return _reference(module, x)
     # Offset-128 unsigned codes become two's-complement int8 by flipping the top bit.
     weight = (module.qweight ^ 0x80).view(torch.int8)
     scales = module.scales[:, 0].to(x.dtype)
@@ -131,6 +147,7 @@ def select(
             and fmt.group_size in (None, in_features)
             and dtype in (torch.bfloat16, torch.float16)
             and rows <= _TORCH_INT8_MAX_ROWS
+            and in_features % _TORCH_INT8_K_MULTIPLE == 0
         ):
             return "torch_int8"
     if device == "cuda" and importlib.util.find_spec("triton") is not None:
