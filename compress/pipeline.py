@@ -408,10 +408,50 @@ class Pipeline:
                 timings["lm_eval_s"] = time.perf_counter() - start
             del reference
             gc.collect()
+        if self.evaluate is not None and self.evaluate.speed and export_dir is not None:
+            start = time.perf_counter()
+            result["speed"] = self._measure_speed(export_dir)
+            timings["speed_s"] = time.perf_counter() - start
 
         if export_dir is not None:
             write_report(result, export_dir)
         return RunResult(model, tokenizer, export_dir, result, reports)
+
+    def _measure_speed(self, export_dir: Path) -> dict[str, Any]:
+        """Decode tokens/s and peak memory of the export and of the original model folder, each
+        in a process of its own (:mod:`compress.speed`); a failure is noted, not fatal."""
+        from compress.speed import measure_generation
+
+        speed: dict[str, Any] = {}
+        self.progress.log("speed: decode tokens/s and peak memory, export and original")
+        try:
+            mine = measure_generation(export_dir)
+            speed.update(
+                tokens_per_s=mine.tokens_per_s,
+                peak_memory_bytes=mine.peak_memory_bytes,
+                threads=mine.threads,
+            )
+            folder = self._reference_folder()
+            if folder is not None:
+                theirs = measure_generation(folder)
+                speed.update(
+                    reference_tokens_per_s=theirs.tokens_per_s,
+                    reference_peak_memory_bytes=theirs.peak_memory_bytes,
+                )
+        except CompressError as error:
+            self.progress.log(f"speed not measured: {error.message}")
+            speed["note"] = f"not measured: {error.message}"
+        return speed
+
+    def _reference_folder(self) -> Path | None:
+        """The original model as a folder a fresh process can load, if there is one."""
+        source = self.model_source
+        if isinstance(source, nn.Module):
+            return None
+        name = self._spec().name
+        if name.lower().endswith(".gguf"):
+            return None
+        return self._folder()
 
     def _fingerprint(self) -> str:
         """What the checkpoints depend on: model, calibration and passes (not export, eval)."""

@@ -169,6 +169,11 @@ class EvaluateSpec(_Spec):
         default=True, description="KL divergence and top-1 agreement against the original"
     )
     batch_size: int = Field(default=4, gt=0, description="windows per forward pass")
+    speed: bool = Field(
+        default=True,
+        description="decode tokens/s and peak memory of the export and of the original, each "
+        "loaded in a process of its own (about 10 s for a small model)",
+    )
     lm_eval: LmEvalTasksSpec | None = Field(
         default=None,
         description="lm-eval tasks, e.g. {tasks: [offline], limit: 200}; null = none",

@@ -1,0 +1,27 @@
+"""Decode speed and peak memory, measured in a process of its own."""
+
+import pytest
+
+from compress.errors import CompressError
+from compress.export.writer import export_model
+from compress.quant.rtn import RTNConfig, rtn
+from compress.registry import PassContext
+from compress.speed import measure_generation
+
+
+def test_measures_an_export_in_its_own_process(tiny_llama_copy, byte_tokenizer, tmp_path):
+    rtn(tiny_llama_copy, RTNConfig(bits=4, group_size=32), PassContext())
+    folder = export_model(tiny_llama_copy, byte_tokenizer, tmp_path / "export", recipe={})
+    speed = measure_generation(folder, new_tokens=8, threads=1)
+    assert speed.tokens_per_s > 0
+    assert speed.threads == 1
+    # a process that imported torch and transformers holds at least that much
+    assert 50 * 2**20 < speed.peak_memory_bytes < 8 * 2**30
+    assert speed.load_s > 0
+
+
+def test_a_folder_that_does_not_load_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CompressError, match="speed measurement failed") as info:
+        measure_generation(tmp_path, new_tokens=2)
+    assert "evaluate.speed: false" in (info.value.hint or "")
