@@ -281,6 +281,12 @@ class Pipeline:
 
     def _write_error(self, error: OSError, target: Path) -> CompressError:
         """An OSError met while writing: the path and a hint; a full disk gets its space back."""
+        where = Path(str(error.filename)) if error.filename else None
+        if where is not None and not _is_within(where, target.parent):
+            return CompressError(  # not the export's side of the disk: the model, a dataset...
+                f"{where}: {error.strerror or error}",
+                hint="check that the path exists and that you may read and write it",
+            )
         mapped = unwritable_target(target, error)
         if error.errno in (errno.ENOSPC, errno.EDQUOT) and remove_work_dir(target):
             mapped = type(mapped)(
@@ -623,6 +629,14 @@ def _terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
