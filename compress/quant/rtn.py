@@ -79,7 +79,17 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
     check_group_sizes(modules, fmt)
     report = PassReport(name="rtn", skipped=skipped)
     report.notes += untie_(model, modules)
-    shared: dict[int, QuantizedWeight] = {}  # a tied weight is quantized once
+    # A tied weight (lm_head = embedding) is quantized once. Only weights held by several
+    # selected modules are remembered, with the weight itself: under offload a decoder layer's
+    # freed weight may leave its id to the next layer's.
+    holders: dict[int, int] = {}
+    for module in modules.values():
+        holders[id(module.weight)] = holders.get(id(module.weight), 0) + 1
+    shared: dict[int, tuple[torch.Tensor, QuantizedWeight | None]] = {
+        id(m.weight): (m.weight, None)
+        for m in modules.values()
+        if holders[id(m.weight)] > 1
+    }
 
     def quantize(name: str, module: nn.Linear | nn.Embedding) -> None:
         weight = module.weight
@@ -88,16 +98,18 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
                 f"rtn: {name} is not in memory (the model is offloaded)",
                 hint="with model.offload only modules inside the decoder layers can be quantized",
             )
-        record = shared.get(id(weight))
-        if record is not None:  # tied to a module quantized already: same codes, same weight
-            set_quantized(module, record, update_weight=False)
+        tied = shared.get(id(weight))
+        if tied is not None and tied[0] is weight and tied[1] is not None:
+            # tied to a module quantized already: same codes, same weight
+            set_quantized(module, tied[1], update_weight=False)
             report.touched.append(name)
             return
         clip = choose_clip(weight, fmt, config.observer)
         codes, scales, zeros = quantize_int(weight, fmt, clip_ratio=clip)
         record = QuantizedWeight(codes, scales, zeros, fmt)
         report.per_module[name] = {"relative_error": quantization_error(weight, record)}
-        shared[id(weight)] = record
+        if tied is not None:
+            shared[id(weight)] = (weight, record)
         set_quantized(module, record)
         report.touched.append(name)
 

@@ -71,7 +71,7 @@ def test_group_size_not_dividing_names_the_layer_and_changes_nothing(tiny_llama)
 
 
 def test_no_match_is_an_error(tiny_llama):
-    with pytest.raises(PassError, match="no Linear module matched"):
+    with pytest.raises(PassError, match="no Linear or Embedding module matched"):
         rtn(copy.deepcopy(tiny_llama), RTNConfig(targets=["nothing.*"]), PassContext())
 
 
