@@ -3,11 +3,18 @@
 Decode at batch 1 is memory bound: its time is the bytes of packed weights over the memory
 bandwidth, so the fast paths never build a dense weight.
 
-``cpu_gemv``: native fused unpack + dequantize + dot (:mod:`compress.export.cpu`), all cores,
-fp32 accumulation; activations are converted to fp32 once per call. For decode and small batches.
+``cpu_gemv``: native fused unpack + dequantize + dot (:mod:`compress.export.cpu`), all cores;
+bf16/fp16 activations as int16 integer dots (AVX2 ``vpmaddwd``, AVX-512 VNNI ``vpdpwssd``), fp32
+ones exact. For decode and small batches.
 
-``cpu_gemm``: native dequantization of a cache-sized tile of rows to fp32, then torch's GEMM;
-for prefill, where the dot products, not the weight bytes, cost most.
+``cpu_gemm``: for prefill, where the dot products, not the weight bytes, cost most. bf16
+activations: on AMX CPUs a GEMM of our own on AMX tiles (weight panels dequantized straight into
+tile blocks); elsewhere tiles of rows dequantized to bf16 for torch's bf16 GEMM where the CPU has
+bf16 hardware, else to fp32 for its fp32 GEMM (always for fp32 activations, exactly).
+
+Where GEMV hands over to GEMM depends on the build and the activation dtype
+(:func:`compress.export.cpu.gemv_max_rows`, measured); the instruction set of the build is the
+CPU's (``COMPRESS_CPU_ISA`` forces a lower one, see :mod:`compress.utils.native`).
 
 ``reference``: unpack codes, dequantize to the activation dtype, ``F.linear``. The test oracle,
 and the path everywhere else: when the native build is unavailable (no compiler; the reason is
@@ -49,8 +56,9 @@ __all__ = ["GEMV_MAX_ROWS", "KERNELS", "describe", "log_choice", "run", "select"
 
 log = logging.getLogger(__name__)
 
-GEMV_MAX_ROWS = 8
-"""Row counts up to this use ``cpu_gemv``; more rows use ``cpu_gemm`` (measured crossover)."""
+GEMV_MAX_ROWS = 16
+"""No CPU build takes ``cpu_gemv`` for more rows than this; the crossover itself depends on the
+build and dtype (:func:`compress.export.cpu.gemv_max_rows`)."""
 
 _TORCH_INT8_MAX_ROWS = 16
 _TORCH_INT8_K_MULTIPLE = 16  # in_features must be a multiple of this (see the module docstring)
@@ -140,7 +148,7 @@ def select(
         return forced
     if device == "cpu":
         if cpu.native() is not None:  # first call builds (cached); failure logged once
-            return "cpu_gemv" if rows <= GEMV_MAX_ROWS else "cpu_gemm"
+            return "cpu_gemv" if rows <= cpu.gemv_max_rows(dtype) else "cpu_gemm"
         if (
             fmt.bits == 8
             and fmt.symmetric
@@ -155,20 +163,33 @@ def select(
     return "reference"
 
 
-def describe(fmt: IntFormat, in_features: int, device: str = "cpu") -> str:
-    """Human summary of the paths a format takes, e.g. ``cpu_gemv (≤8 rows), cpu_gemm``."""
-    decode = select(fmt, in_features, rows=1, dtype=torch.float32, device=device)
-    prefill = select(fmt, in_features, rows=GEMV_MAX_ROWS + 1, dtype=torch.float32, device=device)
+def describe(
+    fmt: IntFormat, in_features: int, device: str = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> str:
+    """Human summary of the paths a format takes for ``dtype`` activations, e.g. ``cpu_gemv
+    (≤4 rows; int16 dots), cpu_gemm (amx); amx build``."""
+    decode = select(fmt, in_features, rows=1, dtype=dtype, device=device)
+    prefill = select(fmt, in_features, rows=GEMV_MAX_ROWS + 1, dtype=dtype, device=device)
+    native = device == "cpu" and cpu.native() is not None
     int16 = (
         decode == "cpu_gemv"
+        and dtype in (torch.bfloat16, torch.float16)
         and cpu.vectorized()
         and cpu.int16_path(fmt.bits, fmt.group_size, in_features)
     )
+    how = (
+        f" ({cpu.gemm_path(dtype, fmt.group_size, in_features)})"
+        if prefill == "cpu_gemm" and native
+        else ""
+    )
     if decode == prefill:  # one path for every row count (a forced kernel)
-        text = decode + (" (int16 dots for bf16/fp16 activations)" if int16 else "")
+        text = decode + (" (int16 dots)" if int16 else "") + how
     else:
-        detail = "; int16 dots for bf16/fp16 activations" if int16 else ""
-        text = f"{decode} (≤{GEMV_MAX_ROWS} rows{detail}), {prefill}"
+        detail = "; int16 dots" if int16 else ""
+        rows = cpu.gemv_max_rows(dtype) if native else GEMV_MAX_ROWS
+        text = f"{decode} (≤{rows} rows{detail}), {prefill}{how}"
+    if native and decode.startswith("cpu_"):
+        text += f"; {cpu.isa()} build"
     if device == "cpu" and decode == "reference" and _forced() is None:
         text += " (native CPU kernels unavailable; see the log)"
     return text

@@ -54,7 +54,7 @@ class QuantLinear(nn.Module):
         reads the embedding's codes, see :meth:`share_buffers`), so they are not in this
         module's state dict and a loader does not look for them."""
         super().__init__()
-        self._decode_kernels: dict[tuple[int, torch.dtype, str, str | None], str] = {}
+        self._decode_kernels: dict[tuple[int, torch.dtype, str, str | None, str | None], str] = {}
         self.in_features = in_features
         self.out_features = out_features
         self.fmt = fmt
@@ -156,8 +156,11 @@ class QuantLinear(nn.Module):
         if rows > kernels.GEMV_MAX_ROWS:  # prefill: the selection's cost does not matter
             return kernels.run(self._select(rows=rows, dtype=x.dtype), self, x)
         # Decode calls a module once per token: the choice is remembered per (rows, dtype,
-        # device, COMPRESS_KERNEL), which saves microseconds against a kernel of tens.
-        key = (rows, x.dtype, x.device.type, os.environ.get("COMPRESS_KERNEL"))
+        # device, COMPRESS_KERNEL, COMPRESS_CPU_ISA: the crossover depends on the build), which
+        # saves microseconds against a kernel of tens.
+        env = os.environ
+        device = x.device.type
+        key = (rows, x.dtype, device, env.get("COMPRESS_KERNEL"), env.get("COMPRESS_CPU_ISA"))
         kernel = self._decode_kernels.get(key)
         if kernel is None:
             kernel = self._decode_kernels[key] = self._select(rows=rows, dtype=x.dtype)

@@ -1,9 +1,16 @@
 """Native CPU kernels for packed integer weights: fused GEMV for decode, tiled GEMM for prefill.
 
-The C++ source (``qmatmul.cpp``, shipped as package data) is built on first use by
-:func:`compress.utils.native.load_native` and cached by source hash, so a plain ``pip install``
-needs no build step. Without a compiler :func:`native` returns ``None`` (logged once) and
-:mod:`compress.export.kernels` keeps to the plain-torch reference.
+The C++ source (``qmatmul*.cpp``, shipped as package data; one translation unit) is built on
+first use by :func:`compress.utils.native.load_native`, once per instruction-set level (generic,
+AVX2, AVX-512 with VNNI, AMX; ``COMPRESS_CPU_ISA`` forces a lower one), so a plain ``pip
+install`` needs no build step and no binary runs on a CPU it was not built for. Without a
+compiler :func:`native` returns ``None`` (logged once) and :mod:`compress.export.kernels` keeps
+to the plain-torch reference.
+
+Prefill (:func:`gemm`) with bf16 activations: on AMX builds a GEMM of our own (weight panels
+dequantized into AMX tiles); elsewhere bf16 tiles through torch's bf16 GEMM where the CPU
+multiplies bf16 natively (AVX512-BF16 or AMX), else fp32 tiles through torch's fp32 GEMM.
+fp32 activations always take fp32 tiles (exact).
 """
 
 from __future__ import annotations
@@ -14,14 +21,22 @@ from types import ModuleType
 
 import torch
 
-from compress.utils.native import load_native
+from compress.utils.native import build_isa, cpu_flags, load_native
 
 __all__ = [
     "GEMM_TILE_ROWS",
+    "SOURCES",
+    "amx",
+    "amx_path",
+    "bf16_gemm_native",
     "dequantize",
+    "dequantize_bf16",
     "gemm",
+    "gemm_path",
     "gemv",
+    "gemv_max_rows",
     "int16_path",
+    "isa",
     "native",
     "vectorized",
 ]
@@ -29,7 +44,10 @@ __all__ = [
 # Rows dequantized per GEMM tile: 256 x 4096 fp32 is 4 MiB, which stays in the last-level cache.
 GEMM_TILE_ROWS = 256
 
-_FUNCTIONS = ["dequantize", "gemv", "gemm", "vectorized"]
+SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "qmatmul_amx.cpp", "qmatmul_api.cpp")
+"""The translation unit's parts, in order (each later one uses what the earlier define)."""
+
+_FUNCTIONS = ["amx", "dequantize", "dequantize_bf16", "gemm", "gemv", "isa", "vectorized"]
 _EMPTY = torch.empty(0, dtype=torch.uint8)
 _EMPTY_FLOAT = torch.empty(0)
 _HALF = (torch.bfloat16, torch.float16)
@@ -37,7 +55,8 @@ _HALF = (torch.bfloat16, torch.float16)
 
 @cache
 def _source() -> str:
-    return resources.files(__package__).joinpath("qmatmul.cpp").read_text(encoding="utf-8")
+    folder = resources.files(__package__)
+    return "\n".join(folder.joinpath(name).read_text(encoding="utf-8") for name in SOURCES)
 
 
 def int16_path(bits: int, group_size: int | None, in_features: int) -> bool:
@@ -48,19 +67,89 @@ def int16_path(bits: int, group_size: int | None, in_features: int) -> bool:
     return bits != 7 and blocks and in_features >= 64
 
 
+def amx_path(group_size: int | None, in_features: int) -> bool:
+    """Whether the AMX GEMM takes this format (on an AMX build): whole 32-input blocks inside a
+    group; other group sizes take bf16 tiles."""
+    return group_size in (None, in_features) or (group_size is not None and group_size % 32 == 0)
+
+
 def native() -> ModuleType | None:
-    """The built extension, or ``None`` when it cannot be built here (reason logged once)."""
-    return load_native("qmatmul", _source(), _FUNCTIONS)
+    """The extension built for :func:`compress.utils.native.build_isa` (``COMPRESS_CPU_ISA``
+    is read on every call, so tests can switch builds), or ``None`` when none builds here."""
+    return load_native("qmatmul", _source(), _FUNCTIONS, isa=build_isa())
+
+
+def isa() -> str | None:
+    """The instruction-set level of the running build (``None`` without one)."""
+    ext = native()
+    return None if ext is None else str(ext.isa())
 
 
 def vectorized() -> bool:
-    """Whether the extension was built with its AVX2 paths (else portable scalar loops)."""
+    """Whether the extension was built with its AVX2 (or wider) paths, else portable loops."""
     ext = native()
     return bool(ext is not None and ext.vectorized())
 
 
+def amx() -> bool:
+    """Whether bf16 prefill runs the AMX GEMM (an AMX build, and the OS granted tile state)."""
+    ext = native()
+    return bool(ext is not None and ext.amx())
+
+
+@cache
+def bf16_gemm_native() -> bool:
+    """Whether torch's bf16 GEMM runs on bf16 hardware here (AVX512-BF16 or AMX): then bf16
+    tiles beat fp32 ones. Without it torch converts, and its bf16 GEMM is slower than fp32.
+
+    A property of the CPU, not of our build: torch picks its own kernels."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def gemv_max_rows(dtype: torch.dtype) -> int:
+    """The most activation rows :func:`gemv` takes before :func:`gemm` is faster, for the
+    running build and activation dtype (0 without a build).
+
+    Measured at 4096x4096 int4 g128 (one core, benchmarks/kernels.md): on the AMX build the
+    AMX GEMM beats the GEMV from 5 bf16 rows; where torch's bf16 GEMM is native (AVX512-BF16,
+    AMX) bf16 tiles beat it from 10-12 rows on the AVX-512 and AVX2 builds (8 kept, the margin
+    is thin there); fp32 activations (exact fp32 GEMV against fp32 tiles) cross at 12-16. Where
+    the GEMM has only fp32 tiles for half activations (no bf16 hardware: Zen 3) the int16 GEMV
+    stays ahead longer: 16 (from the AVX2 machine's table: 8 rows 1.9 ms, 32 rows 12.3 ms). The
+    portable build's scalar GEMV loses to torch's GEMM on fp32 tiles from 2 rows.
+    """
+    ext = native()
+    if ext is None:
+        return 0
+    return _crossover(str(ext.isa()), bool(ext.amx()), dtype)
+
+
+@cache
+def _crossover(level: str, amx_gemm: bool, dtype: torch.dtype) -> int:
+    if level == "generic":
+        return 1
+    if dtype == torch.float32:
+        return 12
+    if dtype == torch.bfloat16 and amx_gemm:
+        return 4
+    if dtype == torch.bfloat16 and bf16_gemm_native():
+        return 8
+    return 16
+
+
+def gemm_path(dtype: torch.dtype, group_size: int | None, in_features: int) -> str:
+    """How :func:`gemm` multiplies for this activation dtype and format: ``amx``,
+    ``bf16 tiles`` or ``fp32 tiles``."""
+    if dtype == torch.bfloat16:
+        if amx() and amx_path(group_size, in_features):
+            return "amx"
+        if bf16_gemm_native():
+            return "bf16 tiles"
+    return "fp32 tiles"
+
+
 def _extension() -> ModuleType:
-    """The built extension; callers check :func:`available` first, so absence is a bug."""
+    """The built extension; callers check :func:`native` first, so absence is a bug."""
     ext = native()
     if ext is None:
         raise RuntimeError("the native qmatmul extension is not available")
@@ -109,12 +198,27 @@ def gemm(
     group_size: int | None,
     bias: torch.Tensor | None = None,
     tile_rows: int = GEMM_TILE_ROWS,
+    bf16_tiles: bool | None = None,
 ) -> torch.Tensor:
-    """x (..., K) x packed weight (+ bias) → (..., N) in x's dtype, by dequantized tiles + GEMM
-    in fp32; for many rows (prefill)."""
+    """x (..., K) x packed weight (+ bias) → (..., N) in x's dtype; for many rows (prefill).
+
+    bf16 x: the AMX GEMM on AMX builds; else ``bf16_tiles`` (default
+    :func:`bf16_gemm_native`) dequantizes tiles of ``tile_rows`` weight rows to bf16 for
+    torch's bf16 GEMM, as the reference does, or to fp32 for its fp32 GEMM. Other dtypes: fp32
+    tiles (exact for fp32 x)."""
+    if bf16_tiles is None:
+        bf16_tiles = bf16_gemm_native()
     ext = _extension()
     return ext.gemm(
-        x, qweight, scales, _zeros(qzeros), bits, group_size or 0, _bias(bias), tile_rows
+        x,
+        qweight,
+        scales,
+        _zeros(qzeros),
+        bits,
+        group_size or 0,
+        _bias(bias),
+        tile_rows,
+        bf16_tiles,
     )
 
 
@@ -129,3 +233,16 @@ def dequantize(
     """The (N, K) fp32 weight, unpacked natively; for tests."""
     ext = _extension()
     return ext.dequantize(qweight, scales, _zeros(qzeros), bits, group_size or 0, in_features)
+
+
+def dequantize_bf16(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+    in_features: int,
+) -> torch.Tensor:
+    """The (N, K) bf16 weight as the prefill tiles hold it; for tests."""
+    ext = _extension()
+    return ext.dequantize_bf16(qweight, scales, _zeros(qzeros), bits, group_size or 0, in_features)

@@ -10,9 +10,16 @@
 //   with fp32 x; the scale is applied once per group and the zero point through the per-group
 //   sum of x (sum_k (c_k - z) s x_k = s (sum_k c_k x_k - z sum_k x_k)).
 // - bf16/fp16 activations: x is rounded to int16 per chunk of 64-128 inputs and 16 codes at a
-//   time meet it in one integer multiply-add (vpmaddwd), about 2.5x fewer instructions per
-//   weight; see gemv_tile_wide.
-// Larger batches dequantize a cache-sized tile of rows to fp32 and hand it to torch's GEMM.
+//   time meet it in one integer multiply-add (vpmaddwd; AVX-512 VNNI: vpdpwssd on 32), about
+//   2.5x fewer instructions per weight; see gemv_tile_wide.
+// Larger batches (prefill) dequantize a cache-sized tile of rows (to bf16 where the CPU's GEMM
+// is faster in bf16, else fp32) and hand it to torch's GEMM; on AMX CPUs bf16 activations take
+// a GEMM of our own instead (qmatmul_amx.cpp).
+//
+// One translation unit in four files, concatenated in this order by compress.export.cpu:
+// qmatmul.cpp (layout, portable and AVX2 kernels), qmatmul_avx512.cpp, qmatmul_amx.cpp,
+// qmatmul_api.cpp (the functions bound into Python). The instruction set is the build's
+// (compress.utils.native: one binary per level, never -march=native); the macros below name it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,9 +31,17 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define COMPRESS_AVX2 1
+#endif
+#if defined(COMPRESS_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX512VNNI__)
+#define COMPRESS_AVX512 1
+#endif
+#if defined(COMPRESS_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && \
+    defined(__AVX512BF16__)
+#define COMPRESS_AMX 1
 #endif
 
 namespace {
@@ -117,6 +132,24 @@ void dequant_row_scalar(const Packed& p, int64_t n, float* out) {
     const float s = p.scale(n, g), z = p.zero(n, g);
     for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) {
       out[k] = (static_cast<float>(p.code(n, k)) - z) * s;
+    }
+  }
+}
+
+// bf16 by round-to-nearest-even of the fp32 value, as torch's .to(torch.bfloat16) rounds
+// (finite inputs only: weights are finite).
+inline uint16_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Portable path to bf16: the fp32 value of dequant_row_scalar, rounded.
+void dequant_row_scalar_bf16(const Packed& p, int64_t n, uint16_t* out) {
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const float s = p.scale(n, g), z = p.zero(n, g);
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) {
+      out[k] = bf16_bits((static_cast<float>(p.code(n, k)) - z) * s);
     }
   }
 }
@@ -357,6 +390,44 @@ void dequant_rows_avx2(const Packed& p, int64_t n0, int64_t n1, float* out) {
   }
 }
 
+// Eight fp32 -> eight bf16 (round to nearest even, finite inputs), in order.
+inline __m128i bf16x8(__m256 w) {
+  const __m256i u = _mm256_castps_si256(w);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+template <int B>
+void dequant_rows_avx2_bf16(const Packed& p, int64_t n0, int64_t n1, uint16_t* out,
+                            int64_t ld) {
+  const Decoder<B> dec;
+  const int64_t blocks = (p.K + 7) / 8;
+  const int64_t full = p.K / 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.qweight + n * p.row_bytes;
+    uint16_t* dst = out + (n - n0) * ld;
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const __m256 sv = _mm256_set1_ps(p.scale(n, g));
+      const __m256 zv = _mm256_set1_ps(p.zero(n, g));
+      const int64_t j0 = g * p.group / 8;
+      const int64_t j1 = p.groups == 1 ? blocks : j0 + p.group / 8;
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m256 c = _mm256_cvtepi32_ps(dec(row + j * B, p.end));
+        const __m128i w = bf16x8(_mm256_mul_ps(_mm256_sub_ps(c, zv), sv));
+        if (j < full) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8 * j), w);
+        } else {
+          alignas(16) uint16_t tmp[8];
+          _mm_store_si128(reinterpret_cast<__m128i*>(tmp), w);
+          std::memcpy(dst + 8 * j, tmp, sizeof(uint16_t) * static_cast<size_t>(p.K - 8 * j));
+        }
+      }
+    }
+  }
+}
+
 // At least ~128k weights per thread: a fork/join costs a few microseconds on idle cores (far
 // more when they are oversubscribed), about what 30k weights take; SmolLM2's 1536x576 still
 // splits over two cores (82 -> 53 us measured on the 2-core reference machine).
@@ -527,12 +598,14 @@ inline int32_t hsum_epi32(__m256i v) {
 // group. Per-chunk arrays are padded to whole octets of chunks with zeros.
 struct QuantActs {
   int64_t rows, ksuper, chunk, chunks, padded, per_group;  // per_group: chunks per weight group
-  std::vector<int16_t> q;      // (rows, ksuper), each 64-code block in wide_perm order
+  std::vector<int16_t> q;      // (rows, ksuper), each 64-code block in the kernel's order
   std::vector<float> scale;    // (rows, padded): x ~ q * scale
   std::vector<int32_t> qsum;   // (rows, padded): sum of q over the chunk, for the zero point
 
   // False when some chunk is not finite: the caller keeps to fp32, which propagates inf/nan.
-  bool build(const Packed& p, const float* x, int64_t M, int64_t K, int64_t ks) {
+  // perm[t]: the input position that block position t takes (the kernel's lane order).
+  bool build(const Packed& p, const float* x, int64_t M, int64_t K, int64_t ks,
+             const int8_t perm[64]) {
     rows = M;
     ksuper = ks;
     chunk = (p.groups == 1 || p.group % 128 == 0) ? 128 : 64;  // fewer flushes where allowed
@@ -542,9 +615,6 @@ struct QuantActs {
     q.assign(static_cast<size_t>(M * ksuper), 0);
     scale.assign(static_cast<size_t>(M * padded), 0.f);
     qsum.assign(static_cast<size_t>(M * padded), 0);
-    int8_t perm[64];  // block position t takes input perm[t] of the block
-    for (int v = 0; v < 4; ++v)
-      for (int j = 0; j < 16; ++j) perm[16 * v + j] = static_cast<int8_t>(wide_perm(p.bits, v, j));
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
     alignas(32) int16_t natural[64];
@@ -630,10 +700,13 @@ inline __m256i reduce8(const int32_t d[8][8]) {
 // reduction, the integer zero-point correction (sum (c - z) q = sum c q - z sum q, exact), one
 // convert and one FMA against the eight chunks' weight and activation scales. Per-chunk scalar
 // work would cost as much as the block's own multiply-adds.
-template <int B, int MT>
+//
+// Dots<B> is the instruction set's inner loop: perm(t) its lane order (QuantActs::build lays
+// out x to match) and chunk<MT>(...) the int32 dots of one chunk, written to dots[m][i].
+template <int B, int MT, typename Dots>
 void gemv_tile_wide(const Packed& p, const QuantActs& a, int64_t m0, const float* x, int64_t Kp,
                     const float* xrest, float* out, int64_t out_stride, int64_t n0, int64_t n1) {
-  const Wide<B> wide;
+  const Dots dots_kernel;
   const Decoder<B> dec;
   const int32_t zsym = 1 << (B - 1);
   alignas(32) int32_t dots[MT][8][8];
@@ -647,24 +720,7 @@ void gemv_tile_wide(const Packed& p, const QuantActs& a, int64_t m0, const float
       const int cn = static_cast<int>(std::min<int64_t>(8, a.chunks - cb));
       for (int i = 0; i < cn; ++i) {
         const int64_t k0 = (cb + i) * a.chunk, k1 = std::min(k0 + a.chunk, a.ksuper);
-        __m256i dot[MT];
-        for (int m = 0; m < MT; ++m) dot[m] = _mm256_setzero_si256();
-        for (int64_t k = k0; k < k1; k += 64) {
-          __m256i codes[4];
-          wide.decode(row + (k >> 3) * B, codes);
-          for (int m = 0; m < MT; ++m) {
-            const int16_t* q = a.q.data() + (m0 + m) * a.ksuper + k;
-            __m256i t[4];
-            for (int v = 0; v < 4; ++v) {
-              t[v] = _mm256_madd_epi16(
-                  codes[v], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16 * v)));
-            }
-            // a tree, so the loop-carried chain is one add per block
-            dot[m] = _mm256_add_epi32(
-                dot[m], _mm256_add_epi32(_mm256_add_epi32(t[0], t[1]), _mm256_add_epi32(t[2], t[3])));
-          }
-        }
-        for (int m = 0; m < MT; ++m) _mm256_store_si256(reinterpret_cast<__m256i*>(dots[m][i]), dot[m]);
+        dots_kernel.template chunk<MT>(row, a.q.data() + m0 * a.ksuper, a.ksuper, k0, k1, dots, i);
       }
       for (int i = cn; i < 8; ++i)
         for (int m = 0; m < MT; ++m)
@@ -720,22 +776,69 @@ void gemv_tile_wide(const Packed& p, const QuantActs& a, int64_t m0, const float
   }
 }
 
-template <int B>
+template <int B, typename Dots>
 void gemv_run_wide(const Packed& p, const QuantActs& a, const float* x, int64_t M, int64_t Kp,
                    const float* xrest, float* out) {
   over_tiles(p, M, [&](auto mt, int64_t m, int64_t n0, int64_t n1) {
-    gemv_tile_wide<B, decltype(mt)::value>(p, a, m, x + m * Kp, Kp, xrest + m * p.groups,
-                                           out + m * p.N, p.N, n0, n1);
+    gemv_tile_wide<B, decltype(mt)::value, Dots>(p, a, m, x + m * Kp, Kp, xrest + m * p.groups,
+                                                 out + m * p.N, p.N, n0, n1);
   });
 }
 
+// The AVX2 inner loop: four vectors of sixteen int16 codes per 64-code block, one vpmaddwd
+// each, summed as a tree so the loop-carried chain is one add per block.
+template <int B>
+struct Avx2Dots {
+  const Wide<B> wide;
+
+  static int perm(int t) { return wide_perm(B, t / 16, t % 16); }
+
+  template <int MT>
+  inline void chunk(const uint8_t* row, const int16_t* q0, int64_t q_stride, int64_t k0,
+                    int64_t k1, int32_t dots[][8][8], int i) const {
+    __m256i dot[MT];
+    for (int m = 0; m < MT; ++m) dot[m] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 64) {
+      __m256i codes[4];
+      wide.decode(row + (k >> 3) * B, codes);
+      for (int m = 0; m < MT; ++m) {
+        const int16_t* q = q0 + m * q_stride + k;
+        __m256i t[4];
+        for (int v = 0; v < 4; ++v) {
+          t[v] = _mm256_madd_epi16(
+              codes[v], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16 * v)));
+        }
+        dot[m] = _mm256_add_epi32(
+            dot[m], _mm256_add_epi32(_mm256_add_epi32(t[0], t[1]), _mm256_add_epi32(t[2], t[3])));
+      }
+    }
+    for (int m = 0; m < MT; ++m) _mm256_store_si256(reinterpret_cast<__m256i*>(dots[m][i]), dot[m]);
+  }
+};
+
+// The lane order of a Dots kernel as QuantActs::build wants it.
+template <typename Dots>
+void lane_order(int8_t perm[64]) {
+  for (int t = 0; t < 64; ++t) perm[t] = static_cast<int8_t>(Dots::perm(t));
+}
+
 // int16 activations over the whole 64-code blocks; false (nothing written) when the format has
-// no such blocks or x is not finite.
+// no such blocks or x is not finite. Dots<B>: the instruction set's inner loop.
+template <template <int> class Dots>
 bool gemv_int16(const Packed& p, const float* xs, int64_t M, int64_t K, float* o) {
   const int64_t ksuper = has_wide(p.bits) && blocks_fit(p) ? K / 64 * 64 : 0;
   if (ksuper == 0) return false;
+  int8_t perm[64];
+  switch (p.bits) {
+    case 2: lane_order<Dots<2>>(perm); break;
+    case 3: lane_order<Dots<3>>(perm); break;
+    case 4: lane_order<Dots<4>>(perm); break;
+    case 5: lane_order<Dots<5>>(perm); break;
+    case 6: lane_order<Dots<6>>(perm); break;
+    default: lane_order<Dots<8>>(perm); break;
+  }
   QuantActs a;
-  if (!a.build(p, xs, M, K, ksuper)) return false;
+  if (!a.build(p, xs, M, K, ksuper, perm)) return false;
   // The fp32 tail past ksuper (per-channel only, K % 64 != 0) reads x zero-padded, in natural
   // order, and its sum; without a tail neither is built.
   const bool tail = ksuper < K;
@@ -747,154 +850,16 @@ bool gemv_int16(const Packed& p, const float* xs, int64_t M, int64_t K, float* o
     for (int64_t k = ksuper; k < K; ++k) xrest[m * p.groups] += xs[m * K + k];
   }
   switch (p.bits) {
-    case 2: gemv_run_wide<2>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
-    case 3: gemv_run_wide<3>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
-    case 4: gemv_run_wide<4>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
-    case 5: gemv_run_wide<5>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
-    case 6: gemv_run_wide<6>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
-    default: gemv_run_wide<8>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
+    case 2: gemv_run_wide<2, Dots<2>>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
+    case 3: gemv_run_wide<3, Dots<3>>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
+    case 4: gemv_run_wide<4, Dots<4>>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
+    case 5: gemv_run_wide<5, Dots<5>>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
+    case 6: gemv_run_wide<6, Dots<6>>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
+    default: gemv_run_wide<8, Dots<8>>(p, a, xpad.data(), M, Kp, xrest.data(), o); break;
   }
   return true;
 }
 
 #endif  // COMPRESS_AVX2
 
-// The vector paths need whole 8-code blocks inside one group.
-bool vector_ok(const Packed& p) {
-#ifdef COMPRESS_AVX2
-  return p.groups == 1 || p.group % 8 == 0;
-#else
-  (void)p;
-  return false;
-#endif
-}
-
-void dequant_rows(const Packed& p, int64_t n0, int64_t n1, float* out) {
-#ifdef COMPRESS_AVX2
-  if (vector_ok(p)) {
-    switch (p.bits) {
-      case 2: return dequant_rows_avx2<2>(p, n0, n1, out);
-      case 3: return dequant_rows_avx2<3>(p, n0, n1, out);
-      case 4: return dequant_rows_avx2<4>(p, n0, n1, out);
-      case 5: return dequant_rows_avx2<5>(p, n0, n1, out);
-      case 6: return dequant_rows_avx2<6>(p, n0, n1, out);
-      case 7: return dequant_rows_avx2<7>(p, n0, n1, out);
-      default: return dequant_rows_avx2<8>(p, n0, n1, out);
-    }
-  }
-#endif
-  for (int64_t n = n0; n < n1; ++n) dequant_row_scalar(p, n, out + (n - n0) * p.K);
-}
-
 }  // namespace
-
-// (N, K) fp32 weight; for tests and the tiled GEMM.
-torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor qzeros,
-                         int64_t bits, int64_t group, int64_t K) {
-  const Packed p = make_packed(qweight, scales, qzeros, bits, group, K);
-  auto out = torch::empty({p.N, K}, torch::kFloat);
-  float* dst = out.data_ptr<float>();
-  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
-    dequant_rows(p, n0, n1, dst + n0 * K);
-  });
-  return out;
-}
-
-
-namespace {
-
-// x (M, K) contiguous fp32 -> (M, N) fp32, never materialising the weight. Meant for small M.
-// int16_acts: x came from bf16/fp16; round it to int16 per chunk (see gemv_tile_wide).
-torch::Tensor gemv_fp32_rows(const torch::Tensor& xc, const torch::Tensor& qweight,
-                             const torch::Tensor& scales, const torch::Tensor& qzeros,
-                             int64_t bits, int64_t group, bool int16_acts) {
-  const int64_t K = xc.size(1), M = xc.size(0);
-  const Packed p = make_packed(qweight, scales, qzeros, bits, group, K);
-  auto out = torch::empty({M, p.N}, torch::kFloat);
-  if (M == 0 || p.N == 0) return out;
-#ifdef COMPRESS_AVX2
-  if (vector_ok(p)) {
-    const float* xs = xc.data_ptr<float>();
-    float* o = out.data_ptr<float>();
-    if (!(int16_acts && gemv_int16(p, xs, M, K, o))) gemv_fp32(p, xs, M, K, o);
-    return out;
-  }
-#endif
-  // Any group size, any CPU: dequantize one row at a time and dot it with every x row.
-  const float* xs = xc.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<float> w(static_cast<size_t>(K));
-    for (int64_t n = n0; n < n1; ++n) {
-      dequant_row_scalar(p, n, w.data());
-      for (int64_t m = 0; m < M; ++m) {
-        float s = 0.f;
-        for (int64_t k = 0; k < K; ++k) s += w[k] * xs[m * K + k];
-        o[m * p.N + n] = s;
-      }
-    }
-  });
-  return out;
-}
-
-// x (M, K) contiguous fp32 -> (M, N) fp32: dequantize `tile` rows at a time (kept in cache),
-// then GEMM.
-torch::Tensor gemm_fp32_rows(const torch::Tensor& xc, const torch::Tensor& qweight,
-                             const torch::Tensor& scales, const torch::Tensor& qzeros,
-                             int64_t bits, int64_t group, int64_t tile) {
-  TORCH_CHECK(tile > 0, "tile must be positive");
-  const int64_t K = xc.size(1), M = xc.size(0);
-  const Packed p = make_packed(qweight, scales, qzeros, bits, group, K);
-  auto out = torch::empty({M, p.N}, torch::kFloat);
-  auto w = torch::empty({std::min(tile, std::max<int64_t>(p.N, 1)), K}, torch::kFloat);
-  for (int64_t n0 = 0; n0 < p.N; n0 += tile) {
-    const int64_t n1 = std::min(p.N, n0 + tile);
-    auto wt = w.narrow(0, 0, n1 - n0);
-    float* dst = wt.data_ptr<float>();
-    at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
-      dequant_rows(p, a, b, dst + (a - n0) * K);
-    });
-    out.narrow(1, n0, n1 - n0).copy_(at::mm(xc, wt.t()));
-  }
-  return out;
-}
-
-// (..., K) -> contiguous (M, K) fp32; a no-op for contiguous fp32.
-torch::Tensor as_rows(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), "x must be floating point");
-  return x.reshape({-1, x.size(-1)}).to(torch::kFloat).contiguous();
-}
-
-// (M, N) fp32 -> (..., N) in x's dtype, plus the bias: the conversions of a Python wrapper,
-// without its per-op dispatch cost (tens of microseconds per decode step and layer).
-torch::Tensor finish(torch::Tensor out, const torch::Tensor& bias, const torch::Tensor& x) {
-  if (bias.numel() > 0) out.add_(bias);
-  auto sizes = x.sizes().vec();
-  sizes.back() = out.size(1);
-  return out.to(x.scalar_type()).view(sizes);
-}
-
-}  // namespace
-
-// x (..., K) fp32/bf16/fp16 -> (..., N) in x's dtype; bias may be empty. For few rows (decode).
-torch::Tensor gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                   torch::Tensor qzeros, int64_t bits, int64_t group, torch::Tensor bias,
-                   bool int16_acts) {
-  return finish(gemv_fp32_rows(as_rows(x), qweight, scales, qzeros, bits, group, int16_acts),
-                bias, x);
-}
-
-// x (..., K) fp32/bf16/fp16 -> (..., N) in x's dtype by dequantized tiles + GEMM (prefill).
-torch::Tensor gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                   torch::Tensor qzeros, int64_t bits, int64_t group, torch::Tensor bias,
-                   int64_t tile) {
-  return finish(gemm_fp32_rows(as_rows(x), qweight, scales, qzeros, bits, group, tile), bias, x);
-}
-
-bool vectorized() {
-#ifdef COMPRESS_AVX2
-  return true;
-#else
-  return false;
-#endif
-}

@@ -1,0 +1,275 @@
+// The functions bound into Python (part of the qmatmul translation unit; see qmatmul.cpp):
+// each picks the widest path this build has for the format and activation dtype.
+
+namespace {
+
+// The vector paths need whole 8-code blocks inside one group.
+bool vector_ok(const Packed& p) {
+#ifdef COMPRESS_AVX2
+  return p.groups == 1 || p.group % 8 == 0;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+void dequant_rows(const Packed& p, int64_t n0, int64_t n1, float* out) {
+#ifdef COMPRESS_AVX2
+  if (vector_ok(p)) {
+    switch (p.bits) {
+      case 2: return dequant_rows_avx2<2>(p, n0, n1, out);
+      case 3: return dequant_rows_avx2<3>(p, n0, n1, out);
+      case 4: return dequant_rows_avx2<4>(p, n0, n1, out);
+      case 5: return dequant_rows_avx2<5>(p, n0, n1, out);
+      case 6: return dequant_rows_avx2<6>(p, n0, n1, out);
+      case 7: return dequant_rows_avx2<7>(p, n0, n1, out);
+      default: return dequant_rows_avx2<8>(p, n0, n1, out);
+    }
+  }
+#endif
+  for (int64_t n = n0; n < n1; ++n) dequant_row_scalar(p, n, out + (n - n0) * p.K);
+}
+
+using Bf16RowsFn = void (*)(const Packed&, int64_t, int64_t, uint16_t*, int64_t);
+
+// Rows [n0, n1) as bf16, row stride ld (>= K; columns past K are left alone).
+Bf16RowsFn bf16_rows_fn(const Packed& p) {
+#ifdef COMPRESS_AVX512
+  if (p.groups == 1 || p.group % 32 == 0) {  // whole 32-code steps (else the AVX2 per-8 path)
+    switch (p.bits) {
+      case 2: return dequant_rows_avx512_bf16<2>;
+      case 3: return dequant_rows_avx512_bf16<3>;
+      case 4: return dequant_rows_avx512_bf16<4>;
+      case 5: return dequant_rows_avx512_bf16<5>;
+      case 6: return dequant_rows_avx512_bf16<6>;
+      case 7: return dequant_rows_avx512_bf16<7>;
+      default: return dequant_rows_avx512_bf16<8>;
+    }
+  }
+#endif
+#ifdef COMPRESS_AVX2
+  if (vector_ok(p)) {
+    switch (p.bits) {
+      case 2: return dequant_rows_avx2_bf16<2>;
+      case 3: return dequant_rows_avx2_bf16<3>;
+      case 4: return dequant_rows_avx2_bf16<4>;
+      case 5: return dequant_rows_avx2_bf16<5>;
+      case 6: return dequant_rows_avx2_bf16<6>;
+      case 7: return dequant_rows_avx2_bf16<7>;
+      default: return dequant_rows_avx2_bf16<8>;
+    }
+  }
+#endif
+  return [](const Packed& q, int64_t n0, int64_t n1, uint16_t* out, int64_t ld) {
+    for (int64_t n = n0; n < n1; ++n) dequant_row_scalar_bf16(q, n, out + (n - n0) * ld);
+  };
+}
+
+bool amx_ready() {
+#ifdef COMPRESS_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+#ifdef COMPRESS_AVX2
+// The int16-activation GEMV with the inner loop measured fastest for the width (Sapphire Rapids,
+// 4096^2, one core, ms at 1 / 4 / 8 rows, AVX-512 against AVX2): 4-bit 1.27/2.28/4.50 against
+// 1.44/3.28/5.77, 8-bit 2.18/3.21/6.32 against 2.46/3.77/7.27, 5 and 6 bits equal at one row and
+// 10% faster at 4 and 8. 3-bit codes keep the AVX2 loop (2.33/3.41/6.70 against 1.65/2.89/5.86:
+// their unpack is shuffle-bound and the 512-bit halves add to it), and so do 2-bit codes at one
+// row (0.91 against 0.79; 1.85/3.55 against 2.07/4.14 at 4 and 8).
+bool gemv_int16_best(const Packed& p, const float* xs, int64_t M, int64_t K, float* o) {
+#ifdef COMPRESS_AVX512
+  if (!(p.bits == 3 || (p.bits == 2 && M == 1))) return gemv_int16<Avx512Dots>(p, xs, M, K, o);
+#endif
+  return gemv_int16<Avx2Dots>(p, xs, M, K, o);
+}
+#endif
+
+// x (M, K) contiguous fp32 -> (M, N) fp32, never materialising the weight. Meant for small M.
+// int16_acts: x came from bf16/fp16; round it to int16 per chunk (see gemv_tile_wide).
+torch::Tensor gemv_fp32_rows(const torch::Tensor& xc, const torch::Tensor& qweight,
+                             const torch::Tensor& scales, const torch::Tensor& qzeros,
+                             int64_t bits, int64_t group, bool int16_acts) {
+  const int64_t K = xc.size(1), M = xc.size(0);
+  const Packed p = make_packed(qweight, scales, qzeros, bits, group, K);
+  auto out = torch::empty({M, p.N}, torch::kFloat);
+  if (M == 0 || p.N == 0) return out;
+#ifdef COMPRESS_AVX2
+  if (vector_ok(p)) {
+    const float* xs = xc.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    const bool done = int16_acts && gemv_int16_best(p, xs, M, K, o);
+    if (!done) gemv_fp32(p, xs, M, K, o);
+    return out;
+  }
+#endif
+  // Any group size, any CPU: dequantize one row at a time and dot it with every x row.
+  const float* xs = xc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> w(static_cast<size_t>(K));
+    for (int64_t n = n0; n < n1; ++n) {
+      dequant_row_scalar(p, n, w.data());
+      for (int64_t m = 0; m < M; ++m) {
+        float s = 0.f;
+        for (int64_t k = 0; k < K; ++k) s += w[k] * xs[m * K + k];
+        o[m * p.N + n] = s;
+      }
+    }
+  });
+  return out;
+}
+
+// x (M, K) contiguous fp32 -> (M, N) fp32: dequantize `tile` rows at a time (kept in cache),
+// then GEMM.
+torch::Tensor gemm_fp32_rows(const torch::Tensor& xc, const torch::Tensor& qweight,
+                             const torch::Tensor& scales, const torch::Tensor& qzeros,
+                             int64_t bits, int64_t group, int64_t tile) {
+  TORCH_CHECK(tile > 0, "tile must be positive");
+  const int64_t K = xc.size(1), M = xc.size(0);
+  const Packed p = make_packed(qweight, scales, qzeros, bits, group, K);
+  auto out = torch::empty({M, p.N}, torch::kFloat);
+  auto w = torch::empty({std::min(tile, std::max<int64_t>(p.N, 1)), K}, torch::kFloat);
+  for (int64_t n0 = 0; n0 < p.N; n0 += tile) {
+    const int64_t n1 = std::min(p.N, n0 + tile);
+    auto wt = w.narrow(0, 0, n1 - n0);
+    float* dst = wt.data_ptr<float>();
+    at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
+      dequant_rows(p, a, b, dst + (a - n0) * K);
+    });
+    out.narrow(1, n0, n1 - n0).copy_(at::mm(xc, wt.t()));
+  }
+  return out;
+}
+
+// x (M, K) contiguous bf16 -> (M, N) bf16 (+ bias): dequantize `tile` rows at a time to bf16
+// and multiply in torch's bf16 GEMM (fp32 accumulation), as the reference's F.linear does.
+torch::Tensor gemm_bf16_tiles(const torch::Tensor& xb, const Packed& p, const torch::Tensor& bias,
+                              int64_t tile) {
+  const int64_t K = xb.size(1), M = xb.size(0);
+  auto out = torch::empty({M, p.N}, xb.options());
+  auto w = torch::empty({std::min(tile, std::max<int64_t>(p.N, 1)), K}, xb.options());
+  const Bf16RowsFn rows = bf16_rows_fn(p);
+  const auto b = bias.numel() > 0 ? bias.to(torch::kBFloat16) : bias;
+  for (int64_t n0 = 0; n0 < p.N; n0 += tile) {
+    const int64_t n1 = std::min(p.N, n0 + tile);
+    auto wt = w.narrow(0, 0, n1 - n0);
+    auto* dst = reinterpret_cast<uint16_t*>(wt.data_ptr<at::BFloat16>());
+    at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t c) {
+      rows(p, a, c, dst + (a - n0) * K, K);
+    });
+    out.narrow(1, n0, n1 - n0)
+        .copy_(b.numel() > 0 ? at::addmm(b.narrow(0, n0, n1 - n0), xb, wt.t()) : at::mm(xb, wt.t()));
+  }
+  return out;
+}
+
+// (..., K) -> contiguous (M, K) in dtype; a no-op when x already is.
+torch::Tensor as_rows(const torch::Tensor& x, c10::ScalarType dtype = torch::kFloat) {
+  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), "x must be floating point");
+  return x.reshape({-1, x.size(-1)}).to(dtype).contiguous();
+}
+
+// (M, N) -> (..., N) in x's dtype, plus the bias: the conversions of a Python wrapper, without
+// its per-op dispatch cost (tens of microseconds per decode step and layer).
+torch::Tensor finish(torch::Tensor out, const torch::Tensor& bias, const torch::Tensor& x) {
+  if (bias.numel() > 0) out.add_(bias);
+  auto sizes = x.sizes().vec();
+  sizes.back() = out.size(1);
+  return out.to(x.scalar_type()).view(sizes);
+}
+
+torch::Tensor reshape_like(const torch::Tensor& out, const torch::Tensor& x) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = out.size(1);
+  return out.view(sizes);
+}
+
+}  // namespace
+
+// (N, K) fp32 weight; for tests.
+torch::Tensor dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor qzeros,
+                         int64_t bits, int64_t group, int64_t K) {
+  const Packed p = make_packed(qweight, scales, qzeros, bits, group, K);
+  auto out = torch::empty({p.N, K}, torch::kFloat);
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    dequant_rows(p, n0, n1, dst + n0 * K);
+  });
+  return out;
+}
+
+// (N, K) bf16 weight as the GEMM's tiles hold it; for tests.
+torch::Tensor dequantize_bf16(torch::Tensor qweight, torch::Tensor scales, torch::Tensor qzeros,
+                              int64_t bits, int64_t group, int64_t K) {
+  const Packed p = make_packed(qweight, scales, qzeros, bits, group, K);
+  auto out = torch::empty({p.N, K}, torch::kBFloat16);
+  auto* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const Bf16RowsFn rows = bf16_rows_fn(p);
+  at::parallel_for(0, p.N, 16, [&](int64_t n0, int64_t n1) {
+    rows(p, n0, n1, dst + n0 * K, K);
+  });
+  return out;
+}
+
+// x (..., K) fp32/bf16/fp16 -> (..., N) in x's dtype; bias may be empty. For few rows (decode).
+torch::Tensor gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                   torch::Tensor qzeros, int64_t bits, int64_t group, torch::Tensor bias,
+                   bool int16_acts) {
+  return finish(gemv_fp32_rows(as_rows(x), qweight, scales, qzeros, bits, group, int16_acts),
+                bias, x);
+}
+
+// x (..., K) fp32/bf16/fp16 -> (..., N) in x's dtype (prefill). bf16 x: the AMX GEMM where this
+// build and the CPU have it, else (bf16_tiles) bf16 tiles through torch's GEMM; everything else
+// fp32 tiles through torch's fp32 GEMM (exact for fp32 x).
+torch::Tensor gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                   torch::Tensor qzeros, int64_t bits, int64_t group, torch::Tensor bias,
+                   int64_t tile, bool bf16_tiles) {
+  if (x.scalar_type() == torch::kBFloat16) {
+    const torch::Tensor xb = as_rows(x, torch::kBFloat16);
+    const Packed p = make_packed(qweight, scales, qzeros, bits, group, xb.size(1));
+#ifdef COMPRESS_AMX
+    if (amx_ok(p) && amx_ready() && xb.size(0) > 0 && p.N > 0) {
+      auto out = torch::empty({xb.size(0), p.N}, xb.options());
+      const torch::Tensor b = bias.numel() > 0 ? bias.to(torch::kFloat).contiguous() : bias;
+      const bool done = amx_gemm(p, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()),
+                                 xb.size(0), b.numel() > 0 ? b.data_ptr<float>() : nullptr,
+                                 reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+      if (done) return reshape_like(out, x);
+    }
+#endif
+    if (bf16_tiles) {
+      TORCH_CHECK(tile > 0, "tile must be positive");
+      return reshape_like(gemm_bf16_tiles(xb, p, bias, tile), x);
+    }
+  }
+  return finish(gemm_fp32_rows(as_rows(x), qweight, scales, qzeros, bits, group, tile), bias, x);
+}
+
+// The instruction set this binary was built for (compress.utils.native.ISA_LEVELS).
+std::string isa() {
+#if defined(COMPRESS_AMX)
+  return "amx";
+#elif defined(COMPRESS_AVX512)
+  return "avx512";
+#elif defined(COMPRESS_AVX2)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
+
+// Whether the AMX GEMM runs here: an AMX build and the kernel's permission for tile state.
+bool amx() { return amx_ready(); }
+
+bool vectorized() {
+#ifdef COMPRESS_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
