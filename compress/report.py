@@ -340,6 +340,23 @@ def summary_rows(result: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         if isinstance(parameters, int) and parameters > 0:
             after += f" ({quantized / parameters:.1%} of the model)"
         rows.append(("quantized parameters", "0", after))
+    speed = _section(result, "speed")
+    if _is_number(speed.get("tokens_per_s")):
+        rows.append(
+            (
+                "decode tokens/s",
+                _fixed(speed.get("reference_tokens_per_s"), 1),
+                _fixed(speed["tokens_per_s"], 1),
+            )
+        )
+    if _is_number(speed.get("peak_memory_bytes")):
+        rows.append(
+            (
+                "peak memory",
+                _megabytes(speed.get("reference_peak_memory_bytes")),
+                _megabytes(speed["peak_memory_bytes"]),
+            )
+        )
     return rows
 
 
@@ -417,6 +434,15 @@ def _summary(result: Mapping[str, Any]) -> list[str]:
     note = _section(result, "size").get("note")
     if isinstance(note, str) and note:
         lines.append(f"- size: {note}")
+    speed = _section(result, "speed")
+    if _is_number(speed.get("tokens_per_s")):
+        lines.append(
+            f"- speed: greedy decode at batch 1 on {_count(speed.get('threads'))} CPU threads, "
+            "median of 3 runs; peak memory is that process's peak resident set (Python, torch, "
+            "the model): each model measured in a process of its own"
+        )
+    elif isinstance(speed.get("note"), str):
+        lines.append(f"- speed: {speed['note']}")
     if lines[-1] != "":
         lines.append("")
     return lines

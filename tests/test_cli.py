@@ -315,6 +315,11 @@ def test_apply_prints_the_summary_table(exported: Exported) -> None:
         "4.500",
     ]
     assert row_cells(out, "bits/weight, whole model")[1] == "32.000"
+    # measured by default, each model in a process of its own
+    _, before, after = row_cells(out, "decode tokens/s")
+    assert float(before) > 0 and float(after) > 0
+    _, before, after = row_cells(out, "peak memory")
+    assert before.endswith("MB") and after.endswith("MB")
     assert f"export: {exported.directory}" in out
 
 
