@@ -38,7 +38,6 @@ from pydantic import (
     field_validator,
 )
 
-from compress import builtins as _builtins  # noqa: F401  (registers the builtin passes)
 from compress.errors import PassError, RecipeError, nearest
 from compress.registry import PassConfig, available_passes, config_for, get_pass
 

@@ -6,6 +6,7 @@ scanning packages.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -167,6 +168,16 @@ class RegisteredPass(Generic[C]):
 
 
 _REGISTRY: dict[str, RegisteredPass[Any]] = {}
+_BUILTINS_LOADED = False
+
+
+def _load_builtins() -> None:
+    """Import the explicit list of builtin passes (once): passes register on first lookup, so
+    ``import compress`` and ``compress --help`` stay light."""
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        importlib.import_module("compress.builtins")
 
 
 def register_pass(
@@ -196,6 +207,7 @@ def register_pass(
 
 def get_pass(name: str) -> RegisteredPass[Any]:
     """The registered pass ``name``; an unknown name raises with the nearest valid one."""
+    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -208,11 +220,13 @@ def get_pass(name: str) -> RegisteredPass[Any]:
 
 
 def available_passes() -> dict[str, RegisteredPass[Any]]:
+    _load_builtins()
     return dict(sorted(_REGISTRY.items()))
 
 
 def config_for(config: PassConfig) -> RegisteredPass[Any]:
     """The registered pass whose config class is ``type(config)``."""
+    _load_builtins()
     for entry in _REGISTRY.values():
         if type(config) is entry.config_cls:
             return entry

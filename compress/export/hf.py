@@ -223,3 +223,6 @@ def register() -> None:
     if GUARDED_MODEL_TYPE not in CONFIG_MAPPING:
         AutoConfig.register(GUARDED_MODEL_TYPE, GuardedExportConfig)
     _REGISTERED = True
+
+
+register()  # importing this module is what `import compress` arranges once transformers loads
