@@ -41,8 +41,9 @@ __all__ = [
     "vectorized",
 ]
 
-# Rows dequantized per GEMM tile: 256 x 4096 fp32 is 4 MiB, which stays in the last-level cache.
-GEMM_TILE_ROWS = 256
+GEMM_TILE_ROWS = 0
+"""Weight rows per tile of torch's GEMM paths; 0: 2 MiB of bf16 weights per tile (256 rows at
+4096 inputs, whole SmolLM2 matrices; measured, see qmatmul_api.cpp)."""
 
 SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "qmatmul_amx.cpp", "qmatmul_api.cpp")
 """The translation unit's parts, in order (each later one uses what the earlier define)."""
