@@ -214,14 +214,19 @@ bool amx_gemm(const Packed& p, const uint16_t* x, int64_t M, const float* bias, 
   uint16_t* xp = scratch(0, static_cast<size_t>((M + 15) / 16 * KB * 512));
   pack_acts(x, M, p.K, KB, xp);
   const TilesFn dequant = tiles_fn(p.bits);
-  const int64_t panels = (p.N + kPanelRows - 1) / kPanelRows;
+  // At most kPanelRows rows per panel, as many panels as make whole rounds of the threads
+  // (SmolLM2's 576 rows on two cores: six panels of 96, not three and two of 128).
+  const int64_t threads = at::get_num_threads();
+  int64_t panels = (p.N + kPanelRows - 1) / kPanelRows;
+  panels = (panels + threads - 1) / threads * threads;
+  const int64_t panel_rows = ((p.N + panels - 1) / panels + 31) / 32 * 32;
+  panels = (p.N + panel_rows - 1) / panel_rows;
   at::parallel_for(0, panels, 1, [&](int64_t q0, int64_t q1) {
-    const int64_t most = std::min(kPanelRows, (p.N + 31) / 32 * 32);
-    uint16_t* w = scratch(1, static_cast<size_t>(most * KB * 32));
+    uint16_t* w = scratch(1, static_cast<size_t>(panel_rows * KB * 32));
     TileConfig cfg;
     _tile_loadconfig(&cfg);
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n0 = q * kPanelRows, n1 = std::min(p.N, n0 + kPanelRows);
+      const int64_t n0 = q * panel_rows, n1 = std::min(p.N, n0 + panel_rows);
       const int64_t rows = (n1 - n0 + 31) / 32 * 32;
       dequant(p, n0, n1, w, KB);
       for (int64_t r = 0; r < rows; ++r) {
