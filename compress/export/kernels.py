@@ -57,8 +57,9 @@ __all__ = ["GEMV_MAX_ROWS", "KERNELS", "describe", "log_choice", "run", "select"
 log = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS = 16
-"""No CPU build takes ``cpu_gemv`` for more rows than this; the crossover itself depends on the
-build and dtype (:func:`compress.export.cpu.gemv_max_rows`)."""
+"""No build takes a GEMV for more rows than this, and :func:`select`'s answer does not depend on
+the row count above it; the crossover itself depends on the build and dtype
+(:func:`compress.export.cpu.gemv_max_rows`)."""
 
 _TORCH_INT8_MAX_ROWS = 16
 _TORCH_INT8_K_MULTIPLE = 16  # in_features must be a multiple of this (see the module docstring)

@@ -89,6 +89,8 @@ class QuantLinear(nn.Module):
     def from_record(cls, linear: nn.Linear, record: QuantizedWeight) -> QuantLinear:
         """Pack a quantized Linear's IR record into a new module (same device as the codes)."""
         fmt = record.fmt
+        if not isinstance(fmt, IntFormat):
+            raise TypeError(f"{cls.__name__} packs integer formats, not {fmt.label()}")
         module = cls(
             linear.in_features,
             linear.out_features,
@@ -153,14 +155,19 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > kernels.GEMV_MAX_ROWS:  # prefill: the selection's cost does not matter
-            return kernels.run(self._select(rows=rows, dtype=x.dtype), self, x)
-        # Decode calls a module once per token: the choice is remembered per (rows, dtype,
-        # device, COMPRESS_KERNEL, COMPRESS_CPU_ISA: the crossover depends on the build), which
-        # saves microseconds against a kernel of tens.
+        # Decode calls a module once per token, prefill once per layer and prompt: the choice
+        # is remembered per (rows, dtype, device, COMPRESS_KERNEL, COMPRESS_CPU_ISA: the
+        # crossover depends on the build), which saves tens of microseconds a call (a SmolLM2
+        # prompt makes 210 calls). Above GEMV_MAX_ROWS the choice no longer depends on rows.
         env = os.environ
         device = x.device.type
-        key = (rows, x.dtype, device, env.get("COMPRESS_KERNEL"), env.get("COMPRESS_CPU_ISA"))
+        key = (
+            min(rows, kernels.GEMV_MAX_ROWS + 1),
+            x.dtype,
+            device,
+            env.get("COMPRESS_KERNEL"),
+            env.get("COMPRESS_CPU_ISA"),
+        )
         kernel = self._decode_kernels.get(key)
         if kernel is None:
             kernel = self._decode_kernels[key] = self._select(rows=rows, dtype=x.dtype)

@@ -372,3 +372,11 @@ def test_decode_choice_follows_a_forced_build(monkeypatch):
     monkeypatch.setenv("COMPRESS_CPU_ISA", "avx2")
     module(x)
     assert sorted(module._decode_kernels.values()) == ["cpu_gemm", "cpu_gemv"]
+
+
+def test_prefill_choice_is_remembered_once_for_every_row_count_above_the_gemv():
+    module = make(24, 128, IntFormat(4, 64, True))
+    for rows in (kernels.GEMV_MAX_ROWS + 1, 100, 512):
+        x = torch.randn(rows, 128)
+        assert torch.equal(module(x), kernels.KERNELS["cpu_gemm"](module, x))
+    assert list(module._decode_kernels.values()) == ["cpu_gemm"]
