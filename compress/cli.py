@@ -295,15 +295,15 @@ def inspect(
 
 def _kernels(directory: Path) -> dict[str, set[str]]:
     """Per format of an export, the CPU kernel paths its modules take (decode, prefill)."""
-    from compress.export import kernels
     from compress.export.manifest import read_manifest
-    from compress.export.summary import format_label
-    from compress.formats import IntFormat
+    from compress.formats import format_from_dict, runtime_for
 
     paths: dict[str, set[str]] = {}
     for entry in read_manifest(directory)["modules"].values():
-        fmt = IntFormat.from_dict(entry["format"])
-        paths.setdefault(format_label(fmt), set()).add(kernels.describe(fmt, entry["shape"][1]))
+        fmt = format_from_dict(entry["format"])
+        describe = runtime_for(fmt).describe_kernels
+        text = describe(fmt, entry["shape"][1]) if describe else "reference"
+        paths.setdefault(fmt.label(), set()).add(text)
     return paths
 
 

@@ -28,8 +28,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compress.errors import ModelLoadError, RecipeError
-from compress.formats import IntFormat
-from compress.ir import QuantizedWeight, clear_quantized, get_quantized, set_quantized
+from compress.ir import (
+    QuantizedWeight,
+    Record,
+    attach,
+    detach,
+    get_quantized,
+    record_from_state,
+    records_of,
+    set_quantized,
+)
 from compress.registry import LayerAccess, PassReport
 from compress.utils.memory import release_free_memory
 from compress.utils.modules import decoder_layers
@@ -277,7 +285,8 @@ class LayerStore(LayerAccess):
         if not self.offloaded:
             return
         for module in layer.modules():
-            clear_quantized(module)
+            for record in records_of(module).values():  # the checkpoint holds them
+                detach(module, type(record))
             for key in list(module._parameters):
                 _to_meta(module, key)
         release_free_memory(collect=False)  # the layer's tensors, before the next is read
@@ -369,25 +378,24 @@ def _rebuild_released(layer: nn.Module) -> None:
 
 
 def _write_checkpoint(path: Path, layer: nn.Module, fragment: dict[str, Any]) -> None:
-    """Layer tensors (quantized weights as codes only) + records + report part, atomically."""
+    """Layer tensors (quantized weights as codes only) + every IR record + report part,
+    atomically."""
     tensors: dict[str, torch.Tensor] = {}
-    formats: dict[str, Any] = {}
+    described: dict[str, dict[str, Any]] = {}
     quantized = set()
     for module_name, module in layer.named_modules():
-        record = get_quantized(module)
-        if record is None:
-            continue
-        quantized.add(f"{module_name}.weight")
-        formats[module_name] = record.fmt.describe()
-        tensors[f"q:{module_name}:codes"] = record.codes
-        tensors[f"q:{module_name}:scales"] = record.scales
-        if record.zeros is not None:
-            tensors[f"q:{module_name}:zeros"] = record.zeros
+        for kind, record in records_of(module).items():
+            parts, meta = record.to_state()
+            described.setdefault(module_name, {})[kind] = meta
+            for part, tensor in parts.items():
+                tensors[f"r:{module_name}:{kind}:{part}"] = tensor
+            if isinstance(record, QuantizedWeight):
+                quantized.add(f"{module_name}.weight" if module_name else "weight")
     for key, tensor in layer.state_dict().items():
         if key not in quantized:
             tensors[f"s:{key}"] = tensor
     tmp = path.with_suffix(".tmp")
-    metadata = {"formats": json.dumps(formats), "report": json.dumps(fragment)}
+    metadata = {"records": json.dumps(described), "report": json.dumps(fragment)}
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata)
     os.replace(tmp, path)
 
@@ -399,44 +407,44 @@ def _read_fragment(path: Path) -> dict[str, Any]:
 
 def _read_checkpoint(
     path: Path,
-) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight], dict[str, Any]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, list[Record]], dict[str, Any]]:
     # plain reads: mapped pages would count in the resident set beside the copies
     tensors, metadata = read_file(path)
-    formats = json.loads(metadata.get("formats", "{}"))
+    described = json.loads(metadata.get("records", "{}"))
     fragment = json.loads(metadata.get("report", "{}"))
     state = {k[2:]: v for k, v in tensors.items() if k.startswith("s:")}
-    records = {
-        module_name: QuantizedWeight(
-            tensors[f"q:{module_name}:codes"],
-            tensors[f"q:{module_name}:scales"],
-            tensors.get(f"q:{module_name}:zeros"),
-            IntFormat.from_dict(described),
-        )
-        for module_name, described in formats.items()
-    }
-    return state, records, fragment
+    held: dict[str, list[Record]] = {}
+    for module_name, kinds in described.items():
+        for kind, meta in kinds.items():
+            prefix = f"r:{module_name}:{kind}:"
+            parts = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            held.setdefault(module_name, []).append(record_from_state(kind, parts, meta))
+    return state, held, fragment
 
 
 def _fill_layer_(
     layer: nn.Module,
     state: dict[str, torch.Tensor],
-    records: dict[str, QuantizedWeight],
+    held: dict[str, list[Record]],
     *,
     allocate: bool = False,
     dequantize: bool = True,
 ) -> None:
-    """Put a checkpointed state into ``layer``; quantized weights are rebuilt from their codes
-    (or, unless ``dequantize``, left storage-free beside their records)."""
+    """Put a checkpointed state and its IR records into ``layer``; quantized weights are
+    rebuilt from their codes (or, unless ``dequantize``, left storage-free beside their
+    records)."""
     with torch.no_grad():
         for module_name, module in layer.named_modules():
             prefix = f"{module_name}." if module_name else ""
+            mine = held.get(module_name, [])
+            quantized = next((r for r in mine if isinstance(r, QuantizedWeight)), None)
             for key, parameter in list(module._parameters.items()):
                 if parameter is None:
                     continue
                 full = prefix + key
                 if full in state:
                     value = state[full].to(parameter.dtype)
-                elif module_name in records and key == "weight":
+                elif quantized is not None and key == "weight":
                     device = None if dequantize else "meta"
                     value = torch.empty(parameter.shape, dtype=parameter.dtype, device=device)
                 else:
@@ -448,7 +456,10 @@ def _fill_layer_(
             for key, buffer in module._buffers.items():
                 if buffer is not None and prefix + key in state:
                     buffer.copy_(state[prefix + key])
-            if module_name in records:
-                set_quantized(module, records[module_name], update_weight=dequantize)
-            else:
-                clear_quantized(module)
+            for kind in records_of(module).values():
+                detach(module, type(kind))
+            for record in mine:
+                if isinstance(record, QuantizedWeight):
+                    set_quantized(module, record, update_weight=dequantize)
+                else:
+                    attach(module, record)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from compress.errors import ExportError
-from compress.formats import IntFormat
+from compress.formats import Format, IntFormat
 from compress.ir import QuantizedWeight
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "SUPPORTED_GROUPS",
     "check_representable",
     "convert_state",
+    "expected_tensors",
     "quantization_config",
 ]
 
@@ -65,13 +66,22 @@ VLLM_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Linears vLLM fuses into one (Llama-family names): they must share one scheme."""
 
 
-def _describe(fmt: IntFormat) -> str:
+def _describe(fmt: Format) -> str:
+    if not isinstance(fmt, IntFormat):
+        return fmt.label()
     group = f"group {fmt.group_size}" if fmt.group_size else "per-channel"
     return f"int{fmt.bits} {group} {'symmetric' if fmt.symmetric else 'asymmetric'}"
 
 
-def check_representable(name: str, fmt: IntFormat, in_features: int) -> None:
-    """Refuse a module whose format the pack-quantized layout (as vLLM serves it) cannot hold."""
+def check_representable(name: str, fmt: Format, in_features: int) -> IntFormat:
+    """Refuse a module whose format the pack-quantized layout (as vLLM serves it) cannot hold;
+    the integer format it is, otherwise."""
+    if not isinstance(fmt, IntFormat):
+        raise ExportError(
+            f"module {name!r} ({fmt.label()}) cannot be exported as {FORMAT_NAME}: only "
+            "integer formats are written in its pack-quantized layout",
+            hint="export with format: compress",
+        )
     reason = None
     group = None if fmt.group_size in (None, in_features) else fmt.group_size
     if fmt.bits not in SUPPORTED_BITS:
@@ -89,6 +99,22 @@ def check_representable(name: str, fmt: IntFormat, in_features: int) -> None:
             hint="quantize it to symmetric int4 or int8 with group_size 32, 64, 128 or null, "
             "leave it out of the pass (ignore:), or export with format: compress",
         )
+    return fmt
+
+
+def expected_tensors(
+    name: str, fmt: Format, out_features: int, in_features: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """The tensors a quantized module stores in this layout: leaf -> (shape, dtype or None when
+    it is the model's dtype)."""
+    int_fmt = check_representable(name, fmt, in_features)
+    groups = int_fmt.groups(in_features)
+    words = (in_features * int_fmt.bits + 31) // 32
+    return {
+        "weight_packed": ((out_features, words), torch.int32),
+        "weight_scale": ((out_features, groups), None),
+        "weight_shape": ((2,), None),
+    }
 
 
 def _words(packed_bytes: torch.Tensor) -> torch.Tensor:
@@ -195,8 +221,8 @@ def quantization_config(
     groups: dict[str, dict[str, Any]] = {}
     by_args: dict[str, str] = {}
     for name, record in records.items():
-        check_representable(name, record.fmt, record.shape[1])
-        args = _weights_args(record.fmt, record.shape[1])
+        fmt = check_representable(name, record.fmt, record.shape[1])
+        args = _weights_args(fmt, record.shape[1])
         signature = repr(sorted(args.items()))
         if signature not in by_args:
             by_args[signature] = f"group_{len(by_args)}"

@@ -1,9 +1,10 @@
 """The transformers plug-in: ``quant_method: compress`` in ``config.json`` loads packed modules.
 
-``import compress`` calls :func:`register`, after which
+``import compress`` arranges for :func:`register` to run, after which
 ``AutoModelForCausalLM.from_pretrained(export_dir)`` verifies the manifest checksums, swaps the
-quantized Linear layers for :class:`QuantLinear` on the meta device and lets transformers load the
-packed buffers straight into them: no dense copy of a quantized weight is ever made.
+quantized Linear layers for their formats' packed modules on the meta device and lets
+transformers load the packed buffers straight into them: no dense copy of a quantized weight is
+ever made.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from compress.export.manifest import (
     read_manifest,
     verify_files,
 )
-from compress.export.qembedding import QuantEmbedding, embed_scale_of
-from compress.export.qlinear import QuantLinear
-from compress.formats import IntFormat
+from compress.formats import Format, format_from_dict, runtime_for
+from compress.utils.modules import embed_scale_of
 
 __all__ = [
     "CompressHfQuantizer",
@@ -71,8 +71,8 @@ class CompressQuantizationConfig(QuantizationConfigMixin):
             **({"entropy": self.entropy} if self.entropy else {}),
         }
 
-    def formats(self) -> dict[str, IntFormat]:
-        return {name: IntFormat.from_dict(spec) for name, spec in self.modules.items()}
+    def formats(self) -> dict[str, Format]:
+        return {name: format_from_dict(spec) for name, spec in self.modules.items()}
 
 
 class CompressHfQuantizer(HfQuantizer):
@@ -106,10 +106,11 @@ class CompressHfQuantizer(HfQuantizer):
         if loader is not None:
             loader.finish(model)  # decode now, or per decoder layer just in time
         for name, source in self.quantization_config.tied.items():
-            tied = model.get_submodule(name)
-            if isinstance(tied, QuantLinear):
-                tied.share_buffers(model.get_submodule(source))
-        kernels = {m.kernel for m in model.modules() if isinstance(m, QuantLinear)}
+            share = getattr(model.get_submodule(name), "share_buffers", None)
+            if share is None:
+                raise ExportError(f"module {name!r} cannot share the packed tensors of {source!r}")
+            share(model.get_submodule(source))
+        kernels = {str(m.kernel) for m in model.modules() if hasattr(m, "kernel")}
         log.info("compress export loaded; CPU kernels: %s", ", ".join(sorted(kernels)))
 
     def is_serializable(self) -> bool:
@@ -122,14 +123,14 @@ class CompressHfQuantizer(HfQuantizer):
 
 def replace_linears_(
     model: nn.Module,
-    formats: dict[str, IntFormat],
+    formats: dict[str, Format],
     dtype: Any = None,
     tied: dict[str, str] | None = None,
 ) -> None:
-    """Swap each named Linear (Embedding) for an empty :class:`QuantLinear`
-    (:class:`QuantEmbedding`) of its format, in place.
+    """Swap each named Linear (Embedding) for the empty packed module of its format's runtime,
+    in place.
 
-    ``tied`` modules (``lm_head`` -> ``model.embed_tokens``) get a :class:`QuantLinear` of their
+    ``tied`` modules (``lm_head`` -> ``model.embed_tokens``) get a packed Linear of their
     source's format without persistent buffers: the loader shares the source's tensors with it.
     """
     modules = dict(model.named_modules())
@@ -156,22 +157,29 @@ def replace_linears_(
             )
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
+        runtime = runtime_for(fmt)
         replacement: nn.Module
         if isinstance(module, nn.Embedding):
-            replacement = QuantEmbedding(
+            if runtime.embedding is None:
+                raise ExportError(
+                    f"quantization_config gives embedding {name!r} format {fmt.label()}, which "
+                    "has no packed embedding",
+                    hint="the export does not match its config.json; re-export it",
+                )
+            replacement = runtime.embedding(
+                fmt,
                 module.num_embeddings,
                 module.embedding_dim,
-                fmt,
                 dtype=module.weight.dtype,
                 device=module.weight.device,
                 embed_scale=embed_scale_of(module),
             )
         else:
             bias_dtype = module.bias.dtype if module.bias is not None else module.weight.dtype
-            replacement = QuantLinear(
+            replacement = runtime.linear(
+                fmt,
                 module.in_features,
                 module.out_features,
-                fmt,
                 bias=module.bias is not None,
                 dtype=bias_dtype,
                 device=module.weight.device,

@@ -26,6 +26,7 @@ from torch import nn
 from compress.export.packing import pack_codes, packed_row_bytes, unpack_codes
 from compress.formats import IntFormat, dequantize_int
 from compress.ir import QuantizedWeight
+from compress.utils.modules import embed_scale_of
 
 __all__ = ["QuantEmbedding"]
 
@@ -76,6 +77,8 @@ class QuantEmbedding(nn.Module):
     def from_record(cls, embedding: nn.Embedding, record: QuantizedWeight) -> QuantEmbedding:
         """Pack an embedding's IR record into a new module (same device as the codes)."""
         fmt = record.fmt
+        if not isinstance(fmt, IntFormat):
+            raise TypeError(f"{cls.__name__} packs integer formats, not {fmt.label()}")
         module = cls(
             embedding.num_embeddings,
             embedding.embedding_dim,
@@ -128,22 +131,3 @@ class QuantEmbedding(nn.Module):
         group = fmt.group_size or "channel"
         kind = "sym" if fmt.symmetric else "asym"
         return f"{self.num_embeddings}, {self.embedding_dim}, int{fmt.bits} g{group} {kind}"
-
-
-def embed_scale_of(embedding: nn.Module) -> float | None:
-    """The factor a scaled embedding (Gemma's) applies to looked-up rows, if any.
-
-    Read from the plain number such modules keep beside their buffer: at load time the
-    buffer is still on the meta device.
-    """
-    scalar = getattr(embedding, "scalar_embed_scale", None)
-    if isinstance(scalar, int | float):
-        return float(scalar)
-    scale = getattr(embedding, "embed_scale", None)
-    if isinstance(scale, torch.Tensor) and not scale.is_meta:
-        return float(scale.item())
-    if isinstance(scale, int | float):
-        return float(scale)
-    if scale is not None:
-        raise ValueError(f"cannot read the embedding scale of {type(embedding).__name__}")
-    return None

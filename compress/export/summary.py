@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from compress.errors import CompressError, ExportError
+from compress.export import compressed_tensors
 from compress.export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -27,13 +29,11 @@ from compress.export.manifest import (
     read_manifest,
     verify_files,
 )
-from compress.export.packing import packed_row_bytes
-from compress.formats import IntFormat
+from compress.formats import Format, format_from_dict
 
 __all__ = ["ExportSummary", "format_label", "summarize_export", "verify_export"]
 
 _CORRUPTED = "the export is corrupted; re-run `compress apply` or restore the file"
-_SCALE_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -42,10 +42,16 @@ _DTYPE_BYTES = {
 }  # fmt: skip
 
 
-def format_label(fmt: IntFormat) -> str:
+_SAFETENSORS_DTYPES = {
+    torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+    torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+    torch.float64: "F64", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+def format_label(fmt: Format) -> str:
     """Short human name of a format, e.g. ``int4 g64 sym``."""
-    group = f"g{fmt.group_size}" if fmt.group_size else "per-channel"
-    return f"int{fmt.bits} {group} {'sym' if fmt.symmetric else 'asym'}"
+    return fmt.label()
 
 
 @dataclass
@@ -176,7 +182,7 @@ def summarize_export(directory: Path, *, verify: bool = False) -> ExportSummary:
     )
 
 
-def _modules(directory: Path, manifest: dict[str, Any]) -> dict[str, tuple[IntFormat, list[int]]]:
+def _modules(directory: Path, manifest: dict[str, Any]) -> dict[str, tuple[Format, list[int]]]:
     """Each module's format and weight shape (out, in), refusing entries that make no sense."""
     modules = {}
     entries = manifest.get("modules")
@@ -186,11 +192,11 @@ def _modules(directory: Path, manifest: dict[str, Any]) -> dict[str, tuple[IntFo
         )
     for name, entry in entries.items():
         try:
-            fmt = IntFormat.from_dict(dict(entry["format"]))
+            fmt = format_from_dict(dict(entry["format"]))
             shape = [int(d) for d in entry["shape"]]
             if len(shape) != 2 or min(shape) < 1:
                 raise ValueError(f"shape {entry['shape']!r} is not (out_features, in_features)")
-            fmt.groups(shape[1])
+            fmt.check_width(shape[1])
         except (CompressError, KeyError, TypeError, ValueError) as error:
             reason = error.message if isinstance(error, CompressError) else str(error)
             raise ExportError(
@@ -236,28 +242,25 @@ def _check_versions(directory: Path, manifest: dict[str, Any]) -> None:
 def _check_layout(
     directory: Path,
     manifest: dict[str, Any],
-    modules: dict[str, tuple[IntFormat, list[int]]],
+    modules: dict[str, tuple[Format, list[int]]],
     shapes: dict[str, tuple[list[int], str]],
 ) -> None:
     """Each quantized module's stored tensors have the shape and dtype its format implies."""
     vllm = _quant_method(directory) == "compressed-tensors"
     for name, (fmt, (out_features, in_features)) in modules.items():
-        groups = fmt.groups(in_features)
         expected: dict[str, tuple[list[int], str | None]]
         if vllm:
-            words = (in_features * fmt.bits + 31) // 32
             expected = {
-                "weight_packed": ([out_features, words], "I32"),
-                "weight_scale": ([out_features, groups], None),  # the model's dtype
-                "weight_shape": ([2], None),
+                leaf: (list(shape), None if dtype is None else _SAFETENSORS_DTYPES[dtype])
+                for leaf, (shape, dtype) in compressed_tensors.expected_tensors(
+                    name, fmt, out_features, in_features
+                ).items()
             }
         else:
             expected = {
-                "qweight": ([out_features, packed_row_bytes(in_features, fmt.bits)], "U8"),
-                "scales": ([out_features, groups], _SCALE_DTYPES[fmt.scale_dtype]),
+                tensor.name: (list(tensor.shape), _SAFETENSORS_DTYPES[tensor.dtype])
+                for tensor in fmt.stored_tensors(out_features, in_features)
             }
-            if not fmt.symmetric:
-                expected["qzeros"] = ([packed_row_bytes(out_features * groups, fmt.bits)], "U8")
         for leaf, (shape, dtype) in expected.items():
             key = f"{name}.{leaf}"
             if key not in shapes:

@@ -28,8 +28,7 @@ from compress.export.manifest import (
     QUANT_METHOD,
     guard_config_dict,
 )
-from compress.export.qembedding import QuantEmbedding
-from compress.export.qlinear import QuantLinear
+from compress.formats import runtime_for
 from compress.ir import QuantizedWeight, get_quantized
 from compress.registry import LayerAccess
 from compress.utils.fs import atomic_directory, probe_writable, sha256_file
@@ -84,7 +83,7 @@ def packed_state(
             if index is None:  # records inside the layers are not kept alive past the layer
                 packed_owner[id(record)] = owner
             if records is not None:  # shape and format only: codes of all layers would add up
-                records[owner] = _without_tensors(record)
+                records[owner] = record.shape_only()
             packed = _packed_module(module, record)
             for name, buffer in packed.named_buffers():
                 yield f"{owner}.{name}", buffer
@@ -105,26 +104,20 @@ def packed_state(
 
 
 def _packed_module(module: nn.Module, record: QuantizedWeight) -> nn.Module:
-    """The module whose buffers are the stored tensors of a quantized Linear or Embedding."""
-    if isinstance(module, nn.Embedding):
-        return QuantEmbedding.from_record(module, record)
+    """The module whose buffers are the stored tensors of a quantized Linear or Embedding,
+    from the runtime of the record's format."""
+    runtime = runtime_for(record.fmt)
+    if isinstance(module, nn.Embedding) and runtime.embedding_from_record is not None:
+        return runtime.embedding_from_record(module, record)
     if isinstance(module, nn.Linear):
-        return QuantLinear.from_record(module, record)
+        return runtime.linear_from_record(module, record)
     raise ExportError(
-        f"{type(module).__name__} carries a quantization record, but only Linear and "
-        "Embedding modules can be exported quantized",
+        f"{type(module).__name__} carries a quantization record ({record.fmt.label()}), but "
+        "that format exports quantized "
+        + ("Linear and Embedding" if runtime.embedding_from_record else "Linear")
+        + " modules only",
         hint="leave the module out of the quantization pass (ignore:)",
     )
-
-
-def _without_tensors(record: QuantizedWeight) -> QuantizedWeight:
-    """The record's shape and format, its tensors replaced by storage-free meta tensors."""
-
-    def meta(tensor: torch.Tensor) -> torch.Tensor:
-        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
-
-    zeros = None if record.zeros is None else meta(record.zeros)
-    return QuantizedWeight(meta(record.codes), meta(record.scales), zeros, record.fmt)
 
 
 def _layer_index(key: str, prefix: str) -> int | None:
@@ -214,7 +207,7 @@ def quantization_config(
     config: dict[str, Any] = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
-        "modules": {name: record.fmt.describe() for name, record in records.items()},
+        "modules": {name: record.fmt.to_dict() for name, record in records.items()},
     }
     if ties:
         config["tied"] = dict(ties)
@@ -319,7 +312,7 @@ def export_model(
             "compress_version": _version(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "modules": {
-                name: {"format": record.fmt.describe(), "shape": list(record.shape)}
+                name: {"format": record.fmt.to_dict(), "shape": list(record.shape)}
                 for name, record in records.items()
             },
             **({"tied": dict(ties)} if ties else {}),

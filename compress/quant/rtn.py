@@ -86,9 +86,7 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
     for module in modules.values():
         holders[id(module.weight)] = holders.get(id(module.weight), 0) + 1
     shared: dict[int, tuple[torch.Tensor, QuantizedWeight | None]] = {
-        id(m.weight): (m.weight, None)
-        for m in modules.values()
-        if holders[id(m.weight)] > 1
+        id(m.weight): (m.weight, None) for m in modules.values() if holders[id(m.weight)] > 1
     }
 
     def quantize(name: str, module: nn.Linear | nn.Embedding) -> None:

@@ -5,11 +5,19 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
 from compress.errors import PassError
 
-__all__ = ["decoder_layers", "match_any", "select_linears", "select_weights", "untie_"]
+__all__ = [
+    "decoder_layers",
+    "embed_scale_of",
+    "match_any",
+    "select_linears",
+    "select_weights",
+    "untie_",
+]
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -110,3 +118,22 @@ def untie_(model: nn.Module, selected: Mapping[str, nn.Linear | nn.Embedding]) -
                 "(both are stored)"
             )
     return notes
+
+
+def embed_scale_of(embedding: nn.Module) -> float | None:
+    """The factor a scaled embedding (Gemma's) applies to looked-up rows, if any.
+
+    Read from the plain number such modules keep beside their buffer: at load time the
+    buffer is still on the meta device.
+    """
+    scalar = getattr(embedding, "scalar_embed_scale", None)
+    if isinstance(scalar, int | float):
+        return float(scalar)
+    scale = getattr(embedding, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and not scale.is_meta:
+        return float(scale.item())
+    if isinstance(scale, int | float):
+        return float(scale)
+    if scale is not None:
+        raise ValueError(f"cannot read the embedding scale of {type(embedding).__name__}")
+    return None

@@ -2,9 +2,10 @@
 
 Lossless coding changes nothing in memory, so the pass only validates the selection, estimates
 the size from symbol histograms (exact Huffman lengths, no encoding) and attaches an
-:class:`EntropyPlan` that the export writer reads. BF16 tensors get DFloat11-style coding
-(exponents Huffman-coded in pairs, raw sign+mantissa; arXiv 2504.11651); the integer codes of
-quantized Linears (INT2-INT8) are Huffman-coded whole. Put it last in a recipe::
+:class:`~compress.ir.EntropyPlan` that the export writer reads. BF16 tensors get
+DFloat11-style coding (exponents Huffman-coded in pairs, raw sign+mantissa; arXiv
+2504.11651); the integer codes of quantized Linears (INT2-INT8) are Huffman-coded whole. Put it
+last in a recipe::
 
     model: {name: smollm2-135m, dtype: bfloat16}
     passes:
@@ -15,7 +16,6 @@ quantized Linears (INT2-INT8) are Huffman-coded whole. Put it last in a recipe::
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 
 import torch
 from pydantic import Field, field_validator
@@ -30,12 +30,10 @@ from compress.export.entropy.codec import (
     split_bf16,
 )
 from compress.export.entropy.huffman import code_lengths
-from compress.ir import quantized_modules
+from compress.ir import EntropyPlan, attach, quantized_modules
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 
-__all__ = ["EntropyCodeConfig", "EntropyPlan", "entropy_code", "get_plan", "select_tensors"]
-
-_ATTR = "compress_entropy_plan"
+__all__ = ["EntropyCodeConfig", "entropy_code", "select_tensors"]
 
 
 class EntropyCodeConfig(PassConfig):
@@ -80,20 +78,8 @@ class EntropyCodeConfig(PassConfig):
         return chunk
 
 
-@dataclass(frozen=True)
-class EntropyPlan:
-    """What the export writer codes: the pass config, attached to the model."""
-
-    config: EntropyCodeConfig
-
-
-def get_plan(model: nn.Module) -> EntropyPlan | None:
-    plan = getattr(model, _ATTR, None)
-    return plan if isinstance(plan, EntropyPlan) else None
-
-
 def select_tensors(
-    model: nn.Module, config: EntropyCodeConfig
+    model: nn.Module, config: EntropyCodeConfig | EntropyPlan
 ) -> tuple[dict[str, str], dict[str, str]]:
     """(coded state-dict names -> kind, skipped names -> why) for ``model`` under ``config``.
 
@@ -156,10 +142,10 @@ def entropy_code(model: nn.Module, config: EntropyCodeConfig, context: PassConte
             before = 16 * exponents.numel()
         else:
             record = records[key.rpartition(".")[0]]
-            bits = _estimated_bits(record.codes, 1 << record.fmt.bits, config.table_bits)
-            before = record.fmt.bits * record.codes.numel()
+            bits = _estimated_bits(record.codes, 1 << record.fmt.code_bits, config.table_bits)
+            before = record.fmt.code_bits * record.codes.numel()
         report.touched.append(key)
-        numel = before / (16 if kind == "bf16" else records[key.rpartition(".")[0]].fmt.bits)
+        numel = before / (16 if kind == "bf16" else records[key.rpartition(".")[0]].fmt.code_bits)
         report.per_module[key] = {
             "bits_per_weight": bits / numel,
             "raw_bits_per_weight": before / numel,
@@ -167,5 +153,16 @@ def entropy_code(model: nn.Module, config: EntropyCodeConfig, context: PassConte
         raw_bits += before
         coded_bits += bits
     report.metrics["estimated_ratio"] = coded_bits / raw_bits
-    setattr(model, _ATTR, EntropyPlan(config))
+    attach(
+        model,
+        EntropyPlan(
+            floats=config.floats,
+            codes=config.codes,
+            min_numel=config.min_numel,
+            chunk=config.chunk,
+            table_bits=config.table_bits,
+            pair_bits=config.pair_bits,
+            ignore=list(config.ignore),
+        ),
+    )
     return report

@@ -44,9 +44,9 @@ from compress.export.entropy.codec import (
     entropy_bits,
     split_bf16,
 )
-from compress.export.entropy.passes import EntropyCodeConfig, get_plan
 from compress.export.manifest import FORMAT_VERSION, QUANT_METHOD
 from compress.export.packing import pack_codes, unpack_codes
+from compress.ir import EntropyPlan, get
 
 __all__ = [
     "EntropyEncoder",
@@ -98,7 +98,7 @@ def stored_name(key: str, part: str) -> str:
 class EntropyEncoder:
     """Writer hook: swaps selected tensors of the packed state for their coded streams."""
 
-    config: EntropyCodeConfig
+    config: EntropyPlan
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def wanted(self, name: str, tensor: torch.Tensor, records: dict[str, Any]) -> str | None:
@@ -141,13 +141,13 @@ class EntropyEncoder:
         else:
             record = records[name.rpartition(".")[0]]
             columns = record.shape[1]
-            codes = unpack_codes(tensor, record.fmt.bits, columns)
+            codes = unpack_codes(tensor, record.fmt.code_bits, columns)
             coded = encode_codes(
-                codes, record.fmt.bits, chunk=config.chunk, table_bits=config.table_bits
+                codes, record.fmt.code_bits, chunk=config.chunk, table_bits=config.table_bits
             )
-            bound = entropy_bits(codes, 1 << record.fmt.bits)
+            bound = entropy_bits(codes, 1 << record.fmt.code_bits)
             raw_bytes = tensor.numel()
-            extra = {"pack_bits": record.fmt.bits, "columns": columns}
+            extra = {"pack_bits": record.fmt.code_bits, "columns": columns}
         self.entries[name] = {
             **coded.spec.to_dict(),
             **extra,
@@ -180,7 +180,7 @@ class EntropyEncoder:
 
 def encoder_for(model: nn.Module, format: str = QUANT_METHOD) -> EntropyEncoder | None:
     """The writer hook for ``model``, or None when no ``entropy_code`` pass ran on it."""
-    plan = get_plan(model)
+    plan = get(model, EntropyPlan)
     if plan is None:
         return None
     if format != QUANT_METHOD:
@@ -188,7 +188,7 @@ def encoder_for(model: nn.Module, format: str = QUANT_METHOD) -> EntropyEncoder 
             f"entropy_code: export format {format!r} cannot hold entropy-coded tensors",
             hint=f"use export.format: {QUANT_METHOD}, or drop the entropy_code pass",
         )
-    return EntropyEncoder(plan.config)
+    return EntropyEncoder(plan)
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -1,7 +1,7 @@
-"""Numeric formats as pure functions: quantize, dequantize, describe.
+"""The integer format: group-wise INT2-INT8 codes with scales (and zero points).
 
-One definition of each format, shared by the algorithms (which choose codes), export (which packs
-them) and the kernels (which compute with them).
+One definition, shared by the algorithms (which choose codes), export (which packs them) and
+the kernels (which compute with them).
 
 Integer format, ``b`` bits, weight ``W`` of shape ``(out_features, in_features)`` split along the
 input dimension into groups of ``group_size`` columns (``None``: one group per row):
@@ -14,16 +14,30 @@ input dimension into groups of ``group_size`` columns (``None``: one group per r
   scale maps the group's range onto all ``2**b`` levels;
 * scales are stored in ``scale_dtype`` (fp16 by default) and the codes are computed with the
   already-rounded scale, so the dequantized weight is exactly what a loader reproduces.
+
+Stored tensors of a module with weight ``(N, K)``, ``G = K // group_size`` groups (``G = 1``
+per-channel):
+
+============  ======================  ===========  ==========================================
+name          shape                   dtype        meaning
+============  ======================  ===========  ==========================================
+``qweight``   (N, ceil(K*b/8))        uint8        codes, each row a little-endian bit stream
+``scales``    (N, G)                  scale dtype  per-group scale
+``qzeros``    (ceil(N*G*b/8),)        uint8        per-group zero points, row-major, packed
+                                                   as one bit stream (no per-row padding);
+                                                   absent when symmetric (zero = 2**(b-1))
+============  ======================  ===========  ==========================================
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from compress.errors import FormatError
+from compress.formats.base import StoredTensor, register_format
 
 __all__ = [
     "SCALE_DTYPES",
@@ -39,6 +53,7 @@ SCALE_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+@register_format(runtime="compress.formats.int.runtime")
 @dataclass(frozen=True)
 class IntFormat:
     """Group-wise integer format for a weight matrix."""
@@ -48,7 +63,7 @@ class IntFormat:
     symmetric: bool = True
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
 
-    kind = "int"
+    kind: ClassVar[str] = "int"
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -57,6 +72,10 @@ class IntFormat:
             raise FormatError(f"group_size must be positive, got {self.group_size}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise FormatError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}")
+
+    @property
+    def code_bits(self) -> int:
+        return self.bits
 
     @property
     def levels(self) -> int:
@@ -91,8 +110,53 @@ class IntFormat:
         zero_bits = 0 if self.symmetric else self.bits
         return self.bits + (scale_bits + zero_bits) / size
 
-    def describe(self) -> dict[str, Any]:
+    def check_width(self, in_features: int) -> None:
+        self.groups(in_features)
+
+    def stored_tensors(self, out_features: int, in_features: int) -> list[StoredTensor]:
+        groups = self.groups(in_features)
+        tensors = [
+            StoredTensor(
+                "qweight",
+                torch.uint8,
+                (out_features, (in_features * self.bits + 7) // 8),
+                f"{self.bits}-bit codes, each row a little-endian bit stream",
+            ),
+            StoredTensor(
+                "scales", self.torch_scale_dtype, (out_features, groups), "per-group scale"
+            ),
+        ]
+        if not self.symmetric:
+            zero_bytes = (out_features * groups * self.bits + 7) // 8
+            tensors.append(
+                StoredTensor(
+                    "qzeros", torch.uint8, (zero_bytes,), "per-group zero points, one bit stream"
+                )
+            )
+        return tensors
+
+    def label(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
+    def quantize(
+        self, weight: torch.Tensor, *, clip_ratio: torch.Tensor | float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return quantize_int(weight, self, clip_ratio=clip_ratio)
+
+    def dequantize(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        return dequantize_int(codes, scales, zeros, self, dtype)
+
+    def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
+
+    describe = to_dict  # the name the manifest code has always used
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IntFormat:

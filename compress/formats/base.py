@@ -1,0 +1,199 @@
+"""What every numeric format provides, and the one registry that names them.
+
+A format is a frozen dataclass with a ``kind`` that quantizes a weight ``(out, in)`` into integer
+codes, scales and (optionally) zero points, dequantizes them back, declares the tensors a
+packed module stores, and round-trips through ``to_dict``/:func:`format_from_dict` (the manifest
+and ``config.json`` hold the dict). Its runtime side (the packed ``nn.Module``, packing, CPU
+and Triton kernels) lives in a module of the same folder and is imported only when an export is
+written or loaded (:func:`runtime_for`), so algorithms and the recipe checker stay light.
+
+Adding a format (``compress/formats/<kind>/``)
+----------------------------------------------
+
+1. ``spec.py``: a frozen dataclass implementing :class:`Format`, decorated with
+   ``@register_format(runtime="compress.formats.<kind>.runtime")``. Its docstring names every
+   stored tensor (name, shape, dtype, packed dimension) and :meth:`Format.stored_tensors`
+   declares them as data.
+2. ``runtime.py``: a :class:`FormatRuntime` registered with :func:`register_runtime`: the
+   module classes whose buffers are exactly the stored tensors, how a record is packed into
+   them, and the kernels (taking buffers and the format, never the module).
+3. ``__init__.py`` imports ``spec`` (so the kind is registered when the folder is imported) and
+   :mod:`compress.formats` lists the folder among the builtin formats.
+4. Tests next to the others: a bit-exact pack/unpack round trip, the reference against every
+   kernel over a grid of awkward shapes, an export that reloads with ``from_pretrained``.
+   Nothing outside the folder changes: the writer, the loader, ``compress inspect`` and the
+   offload checkpoints go through this registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+import torch
+from torch import nn
+
+from compress.errors import FormatError, nearest
+
+__all__ = [
+    "Format",
+    "FormatRuntime",
+    "StoredTensor",
+    "format_from_dict",
+    "format_kinds",
+    "register_format",
+    "register_runtime",
+    "runtime_for",
+]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor a packed module stores for a weight of a given shape."""
+
+    name: str  # buffer name, e.g. "qweight"
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    meaning: str
+
+
+@runtime_checkable
+class Format(Protocol):
+    """A numeric format for the weight of a Linear (or Embedding), ``(out, in)``."""
+
+    kind: ClassVar[str]
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of one stored code (the width codes are bit-packed and entropy-coded at)."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able parameters including ``kind``; :func:`format_from_dict` reads it back."""
+        ...
+
+    def label(self) -> str:
+        """Short human name, e.g. ``int4 g64 sym``."""
+        ...
+
+    def check_width(self, in_features: int) -> None:
+        """Raise :class:`FormatError` if the format cannot hold rows of this width."""
+        ...
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Nominal stored bits per weight, scales and zero points included."""
+        ...
+
+    def stored_tensors(self, out_features: int, in_features: int) -> list[StoredTensor]:
+        """The tensors a packed module of this shape stores, in order."""
+        ...
+
+    def quantize(
+        self, weight: torch.Tensor, *, clip_ratio: torch.Tensor | float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Reference round-to-nearest: ``(codes, scales, zeros or None)`` of ``weight``."""
+        ...
+
+    def dequantize(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """The weight the codes stand for, ``(out, in)`` in ``dtype``."""
+        ...
+
+
+F = TypeVar("F", bound=type)
+
+_FORMATS: dict[str, type] = {}
+_RUNTIME_MODULES: dict[str, str] = {}
+
+
+def register_format(*, runtime: str) -> Callable[[F], F]:
+    """Class decorator: register a format class under its ``kind``; ``runtime`` is the module
+    that registers its :class:`FormatRuntime` (imported on first use). Refuses duplicates."""
+
+    def decorate(cls: F) -> F:
+        kind = getattr(cls, "kind", None)
+        if not isinstance(kind, str) or not kind:
+            raise TypeError(f"{cls.__name__} needs a class attribute kind: str")
+        if kind in _FORMATS and _FORMATS[kind] is not cls:
+            raise ValueError(f"format kind {kind!r} is already registered")
+        _FORMATS[kind] = cls
+        _RUNTIME_MODULES[kind] = runtime
+        return cls
+
+    return decorate
+
+
+def format_kinds() -> list[str]:
+    """Registered format kinds (the builtin ones once :mod:`compress.formats` is imported)."""
+    return sorted(_FORMATS)
+
+
+def format_from_dict(data: Any) -> Format:
+    """The format a manifest or ``config.json`` entry describes; clear errors for anything else.
+
+    Entries written before formats had kinds are integer formats.
+    """
+    if not isinstance(data, dict):
+        raise FormatError(f"a format must be a mapping with a 'kind', got {data!r}")
+    kind = data.get("kind", "int")
+    cls = _FORMATS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        guess = nearest(str(kind), _FORMATS)
+        raise FormatError(
+            f"unknown format kind {kind!r}",
+            hint=(f"did you mean {guess!r}? " if guess else "")
+            + f"this compress knows: {', '.join(format_kinds())}; a newer compress may know it",
+        )
+    from_dict = getattr(cls, "from_dict", None)
+    if from_dict is None:
+        raise TypeError(f"format class {cls.__name__} has no from_dict")
+    fmt = from_dict(data)
+    if not isinstance(fmt, Format):
+        raise TypeError(f"{cls.__name__}.from_dict did not return a Format")
+    return fmt
+
+
+@dataclass(frozen=True)
+class FormatRuntime:
+    """How a format runs: its packed modules, packing, and a description of its kernels."""
+
+    linear: Callable[..., nn.Module]
+    """``(fmt, in_features, out_features, *, bias, dtype, device, persistent) -> module``"""
+    linear_from_record: Callable[[nn.Linear, Any], nn.Module]
+    """``(linear, QuantizedWeight) -> packed module`` (its buffers are the stored tensors)"""
+    embedding: Callable[..., nn.Module] | None = None
+    """``(fmt, num_embeddings, embedding_dim, *, dtype, device, embed_scale) -> module``"""
+    embedding_from_record: Callable[[nn.Embedding, Any], nn.Module] | None = None
+    describe_kernels: Callable[[Any, int], str] | None = None
+    """``(fmt, in_features) -> "cpu_gemv (≤8 rows), cpu_gemm"``: what ``compress inspect`` says"""
+
+
+_RUNTIMES: dict[str, FormatRuntime] = {}
+
+
+def register_runtime(kind: str, runtime: FormatRuntime) -> None:
+    if kind in _RUNTIMES and _RUNTIMES[kind] is not runtime:
+        raise ValueError(f"format kind {kind!r} already has a runtime")
+    _RUNTIMES[kind] = runtime
+
+
+def runtime_for(fmt: Format) -> FormatRuntime:
+    """The runtime of ``fmt``'s kind, importing its module on first use."""
+    kind = fmt.kind
+    if kind not in _RUNTIMES:
+        module = _RUNTIME_MODULES.get(kind)
+        if module is None:
+            raise FormatError(f"format kind {kind!r} is not registered")
+        importlib.import_module(module)
+    if kind not in _RUNTIMES:
+        raise FormatError(
+            f"format kind {kind!r} registered no runtime (in {_RUNTIME_MODULES[kind]})"
+        )
+    return _RUNTIMES[kind]

@@ -1,0 +1,39 @@
+"""The integer format's runtime: packed modules and kernel descriptions, for the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from compress.export import kernels
+from compress.export.qembedding import QuantEmbedding
+from compress.export.qlinear import QuantLinear
+from compress.formats.base import FormatRuntime, register_runtime
+from compress.formats.int.spec import IntFormat
+
+__all__ = ["RUNTIME"]
+
+
+def _linear(fmt: IntFormat, in_features: int, out_features: int, **options: Any) -> QuantLinear:
+    return QuantLinear(in_features, out_features, fmt, **options)
+
+
+def _embedding(
+    fmt: IntFormat, num_embeddings: int, embedding_dim: int, **options: Any
+) -> QuantEmbedding:
+    return QuantEmbedding(num_embeddings, embedding_dim, fmt, **options)
+
+
+def _describe(fmt: IntFormat, in_features: int) -> str:
+    return kernels.describe(fmt, in_features, dtype=torch.bfloat16)
+
+
+RUNTIME = FormatRuntime(
+    linear=_linear,
+    linear_from_record=QuantLinear.from_record,
+    embedding=_embedding,
+    embedding_from_record=QuantEmbedding.from_record,
+    describe_kernels=_describe,
+)
+register_runtime("int", RUNTIME)
