@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import tests.example_format  # registers int8_rowscale (a folder of its own, outside compress/)
+import tests.example_format  # noqa: F401  (registers int8_rowscale, a folder outside compress/)
 from compress.errors import FormatError
 from compress.export.summary import summarize_export
 from compress.export.writer import export_model
@@ -72,3 +72,31 @@ def test_a_format_from_outside_exports_reloads_and_is_inspected(tiny_llama, tmp_
     again = record_from_state("quantized", tensors, meta)
     assert isinstance(again, QuantizedWeight) and again.fmt == fmt
     assert torch.equal(again.codes, record.codes)
+
+
+def test_a_config_patch_changes_shapes_in_config_json(tiny_llama, tmp_path):
+    """The writer's shape hook: a pass that shrinks the MLPs leaves a ConfigPatch, and the export
+    is a smaller model that stock transformers loads as it is."""
+    from torch import nn
+
+    from compress.ir import ConfigPatch, attach
+
+    model = copy.deepcopy(tiny_llama)
+    keep = torch.arange(96)  # the first 96 of 128 MLP channels
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = nn.Linear(old.in_features, 96, bias=False)
+            new.weight.data = old.weight.data[keep].clone()
+            setattr(mlp, name, new)
+        down = nn.Linear(96, mlp.down_proj.out_features, bias=False)
+        down.weight.data = mlp.down_proj.weight.data[:, keep].clone()
+        mlp.down_proj = down
+    attach(model, ConfigPatch({"intermediate_size": 96}))
+    export_model(model, None, tmp_path / "small", recipe={})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "small").eval()
+    assert loaded.config.intermediate_size == 96
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-6)

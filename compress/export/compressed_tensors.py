@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from compress.errors import ExportError
+from compress.export.stream import StoredItem
 from compress.formats import Format, IntFormat
 from compress.ir import QuantizedWeight
 
@@ -127,29 +128,21 @@ def _words(packed_bytes: torch.Tensor) -> torch.Tensor:
     return words.reshape(rows, -1)
 
 
-def convert_state(
-    packed: Iterator[tuple[str, torch.Tensor]],
-    records: dict[str, QuantizedWeight],
-    *,
-    dtype: torch.dtype,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rename and re-lay the tensors of a compress export (``writer.packed_state``) on the fly.
-
-    ``records`` is filled by the producer before it yields a module's packed buffers, so each
-    buffer is converted as it passes; the stream stays one module deep.
+def convert_state(items: Iterator[StoredItem], *, dtype: torch.dtype) -> Iterator[StoredItem]:
+    """Rename and re-lay the tensors of a compress export (``writer.packed_state``) on the fly;
+    each packed tensor carries its module's record, so the stream stays one module deep.
     """
     rounded = False
-    for key, tensor in packed:
-        owner, _, leaf = key.rpartition(".")
-        record = records.get(owner)
+    for item in items:
+        owner, leaf, tensor, record = item.owner, item.leaf, item.tensor, item.record
         if record is None or leaf not in ("qweight", "scales"):
-            converted = [(key, tensor)]
+            converted = [item]
         elif leaf == "qweight":
             out_features, in_features = record.shape
             check_representable(owner, record.fmt, in_features)
             converted = [
-                (f"{owner}.weight_packed", _words(tensor)),
-                (f"{owner}.weight_shape", torch.tensor([out_features, in_features])),
+                StoredItem(f"{owner}.weight_packed", _words(tensor)),
+                StoredItem(f"{owner}.weight_shape", torch.tensor([out_features, in_features])),
             ]
         else:
             scale = tensor.to(dtype)
@@ -162,10 +155,10 @@ def convert_state(
                     dtype,
                     owner,
                 )
-            converted = [(f"{owner}.weight_scale", scale.contiguous())]
+            converted = [StoredItem(f"{owner}.weight_scale", scale.contiguous())]
         # nothing of this tensor is held while the producer makes the next one (an offloaded
         # export budgets for one tensor at a time)
-        del tensor
+        del tensor, item, record
         yield from converted
         del converted
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -28,15 +28,27 @@ from compress.export.manifest import (
     QUANT_METHOD,
     guard_config_dict,
 )
+from compress.export.stream import StoredItem
 from compress.formats import runtime_for
-from compress.ir import QuantizedWeight, get_quantized
+from compress.ir import ConfigPatch, QuantizedWeight, get_quantized
+from compress.ir import records as ir_records
 from compress.registry import LayerAccess
 from compress.utils.fs import atomic_directory, probe_writable, sha256_file
 from compress.utils.modules import decoder_layers
 from compress.utils.progress import NullProgress, Progress
 from compress.utils.safetensors_io import ShardWriter
 
-__all__ = ["check_export_target", "export_model", "packed_state", "unwritable_target"]
+__all__ = [
+    "LAYOUTS",
+    "CompressLayout",
+    "CompressedTensorsLayout",
+    "ExportLayout",
+    "check_export_target",
+    "export_model",
+    "layout_for",
+    "packed_state",
+    "unwritable_target",
+]
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
@@ -46,7 +58,7 @@ def packed_state(
     layers: LayerAccess | None = None,
     records: dict[str, QuantizedWeight] | None = None,
     ties: dict[str, str] | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Iterator[StoredItem]:
     """The tensors an export stores, in module order; quantized weights packed, aliases dropped.
 
     Tied weights (``lm_head`` sharing the embedding) are stored once: dense ones are re-tied by
@@ -86,10 +98,10 @@ def packed_state(
                 records[owner] = record.shape_only()
             packed = _packed_module(module, record)
             for name, buffer in packed.named_buffers():
-                yield f"{owner}.{name}", buffer
+                yield StoredItem(f"{owner}.{name}", buffer, record)
             continue
         if index is not None:  # the layer is loaded already
-            yield key, _state_tensor(module, leaf).detach().contiguous()
+            yield StoredItem(key, _state_tensor(module, leaf).detach().contiguous())
             continue
         # tied weights (lm_head = embedding) are one Parameter object held by two modules; ids
         # are checked only outside the layers, whose objects live as long as the model
@@ -98,7 +110,7 @@ def packed_state(
             continue
         seen.add(tensor_id)
         with access.outside(model, [key]):
-            yield key, _state_tensor(module, leaf).detach().contiguous()
+            yield StoredItem(key, _state_tensor(module, leaf).detach().contiguous())
     if current is not None:
         access.unload(current, blocks[current])
 
@@ -214,6 +226,91 @@ def quantization_config(
     return config
 
 
+class ExportLayout(Protocol):
+    """One on-disk layout of an export: how the packed stream is laid out and what
+    ``config.json`` says. Stages that apply to every layout (entropy coding, config patches)
+    live in the writer."""
+
+    name: str
+
+    def check(self, model: nn.Module) -> None:
+        """Refuse, before anything is written, what this layout cannot hold."""
+        ...
+
+    def lay(self, items: Iterator[StoredItem], model: nn.Module) -> Iterator[StoredItem]:
+        """The stream re-laid (renamed, converted) on the fly, one module deep."""
+        ...
+
+    def quantization_config(
+        self, records: dict[str, QuantizedWeight], ties: dict[str, str], model: nn.Module
+    ) -> dict[str, Any] | None:
+        """``config.json``'s ``quantization_config`` (None: the export is not quantized)."""
+        ...
+
+    def finish_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The saved ``config.json`` as a dict, changed as the layout needs."""
+        ...
+
+
+class CompressLayout:
+    """Ours: every format, loaded after ``import compress`` by our transformers quantizer."""
+
+    name = QUANT_METHOD
+
+    def check(self, model: nn.Module) -> None:
+        return None
+
+    def lay(self, items: Iterator[StoredItem], model: nn.Module) -> Iterator[StoredItem]:
+        return items
+
+    def quantization_config(
+        self, records: dict[str, QuantizedWeight], ties: dict[str, str], model: nn.Module
+    ) -> dict[str, Any] | None:
+        return quantization_config(records, ties)
+
+    def finish_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        qconfig = config.get("quantization_config")
+        if isinstance(qconfig, dict) and qconfig.get("quant_method") == QUANT_METHOD:
+            return guard_config_dict(config)  # stock transformers must not load it half-way
+        return config
+
+
+class CompressedTensorsLayout:
+    """vLLM's compressed-tensors ``pack-quantized``: the same codes, re-laid and renamed."""
+
+    name = compressed_tensors.FORMAT_NAME
+
+    def check(self, model: nn.Module) -> None:
+        _refuse_quantized_embeddings(model, self.name)
+
+    def lay(self, items: Iterator[StoredItem], model: nn.Module) -> Iterator[StoredItem]:
+        return compressed_tensors.convert_state(items, dtype=_float_dtype(model))
+
+    def quantization_config(
+        self, records: dict[str, QuantizedWeight], ties: dict[str, str], model: nn.Module
+    ) -> dict[str, Any] | None:
+        return compressed_tensors.quantization_config(records, model)
+
+    def finish_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        return config
+
+
+LAYOUTS: dict[str, ExportLayout] = {
+    layout.name: layout for layout in (CompressLayout(), CompressedTensorsLayout())
+}
+"""Export layouts by ``export.format`` name."""
+
+
+def layout_for(format: str) -> ExportLayout:
+    try:
+        return LAYOUTS[format]
+    except KeyError:
+        raise ExportError(
+            f"unknown export format {format!r}",
+            hint=f"use one of {', '.join(sorted(LAYOUTS))}",
+        ) from None
+
+
 def export_model(
     model: nn.Module,
     tokenizer: Any,
@@ -226,64 +323,40 @@ def export_model(
     layers: LayerAccess | None = None,
     format: str = QUANT_METHOD,
 ) -> Path:
-    """Write ``model`` (with its quantization records) as a loadable export folder."""
+    """Write ``model`` (with its IR records) as a loadable export folder.
+
+    Stages: the packed stream (:func:`packed_state`), laid out by the export ``format``'s
+    :class:`ExportLayout`, optionally entropy-coded (an :class:`~compress.ir.EntropyPlan` on the
+    model), written shard by shard; then ``config.json`` with the layout's
+    ``quantization_config`` and every :class:`~compress.ir.ConfigPatch` a pass left (shapes a
+    structured pass changed), the tokenizer and the manifest.
+    """
     progress = progress or NullProgress()
     directory = Path(directory)
     check_export_target(directory, overwrite=overwrite)
     config = getattr(model, "config", None)
     if config is None:
         raise ExportError(f"{type(model).__name__} has no Hugging Face config to export")
+    layout = layout_for(format)
+    layout.check(model)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        # Shards are written as they fill (an offloaded model is never whole in memory) and
-        # named once their count is known.
         records: dict[str, QuantizedWeight] = {}
         ties: dict[str, str] = {}
-        written: list[tuple[Path, list[str], int]] = []
-        state = packed_state(model, layers, records, ties)
-        if format == compressed_tensors.FORMAT_NAME:  # same codes, vLLM's layout and config
-            _refuse_quantized_embeddings(model, format)
-            state = compressed_tensors.convert_state(state, records, dtype=_float_dtype(model))
+        items = layout.lay(packed_state(model, layers, records, ties), model)
         coder = entropy.encoder_for(model, format)  # lossless coding (entropy_code pass)
         if coder is not None:
-            state = coder.encode(state, records)
-        shard: ShardWriter | None = None
-        for name, tensor in _module_progress(state, progress, _stored_modules(model)):
-            nbytes = tensor.numel() * tensor.element_size()
-            if shard is not None and shard.names and shard.nbytes + nbytes > max_shard_bytes:
-                shard.close()
-                written.append((shard.path, shard.names, shard.nbytes))
-                shard = None
-            if shard is None:
-                shard = ShardWriter(tmp / f".shard-{len(written)}.tmp", {"format": "pt"})
-            shard.add(name, tensor)
-            del tensor
-        if shard is not None:
-            shard.close()
-            written.append((shard.path, shard.names, shard.nbytes))
-        names = (
-            ["model.safetensors"]
-            if len(written) == 1
-            else [
-                f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))
-            ]
-        )
-        weight_map: dict[str, str] = {}
-        for name, (path, keys, _) in zip(names, written, strict=True):
-            os.replace(path, tmp / name)
-            weight_map.update(dict.fromkeys(keys, name))
-        if len(written) > 1:
-            total = sum(nbytes for _, _, nbytes in written)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            items = coder.encode(items)
+        written = _write_shards(tmp, items, progress, _stored_modules(model), max_shard_bytes)
 
         config = copy.deepcopy(config)
         # Recorded so loaders need not open a shard to guess it (and meet a corrupt one first).
         config.dtype = _float_dtype(model)
-        qconfig = quantization_config(records, ties)
+        for _, patch in ir_records(model, ConfigPatch):
+            for key, value in patch.updates.items():
+                setattr(config, key, value)
+        qconfig = layout.quantization_config(records, ties, model)
         if ties:  # our loader re-ties the packed tensors; transformers would look for .weight
             config.tie_word_embeddings = False
-        if format == compressed_tensors.FORMAT_NAME:
-            qconfig = compressed_tensors.quantization_config(records, model)
         if coder is not None:
             qconfig = coder.quantization_config(qconfig)
         if qconfig is not None:
@@ -291,10 +364,11 @@ def export_model(
         elif hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(tmp)
-        if qconfig is not None and qconfig.get("quant_method") == QUANT_METHOD:
-            config_path = tmp / "config.json"
-            guarded = guard_config_dict(json.loads(config_path.read_text()))
-            config_path.write_text(json.dumps(guarded, indent=2, sort_keys=True) + "\n")
+        config_path = tmp / "config.json"
+        saved = json.loads(config_path.read_text())
+        finished = layout.finish_config(saved)
+        if finished != saved:
+            config_path.write_text(json.dumps(finished, indent=2, sort_keys=True) + "\n")
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
@@ -322,7 +396,49 @@ def export_model(
         if coder is not None:
             manifest["entropy"] = coder.manifest_entry()
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    del written
     return directory
+
+
+def _write_shards(
+    folder: Path,
+    items: Iterator[StoredItem],
+    progress: Progress,
+    modules: int,
+    max_shard_bytes: int,
+) -> list[tuple[Path, list[str], int]]:
+    """Write the stream into shards as they fill (an offloaded model is never whole in memory)
+    and name them once their count is known; the index too when there are several."""
+    written: list[tuple[Path, list[str], int]] = []
+    shard: ShardWriter | None = None
+    for item in _module_progress(items, progress, modules):
+        tensor = item.tensor
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard is not None and shard.names and shard.nbytes + nbytes > max_shard_bytes:
+            shard.close()
+            written.append((shard.path, shard.names, shard.nbytes))
+            shard = None
+        if shard is None:
+            shard = ShardWriter(folder / f".shard-{len(written)}.tmp", {"format": "pt"})
+        shard.add(item.name, tensor)
+        del tensor, item
+    if shard is not None:
+        shard.close()
+        written.append((shard.path, shard.names, shard.nbytes))
+    names = (
+        ["model.safetensors"]
+        if len(written) == 1
+        else [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
+    )
+    weight_map: dict[str, str] = {}
+    for name, (path, keys, _) in zip(names, written, strict=True):
+        os.replace(path, folder / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    if len(written) > 1:
+        total = sum(nbytes for _, _, nbytes in written)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return written
 
 
 def _refuse_quantized_embeddings(model: nn.Module, format: str) -> None:
@@ -348,21 +464,20 @@ def _stored_modules(model: nn.Module) -> int:
 
 
 def _module_progress(
-    state: Iterator[tuple[str, torch.Tensor]], progress: Progress, total: int
-) -> Iterator[tuple[str, torch.Tensor]]:
+    items: Iterator[StoredItem], progress: Progress, total: int
+) -> Iterator[StoredItem]:
     """``state`` unchanged, with a bar of ``total`` modules: one step each time the tensors of a
     module have all been taken. Counted by module because packing, conversion and coding turn
     one weight into several stored tensors, a number known only once they are made."""
     ticks = iter(progress.track(itertools.repeat(None), "export (modules)", total=total))
     owner: str | None = None
     try:
-        for name, tensor in state:
-            module = name.rpartition(".")[0]
-            if module != owner:
+        for item in items:
+            if item.owner != owner:
                 next(ticks)  # the previous module's tensors are written
-                owner = module
-            yield name, tensor
-            del tensor
+                owner = item.owner
+            yield item
+            del item
         next(ticks)
     finally:
         close = getattr(ticks, "close", None)

@@ -45,7 +45,8 @@ from compress.export.entropy.codec import (
     split_bf16,
 )
 from compress.export.manifest import FORMAT_VERSION, QUANT_METHOD
-from compress.export.packing import pack_codes, unpack_codes
+from compress.export.packing import pack_codes
+from compress.export.stream import StoredItem
 from compress.ir import EntropyPlan, get
 
 __all__ = [
@@ -101,37 +102,31 @@ class EntropyEncoder:
     config: EntropyPlan
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def wanted(self, name: str, tensor: torch.Tensor, records: dict[str, Any]) -> str | None:
+    def wanted(self, item: StoredItem) -> str | None:
         """The kind of coding for a stored tensor, or None to keep it raw."""
         config = self.config
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in config.ignore):
+        if any(fnmatch.fnmatchcase(item.name, pattern) for pattern in config.ignore):
             return None
-        owner, _, leaf = name.rpartition(".")
-        if leaf == "qweight" and owner in records:
+        if item.leaf == "qweight" and item.record is not None:
             return "codes" if config.codes else None
+        tensor = item.tensor
         ok = config.floats and tensor.dtype == torch.bfloat16
         return "bf16" if ok and tensor.numel() >= config.min_numel else None
 
-    def encode(
-        self, tensors: Iterator[tuple[str, torch.Tensor]], records: dict[str, Any]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """The packed state with coded tensors replaced by their ``_ec_`` parts.
-
-        ``records`` (quantization records by module) may fill while the stream is consumed.
-        """
-        for name, tensor in tensors:
-            kind = self.wanted(name, tensor, records)
-            coded = [(name, tensor)] if kind is None else self._encode(name, tensor, kind, records)
+    def encode(self, items: Iterator[StoredItem]) -> Iterator[StoredItem]:
+        """The packed stream with coded tensors replaced by their ``_ec_`` parts."""
+        for item in items:
+            kind = self.wanted(item)
+            coded = [item] if kind is None else self._encode(item, kind)
             # nothing of this tensor is held while the producer makes the next one
-            del tensor
+            del item
             yield from coded
             del coded
 
-    def _encode(
-        self, name: str, tensor: torch.Tensor, kind: str, records: dict[str, Any]
-    ) -> list[tuple[str, torch.Tensor]]:
+    def _encode(self, item: StoredItem, kind: str) -> list[StoredItem]:
         """The ``_ec_`` parts of one tensor; its entry for the manifest is recorded."""
         config = self.config
+        tensor = item.tensor
         extra: dict[str, Any] = {}
         if kind == "bf16":
             coded = encode_bf16(tensor, chunk=config.chunk, table_bits=config.pair_bits)
@@ -139,16 +134,15 @@ class EntropyEncoder:
             bound = entropy_bits(exponents) + 8 * tensor.numel()
             raw_bytes = 2 * tensor.numel()
         else:
-            record = records[name.rpartition(".")[0]]
-            columns = record.shape[1]
-            codes = unpack_codes(tensor, record.fmt.code_bits, columns)
-            coded = encode_codes(
-                codes, record.fmt.code_bits, chunk=config.chunk, table_bits=config.table_bits
-            )
-            bound = entropy_bits(codes, 1 << record.fmt.code_bits)
+            record = item.record
+            assert record is not None  # wanted() codes only packed codes of a record
+            bits = record.fmt.code_bits
+            codes = record.codes  # straight from the IR: no unpacking of what was just packed
+            coded = encode_codes(codes, bits, chunk=config.chunk, table_bits=config.table_bits)
+            bound = entropy_bits(codes, 1 << bits)
             raw_bytes = tensor.numel()
-            extra = {"pack_bits": record.fmt.code_bits, "columns": columns}
-        self.entries[name] = {
+            extra = {"pack_bits": bits, "columns": record.shape[1]}
+        self.entries[item.name] = {
             **coded.spec.to_dict(),
             **extra,
             "stream_bytes": coded.stream.numel(),
@@ -156,7 +150,10 @@ class EntropyEncoder:
             "raw_bytes": raw_bytes,
             "entropy_bound_bytes": bound / 8,
         }
-        return [(stored_name(name, part), value) for part, value in coded.tensors().items()]
+        return [
+            StoredItem(stored_name(item.name, part), value)
+            for part, value in coded.tensors().items()
+        ]
 
     def quantization_config(self, qconfig: dict[str, Any] | None) -> dict[str, Any]:
         """``quantization_config`` with the entropy marker (one is made for a float model)."""
