@@ -21,7 +21,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from torch import nn
 
 from compress import __version__
 from compress.data import calibration_batch, load_texts, token_windows
-from compress.errors import CompressError, ModelLoadError, RecipeError
+from compress.errors import CompressError, ModelLoadError, PassError, RecipeError
 from compress.evaluate import compare_to_reference, generation_sample, perplexity
 from compress.export.manifest import MANIFEST_NAME
 from compress.export.summary import summarize_export
@@ -330,7 +330,9 @@ class Pipeline:
         original_bytes: int,
     ) -> RunResult:
         start = time.perf_counter()
-        context = PassContext(progress=self.progress, strict=self.strict)
+        context = PassContext(
+            progress=self.progress, strict=self.strict, teacher_loader=self._teacher(reference)
+        )
         if store is not None:
             context.layers = store
         if any(config_for(c).calibrated for c in self.passes):
@@ -422,6 +424,24 @@ class Pipeline:
         if export_dir is not None:
             write_report(result, export_dir)
         return RunResult(model, tokenizer, export_dir, result, reports)
+
+    def _teacher(self, reference: nn.Module | None) -> Callable[[], nn.Module]:
+        """How a pass gets the original model: the evaluation's untouched copy when there is
+        one, else a fresh load of the model the recipe names."""
+
+        def load() -> nn.Module:
+            if reference is not None:
+                return reference
+            if isinstance(self.model_source, nn.Module):
+                raise PassError(
+                    "this pass needs the original model, and Pipeline(model=<module>) has none "
+                    "once the passes changed it",
+                    hint="pass evaluate=EvaluateSpec() (which keeps a copy) or a model name",
+                )
+            self.progress.log("loading the original model as the teacher")
+            return self._load_dense()
+
+        return load
 
     def _measure_speed(self, export_dir: Path) -> dict[str, Any]:
         """Decode tokens/s and peak memory of the export and of the original model folder, each

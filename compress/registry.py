@@ -113,6 +113,21 @@ class PassContext:
     calibration_source: str = ""
     # how layer-wise passes get and put decoder layers (in memory unless the pipeline offloads)
     layers: LayerAccess = field(default_factory=LayerAccess)
+    # builds the original model (the teacher) on first use; set by the pipeline
+    teacher_loader: Callable[[], nn.Module] | None = None
+    _teacher: nn.Module | None = field(default=None, init=False, repr=False)
+
+    def teacher(self) -> nn.Module:
+        """The original, uncompressed model (built on first call, then kept): what a pass
+        compares against or distils from."""
+        if self._teacher is None:
+            if self.teacher_loader is None:
+                raise PassError(
+                    "this pass needs the original model as a teacher, and none is available",
+                    hint="run it through compress apply or Pipeline, which provide it",
+                )
+            self._teacher = self.teacher_loader().eval()
+        return self._teacher
 
     def require_calibration(self, pass_name: str) -> torch.Tensor:
         """The calibration token ids; a clear error for a calibrated pass run without them."""

@@ -1,5 +1,6 @@
 """The pipeline end to end: passes, export, reload through transformers, evaluation, report."""
 
+import copy
 import json
 
 import pytest
@@ -177,3 +178,35 @@ def test_the_export_bar_counts_modules_to_the_end(tiny_llama_copy, byte_tokenize
     ).run()
     # embedding, 2 x (4 attention + 3 mlp Linears + 2 norms), final norm, lm_head
     assert bars["export (modules)"] == [21, 21]
+
+
+def test_passes_get_the_original_model_as_teacher(tiny_llama, byte_tokenizer, monkeypatch):
+    """PassContext.teacher() is the untouched original, built on first use."""
+    from compress import registry
+    from compress.registry import PassConfig, PassReport, register_pass
+
+    registry.available_passes()  # builtins first, then a private copy for this test's pass
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    class PeekConfig(PassConfig):
+        pass
+
+    seen = {}
+
+    @register_pass("_peek_teacher", PeekConfig)
+    def peek(model, config, context):
+        teacher = context.teacher()
+        seen["same_object"] = teacher is model
+        seen["equal_before"] = torch.equal(teacher.model.layers[0].mlp.up_proj.weight, original_up)
+        seen["again"] = context.teacher() is teacher
+        return PassReport(name="_peek_teacher")
+
+    original_up = tiny_llama.model.layers[0].mlp.up_proj.weight.detach().clone()
+    model = copy.deepcopy(tiny_llama)
+    Pipeline(
+        model,
+        [RTNConfig(bits=3, group_size=32), PeekConfig()],
+        tokenizer=byte_tokenizer,
+        evaluate=EvaluateSpec(max_windows=1, seq_len=16, speed=False, perplexity=[]),
+    ).run()
+    assert seen == {"same_object": False, "equal_before": True, "again": True}
