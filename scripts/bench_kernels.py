@@ -614,6 +614,12 @@ def render(data: dict[str, Any]) -> str:
             )
             lines.append(f"- {r['variant']} ({r['threads']}t): {ops}")
         lines.append("")
+    for src in meta.get("merged_from", []):
+        lines += [
+            f"Rows this command did not measure again are from `{src['command']}` at "
+            f"{src['date']} (load average {src.get('load_start', '?')} at its start).",
+            "",
+        ]
     for key, what in (("kernels_from", "Kernel rows"), ("e2e_from", "Decode end-to-end rows")):
         if meta.get(key):
             src = meta[key]
@@ -718,6 +724,18 @@ def main() -> None:
     parser.add_argument(
         "--prefill-threads", type=int, nargs="+", default=[1, 2], help="thread counts for prefill"
     )
+    parser.add_argument(
+        "--kernel-threads",
+        type=int,
+        nargs="+",
+        help="thread counts for the kernel tables (default: all cores and one)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the previous JSON's rows (same machine) that this run does not measure again: "
+        "to redo the rows a busy spell spoiled",
+    )
     parser.add_argument("--one-e2e", help=argparse.SUPPRESS)
     parser.add_argument("--one-prefill", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -770,7 +788,7 @@ def main() -> None:
         meta["e2e_from"] = previous["meta"].get("e2e_from", previous["meta"])
     if not args.skip_kernels:
         threads = torch.get_num_threads()
-        for count in sorted({threads, 1}, reverse=True):
+        for count in sorted(set(args.kernel_threads or {threads, 1}), reverse=True):
             for isa in args.isa:
                 data["kernels"] += bench_kernels(args.reps, count, isa, not args.asymmetric)
             if args.baseline:
@@ -788,9 +806,33 @@ def main() -> None:
             for count in args.threads:
                 data["e2e"] += bench_e2e(exports, args.runs, count)
     meta["load_end"] = _load()
+    if args.merge and same_machine:
+        _merge(data, previous)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=2))
     args.out.with_suffix(".md").write_text(render(data))
+
+
+def _merge(data: dict[str, Any], previous: dict[str, Any]) -> None:
+    """Add the previous run's rows whose build and thread count (and model) this run did not
+    measure; the rendered page names both runs."""
+    keys = {
+        "kernels": lambda r: (r.get("isa"), r["threads"]),
+        "prefill": lambda r: (r["variant"], r["isa"], r["threads"]),
+        "e2e": lambda r: (r["variant"], r["threads"]),
+    }
+    kept = 0
+    for table, key in keys.items():
+        measured = {key(r) for r in data.get(table, [])}
+        old = [r for r in previous.get(table, []) if key(r) not in measured]
+        kept += len(old)
+        data[table] = old + data.get(table, [])
+    if kept:
+        earlier = previous["meta"]
+        data["meta"]["merged_from"] = [
+            *earlier.get("merged_from", []),
+            {k: earlier[k] for k in ("command", "date", "load_start", "load_end") if k in earlier},
+        ]
 
 
 def _symmetry(data: dict[str, Any]) -> str:
