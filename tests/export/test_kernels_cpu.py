@@ -78,13 +78,16 @@ def test_the_running_build_is_this_cpus_level(monkeypatch):
     monkeypatch.delenv("COMPRESS_CPU_ISA", raising=False)
     assert cpu.isa() == cpu_isa()
     assert cpu.vectorized() == (cpu_isa() != "generic")
-    assert cpu.amx() == (cpu_isa() == "amx")
+    assert not cpu.amx() or cpu_isa() == "amx"
 
 
 def test_each_build_reports_its_own_level_and_paths(isa):
     assert cpu.isa() == isa
     assert cpu.vectorized() == (isa != "generic")
-    assert cpu.amx() == (isa == "amx")  # AMX code exists only in the amx build
+    if isa != "amx":
+        assert not cpu.amx()  # AMX code exists only in the amx build
+    elif not cpu.amx():
+        pytest.skip("this kernel refused the process AMX tile state (arch_prctl)")
     tiles = "bf16 tiles" if cpu.bf16_gemm_native() else "fp32 tiles"
     assert cpu.gemm_path(torch.bfloat16, 128, 4096) == ("amx" if isa == "amx" else tiles)
     assert cpu.gemm_path(torch.float32, 128, 4096) == "fp32 tiles"
@@ -317,7 +320,7 @@ def test_crossover_follows_the_build(isa):
     bf16 = cpu.gemv_max_rows(torch.bfloat16)
     if isa == "generic":
         assert bf16 == 1 and cpu.gemv_max_rows(torch.float32) == 1
-    elif isa == "amx":
+    elif cpu.amx():
         assert bf16 == 4
     else:
         assert bf16 == (8 if cpu.bf16_gemm_native() else 16)
