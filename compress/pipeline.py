@@ -298,6 +298,7 @@ class Pipeline:
 
     def _run(self) -> RunResult:
         timings: dict[str, float] = {}
+        _prepare_runtimes(self.passes)  # native kernels build while the model loads
         start = time.perf_counter()
         model, tokenizer, source = self._load()
         timings["load_s"] = time.perf_counter() - start
@@ -687,6 +688,23 @@ def _refuse_export_as_model(spec: str) -> None:
         "weights are packed, not a model to compress again",
         hint=f"{hint}; to measure the export itself, run `compress eval {spec}`",
     )
+
+
+def _prepare_runtimes(passes: Sequence[PassConfig]) -> None:
+    """Start building what the runtimes of the passes' formats need (the native kernels'
+    first-use build takes about a minute), so that it overlaps with fetching and loading the
+    model instead of stalling the first evaluation."""
+    from compress.formats import runtime_for
+
+    jobs = []
+    for config in passes:
+        formats = getattr(config, "formats", None)
+        for fmt in formats() if callable(formats) else []:
+            prepare = runtime_for(fmt).prepare
+            if prepare is not None and prepare not in jobs:
+                jobs.append(prepare)
+    for job in jobs:
+        job()
 
 
 def _parameter_bytes(model: nn.Module) -> int:

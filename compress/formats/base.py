@@ -173,6 +173,9 @@ class FormatRuntime:
     embedding_from_record: Callable[[nn.Embedding, Any], nn.Module] | None = None
     describe_kernels: Callable[[Any, int], str] | None = None
     """``(fmt, in_features) -> "cpu_gemv (≤8 rows), cpu_gemm"``: what ``compress inspect`` says"""
+    prepare: Callable[[], object] | None = None
+    """Builds what the kernels need ahead of their first call (a native build on first use
+    takes about a minute); a run starts it while the model loads. Never raises."""
 
 
 _RUNTIMES: dict[str, FormatRuntime] = {}

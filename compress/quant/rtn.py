@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from compress.errors import PassError
-from compress.formats import IntFormat, quantize_int
+from compress.formats import Format, IntFormat, quantize_int
 from compress.ir import QuantizedWeight, set_quantized
 from compress.quant.checks import check_group_sizes
 from compress.quant.observers import choose_clip
@@ -56,6 +56,10 @@ class RTNConfig(PassConfig):
 
     def int_format(self) -> IntFormat:
         return IntFormat(self.bits, self.group_size, self.symmetric, self.scale_dtype)
+
+    def formats(self) -> list[Format]:
+        """The formats this pass leaves on modules (their runtimes are prepared early)."""
+        return [self.int_format()]
 
 
 def quantization_error(weight: torch.Tensor, record: QuantizedWeight) -> float:

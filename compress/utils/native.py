@@ -28,6 +28,8 @@ import hashlib
 import logging
 import os
 import platform
+import subprocess
+import sys
 import threading
 from functools import cache
 from pathlib import Path
@@ -217,18 +219,51 @@ def native_status() -> dict[str, str]:
     return status
 
 
-def _build(name: str, cpp_source: str, functions: list[str], isa: str) -> ModuleType:
+def _build_place(name: str, cpp_source: str, functions: list[str], isa: str) -> tuple[Path, str]:
+    """The build folder and module name of an extension: keyed by its source, functions,
+    flags (so the instruction set), torch version and machine."""
     import torch
-    from torch.utils.cpp_extension import load_inline
 
     flags = isa_cflags(isa)
     key = hashlib.sha256(
         "\n".join([cpp_source, *functions, *flags, torch.__version__, platform.machine()]).encode()
     ).hexdigest()[:16]
-    build_dir = cache_dir() / "native" / f"{name}-{isa}-{key}"
+    return cache_dir() / "native" / f"{name}-{isa}-{key}", f"compress_{name}_{isa}_{key}"
+
+
+def is_built(name: str, cpp_source: str, functions: list[str], *, isa: str | None = None) -> bool:
+    """Whether the extension's library is in the cache already (nothing to compile)."""
+    if os.environ.get("COMPRESS_NATIVE", "1") == "0":
+        return True  # nothing will be built
+    build_dir, module_name = _build_place(name, cpp_source, functions, isa or build_isa())
+    return (build_dir / f"{module_name}.so").is_file()
+
+
+def build_in_background(module: str, function: str) -> subprocess.Popen[bytes] | None:
+    """Run ``module.function()`` (a first-use build) in a process of its own and return at
+    once. A separate process, not a thread: if this one is killed, the build still finishes
+    and releases torch's build lock, which a half-done build would leave behind for good."""
+    code = f"import importlib; importlib.import_module({module!r}).{function}()"
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError as error:  # the build then happens on first use, as without this
+        log.info("compress: background build of %s not started: %s", module, error)
+        return None
+
+
+def _build(name: str, cpp_source: str, functions: list[str], isa: str) -> ModuleType:
+    from torch.utils.cpp_extension import load_inline
+
+    flags = isa_cflags(isa)
+    build_dir, module_name = _build_place(name, cpp_source, functions, isa)
     build_dir.mkdir(parents=True, exist_ok=True)
     module = load_inline(
-        name=f"compress_{name}_{isa}_{key}",
+        name=module_name,
         cpp_sources=[cpp_source],
         functions=functions,
         extra_cflags=flags,

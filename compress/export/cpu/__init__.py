@@ -21,7 +21,13 @@ from types import ModuleType
 
 import torch
 
-from compress.utils.native import build_isa, cpu_flags, load_native
+from compress.utils.native import (
+    build_in_background,
+    build_isa,
+    cpu_flags,
+    is_built,
+    load_native,
+)
 
 __all__ = [
     "GEMM_TILE_ROWS",
@@ -38,6 +44,7 @@ __all__ = [
     "int16_path",
     "isa",
     "native",
+    "prebuild",
     "vectorized",
 ]
 
@@ -78,6 +85,13 @@ def native() -> ModuleType | None:
     """The extension built for :func:`compress.utils.native.build_isa` (``COMPRESS_CPU_ISA``
     is read on every call, so tests can switch builds), or ``None`` when none builds here."""
     return load_native("qmatmul", _source(), _FUNCTIONS, isa=build_isa())
+
+
+def prebuild() -> None:
+    """Start the first-use build in a process of its own unless it is cached: a run calls this
+    before loading its model, so the minute of compiling overlaps with the download."""
+    if not is_built("qmatmul", _source(), _FUNCTIONS, isa=build_isa()):
+        build_in_background(__name__, "native")
 
 
 def isa() -> str | None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from compress.export import kernels
+from compress.export import cpu, kernels
 from compress.export.qembedding import QuantEmbedding
 from compress.export.qlinear import QuantLinear
 from compress.formats.base import FormatRuntime, register_runtime
@@ -35,5 +35,6 @@ RUNTIME = FormatRuntime(
     embedding=_embedding,
     embedding_from_record=QuantEmbedding.from_record,
     describe_kernels=_describe,
+    prepare=cpu.prebuild,  # the first-use build of the native kernels, in the background
 )
 register_runtime("int", RUNTIME)
