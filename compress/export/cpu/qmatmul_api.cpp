@@ -150,7 +150,11 @@ torch::Tensor gemm_tiles(const torch::Tensor& x, const Packed& p, const torch::T
     tile = std::min(tile, ((N + threads - 1) / threads + 15) / 16 * 16);
   }
   const int64_t tiles = (N + tile - 1) / tile;
+  // InferenceMode is per thread: `out` made under it is an inference tensor, and a worker
+  // thread without the mode may not write into it
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode mode(inference);
     auto w = torch::empty({std::min(tile, N), K}, x.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * tile, n1 = std::min(N, n0 + tile);
