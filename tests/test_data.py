@@ -12,13 +12,14 @@ import pytest
 import torch
 from tokenizers import processors
 
-from compress import data
 from compress.data import (
     calibration_batch,
+    corpora,
     fetch_dataset,
     load_texts,
     strip_wiki_markup,
     token_windows,
+    wiki,
 )
 from compress.errors import DataError
 from compress.utils import wheels
@@ -111,7 +112,7 @@ def test_dump_reader_skips_redirects_and_other_namespaces(tmp_path: Path) -> Non
             ("Beta", 0, "Beta is another letter.", False),
         ],
     )
-    articles = list(data._iter_articles(dump))
+    articles = list(wiki.iter_articles(dump))
     assert [title for title, _ in articles] == ["Alpha", "Beta"]
     assert strip_wiki_markup(articles[0][1]) == "Alpha is a letter."
 
@@ -259,11 +260,11 @@ def test_malformed_hub_spec(spec: str) -> None:
 
 
 def test_hub_spec_parsing() -> None:
-    assert data._parse_hub_spec("hub:org/name:cfg@validation") == (
+    assert corpora._parse_hub_spec("hub:org/name:cfg@validation") == (
         {"path": "org/name", "name": "cfg"},
         "validation",
     )
-    assert data._parse_hub_spec("hub:org/name") == ({"path": "org/name"}, None)
+    assert corpora._parse_hub_spec("hub:org/name") == ({"path": "org/name"}, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def test_token_windows_bad_arguments(byte_tokenizer, wiki_eval_texts) -> None:
 def test_token_windows_chunked_like_whole(byte_tokenizer, monkeypatch) -> None:
     texts = datasets.Dataset.from_dict({"text": [f"text number {i}." for i in range(50)]})
     whole = token_windows(byte_tokenizer, texts, 8, None)
-    monkeypatch.setattr(data, "_CHUNK_CHARS", 40)  # many pieces
+    monkeypatch.setattr(corpora, "_CHUNK_CHARS", 40)  # many pieces
     assert token_windows(byte_tokenizer, texts, 8, None).equal(whole)
 
 
