@@ -60,9 +60,14 @@ def test_shipped_recipes_export_to_distinct_folders() -> None:
 
 def test_quickstart_settings() -> None:
     recipe = load_recipe(next(p for p in RECIPES if p.name == "quickstart.yaml"))
-    assert recipe.pass_names() == ["rtn"]
-    assert recipe.passes[0] == RTNConfig(bits=4, group_size=64, symmetric=True)
-    assert recipe.evaluate is not None and recipe.evaluate.kl
+    assert recipe.pass_names() == ["gptq", "rtn"]
+    gptq, embeddings = recipe.passes
+    assert (gptq.bits, gptq.group_size, gptq.symmetric) == (4, 64, False)  # type: ignore[attr-defined]
+    assert embeddings == RTNConfig(
+        bits=8, group_size=None, targets=["model.embed_tokens", "lm_head"]
+    )
+    assert recipe.calibration.samples == 64
+    assert recipe.evaluate is not None and recipe.evaluate.kl and recipe.evaluate.speed
     assert recipe.evaluate.max_windows is not None and recipe.evaluate.max_windows <= 32
 
 
