@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compress.export.entropy import passes as _entropy
+from compress.lossless import entropy_code as _entropy
 from compress.quant import awq as _awq
 from compress.quant import gptq as _gptq
 from compress.quant import rtn as _rtn

@@ -179,9 +179,9 @@ def apply(
     verbose: Verbose = False,
 ) -> None:
     """Run a recipe: load, compress, export, evaluate, report."""
+    from compress.evaluate.report import summary_rows
     from compress.pipeline import Pipeline, RunInterrupted
     from compress.recipe import ExportSpec, load_recipe
-    from compress.report import summary_rows
 
     _setup_logging(verbose)
     loaded = load_recipe(recipe)
@@ -242,8 +242,8 @@ def fetch(
     """Download and convert builtin models (smollm2-135m), datasets (builtin:wiki) and the
     offline lm-eval tasks (tasks)."""
     from compress.data import fetch_dataset
+    from compress.evaluate.tasks import fetch_tasks
     from compress.models import fetch_model
-    from compress.tasks import fetch_tasks
 
     _setup_logging(verbose)
     with RichProgress() as progress:
@@ -329,10 +329,10 @@ def report(
     comparison.json into -o (default ./compress-report). Nothing is written into a run folder
     when -o names another one.
     """
+    from compress.evaluate.html import write_comparison
+    from compress.evaluate.report import read_report, render_markdown
     from compress.export.manifest import MANIFEST_NAME
     from compress.export.summary import verify_export
-    from compress.report import read_report, render_markdown
-    from compress.report_html import write_comparison
 
     results = [read_report(directory) for directory in directories]  # checks every folder first
     for directory in directories:
@@ -410,8 +410,8 @@ def eval_(
     verbose: Verbose = False,
 ) -> None:
     """Run lm-evaluation-harness tasks on a model, paired with its original on the same items."""
-    from compress.lmeval import evaluate_tasks
-    from compress.report import lm_eval_rows
+    from compress.evaluate.lmeval import evaluate_tasks
+    from compress.evaluate.report import lm_eval_rows
 
     _setup_logging(verbose)
     if not verbose:

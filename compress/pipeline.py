@@ -32,7 +32,8 @@ from torch import nn
 from compress import __version__
 from compress.data import calibration_batch, load_texts, token_windows
 from compress.errors import CompressError, ModelLoadError, PassError, RecipeError
-from compress.evaluate import compare_to_reference, generation_sample, perplexity
+from compress.evaluate.quality import compare_to_reference, generation_sample, perplexity
+from compress.evaluate.report import collect_environment, write_report
 from compress.export.manifest import MANIFEST_NAME
 from compress.export.summary import summarize_export
 from compress.export.writer import (
@@ -63,7 +64,6 @@ from compress.recipe import (
     parse_recipe,
 )
 from compress.registry import PassConfig, PassContext, PassReport, config_for
-from compress.report import collect_environment, write_report
 from compress.utils.fs import remove_stale_temporaries, target_lock
 from compress.utils.memory import map_large_blocks
 from compress.utils.progress import NullProgress, Progress
@@ -446,8 +446,8 @@ class Pipeline:
 
     def _measure_speed(self, export_dir: Path) -> dict[str, Any]:
         """Decode tokens/s and peak memory of the export and of the original model folder, each
-        in a process of its own (:mod:`compress.speed`); a failure is noted, not fatal."""
-        from compress.speed import measure_generation
+        in a process of its own (:mod:`compress.evaluate.speed`); a failure is noted, not fatal."""
+        from compress.evaluate.speed import measure_generation
 
         speed: dict[str, Any] = {}
         self.progress.log("speed: decode tokens/s and peak memory, export and original")
@@ -595,7 +595,7 @@ class Pipeline:
         export_dir: Path | None,
     ) -> dict[str, Any]:
         """lm-eval tasks on the reloaded export (packed modules) paired with the original."""
-        from compress.lmeval import evaluate_models
+        from compress.evaluate.lmeval import evaluate_models
 
         result = evaluate_models(
             candidate,
@@ -612,8 +612,8 @@ class Pipeline:
 
 
 def _lm_eval_spec(spec: LmEvalTasksSpec) -> Any:
-    """The recipe's ``evaluate.lm_eval`` as a checked :class:`compress.lmeval.LmEvalSpec`."""
-    from compress.lmeval import check_tasks, lm_eval_spec
+    """The recipe's ``evaluate.lm_eval``, checked (:class:`compress.evaluate.lmeval.LmEvalSpec`)."""
+    from compress.evaluate.lmeval import check_tasks, lm_eval_spec
 
     checked = lm_eval_spec(
         spec.tasks,

@@ -153,8 +153,8 @@ PREFILL_TARGET = 1.0  # 512-token prompt, int4 export over the bf16 model
 
 def packed_module(bits: int, n: int, k: int, symmetric: bool = True) -> Any:
     """A QuantLinear with random codes (every byte pattern is a valid stream)."""
-    from compress.export.qlinear import QuantLinear
-    from compress.formats import IntFormat
+    from compress.formats.int import IntFormat
+    from compress.formats.int.linear import QuantLinear
 
     group = 128 if k % 128 == 0 else 64
     module = QuantLinear(k, n, IntFormat(bits, group, symmetric), dtype=torch.bfloat16)
@@ -183,7 +183,7 @@ def baseline_kernel(rev: str) -> Callable[[Any, torch.Tensor, int], torch.Tensor
     from compress.utils.native import cpu_isa, load_native
 
     source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:compress/export/cpu/qmatmul.cpp"],
+        ["git", "-C", str(ROOT), "show", f"{rev}:compress/formats/int/cpu/qmatmul.cpp"],
         capture_output=True,
         text=True,
         check=True,
@@ -217,7 +217,7 @@ def bench_kernels(
 ) -> list[dict[str, Any]]:
     """One build's rows (``baseline``: commit ``baseline``'s kernels instead)."""
     now = clock(threads, cpu_time)
-    from compress.export import cpu, kernels
+    from compress.formats.int import cpu, kernels
 
     _isa_env("native" if baseline else isa)
     old = baseline_kernel(baseline) if baseline else None
@@ -241,7 +241,7 @@ def bench_kernels(
             module = rotating(partial(packed_module, bits, n, k, symmetric), nbytes)
 
             def call(m: Any = module, name: str = kernel, x: Any = x16, r: int = rows) -> Any:
-                return kernels.run(name, m(), x) if old is None else old(m(), x, r)
+                return kernels.run(name, x, m().packed()) if old is None else old(m(), x, r)
 
             if old is not None:
                 kernel = "cpu_gemv" if rows <= 8 else "cpu_gemm"
@@ -317,7 +317,7 @@ def run_e2e(variant: str, folder: str | None, runs: int, threads: int) -> dict[s
 
     import compress  # noqa: F401  (registers the transformers plug-in)
     from compress.data import load_texts
-    from compress.export.qlinear import QuantLinear
+    from compress.formats.int.linear import QuantLinear
     from compress.models import load_tokenizer, model_folder
 
     process = psutil.Process()
@@ -449,8 +449,8 @@ def run_prefill(
     from transformers import AutoModelForCausalLM
 
     import compress  # noqa: F401  (registers the transformers plug-in)
-    from compress.export import cpu
-    from compress.export.qlinear import QuantLinear
+    from compress.formats.int import cpu
+    from compress.formats.int.linear import QuantLinear
     from compress.models import load_tokenizer, model_folder
 
     tokenizer = load_tokenizer(MODEL)
@@ -774,7 +774,7 @@ def main() -> None:
         print(json.dumps(one))
         return
 
-    from compress.export import cpu
+    from compress.formats.int import cpu
     from compress.utils.native import cpu_flags, cpu_isa
 
     for isa in args.isa:  # build before timing anything

@@ -94,8 +94,8 @@ def blob(tensors: dict[str, torch.Tensor]) -> bytes:
 def bench_model(label: str, tensors: dict[str, torch.Tensor], reps: int) -> dict[str, Any]:
     import numpy as np
 
-    from compress.export.entropy import codec
-    from compress.export.entropy.huffman import code_lengths
+    from compress.formats.entropy import codec
+    from compress.formats.entropy.huffman import code_lengths
 
     threads_all = torch.get_num_threads()
     raw = sum(2 * t.numel() for t in tensors.values())
@@ -240,8 +240,10 @@ def export_checks(reps: int) -> dict[str, Any]:
     """SmolLM2 exports: logits of the coded BF16 export vs plain; int4/int3 codes per layer."""
     from transformers import AutoModelForCausalLM
 
-    from compress.export.entropy import EntropyCodeConfig, codec, decode_mode
+    from compress.export.entropy import decode_mode
+    from compress.formats.entropy import codec
     from compress.ir import quantized_modules
+    from compress.lossless.entropy_code import EntropyCodeConfig
     from compress.models import load_model
     from compress.pipeline import Pipeline
     from compress.quant.rtn import RTNConfig

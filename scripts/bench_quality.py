@@ -209,7 +209,7 @@ def run_one(name: str, windows: int, seq_len: int) -> dict[str, Any]:
     """Quantize with one method and evaluate it (in this process)."""
     import compress  # noqa: F401
     from compress.data import load_texts, token_windows
-    from compress.evaluate import compare_to_reference
+    from compress.evaluate.quality import compare_to_reference
     from compress.models import load_model
 
     kind, options = METHODS[name]

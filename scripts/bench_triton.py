@@ -66,8 +66,8 @@ def copy_bandwidth_gbs() -> float:
 
 
 def packed_module(out_features: int, in_features: int, bits: int) -> Any:
-    from compress.export.qlinear import QuantLinear
-    from compress.formats import IntFormat, quantize_int
+    from compress.formats.int import IntFormat, quantize_int
+    from compress.formats.int.linear import QuantLinear
     from compress.ir import QuantizedWeight
 
     torch.manual_seed(0)
@@ -84,11 +84,11 @@ def bench_case(module: Any, rows: int, tk: Any) -> dict[str, Any]:
     kernels = {"gemv": tk.splitk_gemv, "gemm": tk.dequant_gemm}
     result: dict[str, Any] = {}
     for name, kernel in kernels.items():
-        got = kernel(module, x)
+        got = kernel(module.packed(), x)
         error = float((got.float() - want.float()).abs().max() / want.float().abs().max())
         if error > 2e-2:
             raise RuntimeError(f"{name} disagrees with fp16 matmul: relative error {error:.3g}")
-        result[f"{name}_ms"] = median_ms(lambda kernel=kernel: kernel(module, x))
+        result[f"{name}_ms"] = median_ms(lambda kernel=kernel: kernel(module.packed(), x))
         result[f"{name}_error"] = error
     result["fp16_ms"] = median_ms(lambda: F.linear(x, dense))
     chosen = "gemv" if rows <= tk.GEMV_MAX_ROWS else "gemm"
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         import triton
     except ImportError:
         refuse("triton is not installed: pip install -e '.[gpu]'")
-    from compress.export import triton_kernels as tk
+    from compress.formats.int import triton_kernels as tk
 
     if tk.INTERPRETED:
         refuse("TRITON_INTERPRET is set: unset it to time compiled kernels")

@@ -651,12 +651,12 @@ def test_report_output_that_cannot_be_written_exits_2(capsys, export_copy, tmp_p
 def test_report_of_an_export_it_cannot_write_into_still_prints(
     capsys, export_copy: Path, monkeypatch
 ) -> None:
-    import compress.report_html
+    import compress.evaluate.html
 
     def read_only(run_dirs, output):
         raise PermissionError(errno.EROFS, "Read-only file system", str(output / "report.html"))
 
-    monkeypatch.setattr(compress.report_html, "write_comparison", read_only)
+    monkeypatch.setattr(compress.evaluate.html, "write_comparison", read_only)
     result = invoke(capsys, "report", export_copy)
     assert result.code == 0, result.err
     assert result.out.startswith("# compress report")

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import compress.evaluate as evaluate
+import compress.evaluate.quality as evaluate
 from compress.errors import CompressError, DataError
-from compress.evaluate import (
+from compress.evaluate.quality import (
     QualityMetrics,
     compare_to_reference,
     generation_sample,

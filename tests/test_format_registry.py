@@ -11,7 +11,8 @@ import tests.example_format  # noqa: F401  (registers int8_rowscale, a folder ou
 from compress.errors import FormatError
 from compress.export.summary import summarize_export
 from compress.export.writer import export_model
-from compress.formats import IntFormat, format_from_dict, format_kinds, register_format
+from compress.formats import format_from_dict, format_kinds, register_format
+from compress.formats.int import IntFormat
 from compress.ir import QuantizedWeight, record_from_state, set_quantized
 from compress.utils.modules import select_linears
 from tests.example_format import RowScaleInt8

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compress.errors import FormatError
-from compress.formats import IntFormat, dequantize_int, quantize_int
+from compress.formats.int import IntFormat, dequantize_int, quantize_int
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

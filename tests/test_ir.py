@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress.formats import IntFormat
+from compress.formats.int import IntFormat
 from compress.ir import (
     Adapter,
     ConfigPatch,

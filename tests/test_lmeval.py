@@ -1,8 +1,8 @@
 """lm-eval on exports: packed modules scored, paired comparison, local tasks, bad input.
 
 Fast tests use the tiny random Llama with a byte tokenizer and small local task files written
-here (``--include-path``); the perplexity agreement with :mod:`compress.evaluate` runs on the real
-SmolLM2 over the offline wiki task (slow).
+here (``--include-path``); the perplexity agreement with :mod:`compress.evaluate.quality` runs on
+the real SmolLM2 over the offline wiki task (slow).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from compress.errors import DataError, ExportError
-from compress.lmeval import (
+from compress.evaluate.lmeval import (
     LMEVAL_JSON,
     LMEVAL_RESULTS_JSON,
     LmEvalSpec,
@@ -29,9 +29,9 @@ from compress.lmeval import (
     paired_scores,
     run_lm_eval,
 )
+from compress.evaluate.report import read_report, render_markdown
 from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig
-from compress.report import read_report, render_markdown
 from tests.conftest import make_byte_tokenizer
 
 WORDS = [
@@ -169,7 +169,7 @@ def test_paired_scores_refuse_different_items() -> None:
 
 
 def test_export_is_scored_through_packed_modules(tiny_setup: dict[str, Path]) -> None:
-    from compress.export.qlinear import QuantLinear
+    from compress.formats.int.linear import QuantLinear
 
     model, _, original = load_for_eval(tiny_setup["export"])
     packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -264,7 +264,7 @@ def test_paired_evaluation_of_an_export(tiny_setup: dict[str, Path], tmp_path: P
 def test_results_land_in_the_export_report(tiny_setup: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
-    from compress.report import write_report
+    from compress.evaluate.report import write_report
 
     export = Path(shutil.copytree(tiny_setup["export"], tmp_path / "export"))
     write_report({"model": {"source": "tiny", "parameters": 1}, "passes": [], "size": {}}, export)
@@ -348,7 +348,7 @@ def test_shared_context_scores_match_lm_eval(tiny_llama: Any) -> None:
     """Choices scored from one pass over their shared context = lm-eval's pass per choice."""
     from lm_eval.models.huggingface import HFLM
 
-    from compress.lmeval import _make_lm
+    from compress.evaluate.lmeval import _make_lm
     from compress.utils.progress import NullProgress
 
     tokenizer = tokenizer_with_eos()

@@ -233,7 +233,7 @@ def test_cli_resume_after_sigkill(model_dir, text_file, plain_export, tmp_path) 
 def test_released_weights_are_rebuilt_from_their_codes(model_dir: Path, tmp_path: Path) -> None:
     """GPTQ frees each quantized weight of an offloaded layer; ``load`` brings back exactly the
     dequantized weight, and a store that keeps the model in memory frees nothing."""
-    from compress.formats import IntFormat, quantize_int
+    from compress.formats.int import IntFormat, quantize_int
     from compress.ir import QuantizedWeight, set_quantized
     from compress.offload import SourceWeights, empty_skeleton
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.export.qlinear import QuantLinear
+from compress.formats.int.linear import QuantLinear
 from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig
 from compress.recipe import EvaluateSpec, ExportSpec, load_recipe

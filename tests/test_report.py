@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from compress.errors import ExportError
-from compress.evaluate import QualityMetrics
-from compress.report import (
+from compress.evaluate.quality import QualityMetrics
+from compress.evaluate.report import (
     JSON_NAME,
     MARKDOWN_NAME,
     Environment,

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from compress.report import compare_runs, write_report
-from compress.report_html import pareto_front, render_html, render_plots, write_comparison
+from compress.evaluate.comparison import compare_runs
+from compress.evaluate.html import pareto_front, render_html, render_plots, write_comparison
+from compress.evaluate.report import write_report
 from tests.test_report import full_result
 
 
@@ -117,7 +118,7 @@ def test_pareto_front(points: list[tuple[float, float]], front: list[int]) -> No
 
 
 def test_comparison_has_the_original_and_every_run(three_runs: list[Path]) -> None:
-    from compress.report import read_report
+    from compress.evaluate.report import read_report
 
     comparison = compare_runs([(d.name, read_report(d)) for d in three_runs])
     names = [row["name"] for row in comparison["runs"]]

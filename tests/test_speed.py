@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from compress.errors import CompressError
+from compress.evaluate.speed import measure_generation
 from compress.export.writer import export_model
 from compress.quant.rtn import RTNConfig, rtn
 from compress.registry import PassContext
-from compress.speed import measure_generation
 
 
 def test_measures_an_export_in_its_own_process(tiny_llama_copy, byte_tokenizer, tmp_path):

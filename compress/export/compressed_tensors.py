@@ -44,7 +44,8 @@ from torch import nn
 
 from compress.errors import ExportError
 from compress.export.stream import StoredItem
-from compress.formats import Format, IntFormat
+from compress.formats import Format
+from compress.formats.int import IntFormat
 from compress.ir import QuantizedWeight
 
 __all__ = [

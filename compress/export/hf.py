@@ -19,7 +19,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from compress.errors import ExportError
-from compress.export.entropy import storage as entropy
+from compress.export import entropy
 from compress.export.manifest import (
     BASE_MODEL_TYPE_KEY,
     FORMAT_VERSION,

@@ -228,7 +228,7 @@ def _check_versions(directory: Path, manifest: dict[str, Any]) -> None:
             )
     entropy = manifest.get("entropy")
     if isinstance(entropy, dict):
-        from compress.export.entropy.codec import CODEC, CODEC_VERSION
+        from compress.formats.entropy.codec import CODEC, CODEC_VERSION
 
         found = (entropy.get("codec"), entropy.get("version"))
         if found != (CODEC, CODEC_VERSION):

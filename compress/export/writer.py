@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from compress.errors import ExportError, PassError
-from compress.export import compressed_tensors
-from compress.export.entropy import storage as entropy
+from compress.export import compressed_tensors, entropy
 from compress.export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,

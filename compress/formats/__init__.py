@@ -1,10 +1,13 @@
 """Numeric formats as a registered family: one folder per kind (see :mod:`compress.formats.base`
 for the protocol and how a format is added).
 
-Builtin kinds: ``int`` (:mod:`compress.formats.int`).
+Builtin kinds: ``int`` (:mod:`compress.formats.int`). This package holds only what every kind
+shares (the protocol, the registry, bit packing); it imports no kind, so a kind's folder is
+imported when a format of that kind is first named (:data:`compress.formats.base.BUILTIN_KINDS`).
 """
 
 from compress.formats.base import (
+    BUILTIN_KINDS,
     Format,
     FormatRuntime,
     StoredTensor,
@@ -14,18 +17,14 @@ from compress.formats.base import (
     register_runtime,
     runtime_for,
 )
-from compress.formats.int.spec import SCALE_DTYPES, IntFormat, dequantize_int, quantize_int
 
 __all__ = [
-    "SCALE_DTYPES",
+    "BUILTIN_KINDS",
     "Format",
     "FormatRuntime",
-    "IntFormat",
     "StoredTensor",
-    "dequantize_int",
     "format_from_dict",
     "format_kinds",
-    "quantize_int",
     "register_format",
     "register_runtime",
     "runtime_for",

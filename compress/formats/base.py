@@ -17,8 +17,8 @@ Adding a format (``compress/formats/<kind>/``)
 2. ``runtime.py``: a :class:`FormatRuntime` registered with :func:`register_runtime`: the
    module classes whose buffers are exactly the stored tensors, how a record is packed into
    them, and the kernels (taking buffers and the format, never the module).
-3. ``__init__.py`` imports ``spec`` (so the kind is registered when the folder is imported) and
-   :mod:`compress.formats` lists the folder among the builtin formats.
+3. ``__init__.py`` imports ``spec`` (so the kind is registered when the folder is imported), and
+   :data:`BUILTIN_KINDS` names the folder (a format from elsewhere registers by being imported).
 4. Tests next to the others: a bit-exact pack/unpack round trip, the reference against every
    kernel over a grid of awkward shapes, an export that reloads with ``from_pretrained``.
    Nothing outside the folder changes: the writer, the loader, ``compress inspect`` and the
@@ -38,6 +38,7 @@ from torch import nn
 from compress.errors import FormatError, nearest
 
 __all__ = [
+    "BUILTIN_KINDS",
     "Format",
     "FormatRuntime",
     "StoredTensor",
@@ -112,6 +113,21 @@ F = TypeVar("F", bound=type)
 _FORMATS: dict[str, type] = {}
 _RUNTIME_MODULES: dict[str, str] = {}
 
+BUILTIN_KINDS: dict[str, str] = {"int": "compress.formats.int"}
+"""Kind -> the package that registers it. Imported by name when a kind is first looked up, so
+this layer never imports the folders above it and ``import compress.formats`` stays light."""
+
+
+def _load_kind(kind: str) -> None:
+    package = BUILTIN_KINDS.get(kind)
+    if kind not in _FORMATS and package is not None:
+        importlib.import_module(package)
+
+
+def _load_builtin_kinds() -> None:
+    for kind in BUILTIN_KINDS:
+        _load_kind(kind)
+
 
 def register_format(*, runtime: str) -> Callable[[F], F]:
     """Class decorator: register a format class under its ``kind``; ``runtime`` is the module
@@ -131,7 +147,8 @@ def register_format(*, runtime: str) -> Callable[[F], F]:
 
 
 def format_kinds() -> list[str]:
-    """Registered format kinds (the builtin ones once :mod:`compress.formats` is imported)."""
+    """Registered format kinds: the builtin ones and any other that was imported."""
+    _load_builtin_kinds()
     return sorted(_FORMATS)
 
 
@@ -143,8 +160,11 @@ def format_from_dict(data: Any) -> Format:
     if not isinstance(data, dict):
         raise FormatError(f"a format must be a mapping with a 'kind', got {data!r}")
     kind = data.get("kind", "int")
+    if isinstance(kind, str):
+        _load_kind(kind)
     cls = _FORMATS.get(kind) if isinstance(kind, str) else None
     if cls is None:
+        _load_builtin_kinds()
         guess = nearest(str(kind), _FORMATS)
         raise FormatError(
             f"unknown format kind {kind!r}",

@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import nn
 
 from compress.errors import PassError
-from compress.formats import IntFormat
+from compress.formats.int import IntFormat
 from compress.ir import get_quantized
 from compress.layouts import layout_of
 from compress.quant.awq_math import ScaleSearch, search_scales

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.formats import IntFormat, dequantize_int, quantize_int
+from compress.formats.int import IntFormat, dequantize_int, quantize_int
 
 __all__ = [
     "ScaleSearch",

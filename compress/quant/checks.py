@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from compress.errors import FormatError
-from compress.formats import IntFormat
+from compress.formats.int import IntFormat
 
 __all__ = ["check_group_sizes"]
 

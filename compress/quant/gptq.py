@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from compress.errors import PassError
-from compress.formats import IntFormat
+from compress.formats.int import IntFormat
 from compress.ir import QuantizedWeight, set_quantized
 from compress.quant.checks import check_group_sizes
 from compress.quant.gptq_math import accumulate_hessian, gptq_quantize

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from compress.errors import PassError
-from compress.formats import IntFormat, quantize_int
+from compress.formats.int import IntFormat, quantize_int
 from compress.quant.observers import Observer, choose_clip
 
 __all__ = ["GPTQResult", "accumulate_hessian", "gptq_quantize"]

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from compress.formats import IntFormat, dequantize_int, quantize_int
+from compress.formats.int import IntFormat, dequantize_int, quantize_int
 
 __all__ = ["Observer", "choose_clip", "mse_clip_ratios"]
 

@@ -19,7 +19,8 @@ from pydantic import Field
 from torch import nn
 
 from compress.errors import PassError
-from compress.formats import Format, IntFormat, quantize_int
+from compress.formats import Format
+from compress.formats.int import IntFormat, quantize_int
 from compress.ir import QuantizedWeight, set_quantized
 from compress.quant.checks import check_group_sizes
 from compress.quant.observers import choose_clip

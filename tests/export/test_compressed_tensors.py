@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM
 import compress  # noqa: F401  (registers the compress quantizer for the reference export)
 from compress.errors import ExportError, RecipeError
 from compress.export.compressed_tensors import FORMAT_NAME
-from compress.export.qlinear import QuantLinear
 from compress.export.summary import summarize_export
 from compress.export.writer import export_model
+from compress.formats.int.linear import QuantLinear
 from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import ExportSpec, parse_recipe

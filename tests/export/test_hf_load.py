@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 import compress  # noqa: F401  (registers the quantizer)
 from compress.errors import ExportError
 from compress.export.manifest import MANIFEST_NAME
-from compress.export.qlinear import QuantLinear
 from compress.export.summary import summarize_export
 from compress.export.writer import export_model
+from compress.formats.int.linear import QuantLinear
 from compress.quant.rtn import RTNConfig, rtn
 from compress.registry import PassContext
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress.export.qlinear import QuantLinear
-from compress.formats import IntFormat
+from compress.formats.int import IntFormat
+from compress.formats.int.linear import QuantLinear
 from compress.ir import QuantizedWeight
 
 

@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import ExportError, FormatError
-from compress.export import cpu, kernels
-from compress.export.qlinear import QuantLinear
-from compress.formats import IntFormat, quantize_int
+from compress.formats.int import IntFormat, cpu, kernels, quantize_int
+from compress.formats.int.linear import QuantLinear
 from compress.ir import QuantizedWeight
 from compress.utils.native import ISA_LEVELS, cpu_isa
 
@@ -102,9 +101,9 @@ def test_native_kernels_match_reference_fp32(bits, symmetric, shape, isa):
     module = make(out_features, in_features, IntFormat(bits, group, symmetric))
     for batch in (1, 3, 17):
         x = torch.randn(batch, in_features)
-        want = kernels.KERNELS["reference"](module, x)
+        want = kernels.KERNELS["reference"](x, module.packed())
         for name in NATIVE:
-            got = kernels.KERNELS[name](module, x)
+            got = kernels.KERNELS[name](x, module.packed())
             assert got.shape == want.shape and got.dtype == torch.float32
             assert relative_error(got, want) < 1e-5, (name, batch)
 
@@ -148,8 +147,8 @@ def test_bf16_gemm_matches_reference(bits, shape, isa):
     for tokens in (1, 15, 16, 17, 33, 70):
         x = torch.randn(tokens, in_features).to(torch.bfloat16)
         oracle = F.linear(x.float(), weight, module.bias.float())
-        reference = kernels.KERNELS["reference"](module, x)
-        got = kernels.KERNELS["cpu_gemm"](module, x)
+        reference = kernels.KERNELS["reference"](x, module.packed())
+        got = kernels.KERNELS["cpu_gemm"](x, module.packed())
         assert got.dtype == torch.bfloat16 and got.shape == reference.shape
         limit = max(1.5 * relative_error(reference, oracle), 4e-3)
         assert relative_error(got, oracle) <= limit, tokens
@@ -176,10 +175,10 @@ def test_half_activations_match_fp32_oracle(dtype, bits, batch, isa):
     group = 40 if bits == 7 else 64  # 7-bit codes have no int16 path
     module = make(33, 320, IntFormat(bits, group, False))
     x = torch.randn(2, batch, 320).to(dtype)
-    oracle = kernels.KERNELS["reference"](module, x.float())
-    reference = kernels.KERNELS["reference"](module, x)
+    oracle = kernels.KERNELS["reference"](x.float(), module.packed())
+    reference = kernels.KERNELS["reference"](x, module.packed())
     for name in NATIVE:
-        got = kernels.KERNELS[name](module, x)
+        got = kernels.KERNELS[name](x, module.packed())
         assert got.dtype == dtype and got.shape == (2, batch, 33)
         assert relative_error(got, oracle) <= max(relative_error(reference, oracle), 4e-3), name
 
@@ -209,7 +208,7 @@ def test_int16_activation_path_matches_reference(bits, symmetric, shape, isa):
     module = make(out_features, in_features, IntFormat(bits, group, symmetric), bias=False)
     for batch in (1, 3, 17):  # tiles of 4, 2 and 1 rows
         x = torch.randn(batch, in_features)
-        want = kernels.KERNELS["reference"](module, x)
+        want = kernels.KERNELS["reference"](x, module.packed())
         got = cpu.gemv(
             x, module.qweight, module.scales, module.qzeros, bits, group, int16_acts=True
         )
@@ -221,7 +220,7 @@ def test_int16_path_reads_every_scale_dtype(scale_dtype, isa):
     """Scales of eight groups are loaded as one vector: K 1152 has a full octet and one more."""
     module = make(20, 1152, IntFormat(4, 128, True, scale_dtype=scale_dtype), bias=False)
     x = torch.randn(3, 1152)
-    want = kernels.KERNELS["reference"](module, x)
+    want = kernels.KERNELS["reference"](x, module.packed())
     got = cpu.gemv(x, module.qweight, module.scales, None, 4, 128, int16_acts=True)
     assert relative_error(got, want) < 1e-4
 
@@ -231,7 +230,7 @@ def test_int16_path_with_an_outlier_channel(isa):
     module = make(64, 1024, IntFormat(4, 128, True), bias=False)
     x = torch.randn(1, 1024)
     x[0, 300] = 1000.0
-    want = kernels.KERNELS["reference"](module, x.double().float())
+    want = kernels.KERNELS["reference"](x.double().float(), module.packed())
     got = cpu.gemv(x, module.qweight, module.scales, None, 4, 128, int16_acts=True)
     assert relative_error(got, want) < 1e-4
 
@@ -242,7 +241,7 @@ def test_int16_path_propagates_non_finite_activations_like_the_reference(isa):
     x = torch.randn(2, 256)
     x[0, 5] = float("inf")
     x[1, 200] = float("nan")
-    want = kernels.KERNELS["reference"](module, x)
+    want = kernels.KERNELS["reference"](x, module.packed())
     got = cpu.gemv(x, module.qweight, module.scales, None, 4, 128, int16_acts=True)
     assert not want.isfinite().any()  # inf * weights of both signs: inf or nan everywhere
     assert torch.equal(got.isfinite(), want.isfinite())
@@ -254,26 +253,28 @@ def test_half_activations_take_the_int16_path_and_fp32_the_exact_one():
     exact = cpu.gemv(x, module.qweight, module.scales, None, 4, 128, int16_acts=False)
     rounded = cpu.gemv(x, module.qweight, module.scales, None, 4, 128, int16_acts=True)
     assert not torch.equal(exact, rounded)  # the int16 rounding shows in the last bits
-    assert torch.equal(kernels.KERNELS["cpu_gemv"](module, x), exact)
+    assert torch.equal(kernels.KERNELS["cpu_gemv"](x, module.packed()), exact)
     x16 = x.to(torch.bfloat16)
     rounded16 = cpu.gemv(x16.float(), module.qweight, module.scales, None, 4, 128, int16_acts=True)
-    assert torch.equal(kernels.KERNELS["cpu_gemv"](module, x16), rounded16.to(torch.bfloat16))
+    assert torch.equal(
+        kernels.KERNELS["cpu_gemv"](x16, module.packed()), rounded16.to(torch.bfloat16)
+    )
 
 
 @pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
 def test_every_scale_dtype(scale_dtype, isa):
     module = make(40, 128, IntFormat(4, 64, True, scale_dtype=scale_dtype))
     x = torch.randn(3, 128)
-    want = kernels.KERNELS["reference"](module, x)
+    want = kernels.KERNELS["reference"](x, module.packed())
     for name in NATIVE:
-        assert relative_error(kernels.KERNELS[name](module, x), want) < 1e-5, name
+        assert relative_error(kernels.KERNELS[name](x, module.packed()), want) < 1e-5, name
 
 
 def test_tile_boundaries_of_the_gemm(isa):
     """Row tiles that do not divide N, and a tile of one row."""
     module = make(37, 64, IntFormat(3, 32, False), bias=False)
     x = torch.randn(5, 64)
-    want = kernels.KERNELS["reference"](module, x)
+    want = kernels.KERNELS["reference"](x, module.packed())
     for tile in (1, 8, 36, 1000):
         got = cpu.gemm(x, module.qweight, module.scales, module.qzeros, 3, 32, tile_rows=tile)
         assert relative_error(got, want) < 1e-5, tile
@@ -340,10 +341,10 @@ def test_forward_takes_the_selected_path_and_logs_it(caplog):
     module = make(24, 72, IntFormat(4, 24, True))
     x = torch.randn(1, 2, 72)
     kernels._LOGGED.clear()
-    with caplog.at_level("INFO", logger="compress.export.kernels"):
+    with caplog.at_level("INFO", logger="compress.formats.int.kernels"):
         got = module(x)
     assert "'cpu_gemv'" in caplog.text
-    assert relative_error(got, kernels.KERNELS["reference"](module, x)) < 1e-5
+    assert relative_error(got, kernels.KERNELS["reference"](x, module.packed())) < 1e-5
 
 
 def test_decode_choice_is_remembered_but_follows_the_override(monkeypatch):
@@ -353,8 +354,8 @@ def test_decode_choice_is_remembered_but_follows_the_override(monkeypatch):
     x = torch.randn(1, 128)
     monkeypatch.delenv("COMPRESS_KERNEL", raising=False)
     native = module(x)
-    assert torch.equal(native, kernels.KERNELS["cpu_gemv"](module, x))
-    reference = kernels.KERNELS["reference"](module, x)
+    assert torch.equal(native, kernels.KERNELS["cpu_gemv"](x, module.packed()))
+    reference = kernels.KERNELS["reference"](x, module.packed())
     assert not torch.equal(native, reference)  # else the switch could not be seen
     monkeypatch.setenv("COMPRESS_KERNEL", "reference")
     assert torch.equal(module(x), reference)
@@ -381,5 +382,5 @@ def test_prefill_choice_is_remembered_once_for_every_row_count_above_the_gemv():
     module = make(24, 128, IntFormat(4, 64, True))
     for rows in (kernels.GEMV_MAX_ROWS + 1, 100, 512):
         x = torch.randn(rows, 128)
-        assert torch.equal(module(x), kernels.KERNELS["cpu_gemm"](module, x))
+        assert torch.equal(module(x), kernels.KERNELS["cpu_gemm"](x, module.packed()))
     assert list(module._decode_kernels.values()) == ["cpu_gemm"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress.export.packing import pack_codes, packed_row_bytes, unpack_codes
+from compress.formats.packing import pack_codes, packed_row_bytes, unpack_codes
 
 AWKWARD_SHAPES = [(1, 1), (3, 7), (2, 9), (5, 64), (17, 576), (4, 1001), (1, 4099)]
 

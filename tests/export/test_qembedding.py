@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import compress
 from compress.errors import ExportError
-from compress.export.qembedding import QuantEmbedding
-from compress.export.qlinear import QuantLinear
 from compress.export.writer import export_model
-from compress.formats import IntFormat, quantize_int
+from compress.formats.int import IntFormat, quantize_int
+from compress.formats.int.embedding import QuantEmbedding
+from compress.formats.int.linear import QuantLinear
 from compress.ir import QuantizedWeight, get_quantized
 from compress.quant.rtn import RTNConfig, rtn
 from compress.registry import PassContext

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.export import cpu, kernels
-from compress.export.qlinear import QuantLinear
-from compress.formats import IntFormat, quantize_int
+from compress.formats.int import IntFormat, cpu, kernels, quantize_int
+from compress.formats.int.linear import QuantLinear
 from compress.ir import QuantizedWeight
 
 # (out, in, group): dims not multiples of 64, a group that is not a power of two, per-channel
@@ -56,8 +55,8 @@ def test_torch_int8_kernel_matches_reference(dtype, batch, in_features, monkeypa
     _, _, module = make(40, in_features, IntFormat(8, None, True))
     x = torch.randn(2, batch, in_features, dtype=dtype)
     assert module._select(rows=2 * batch, dtype=dtype) == "torch_int8"
-    fast = kernels.KERNELS["torch_int8"](module, x).float()
-    reference = kernels.KERNELS["reference"](module, x).float()
+    fast = kernels.KERNELS["torch_int8"](x, module.packed()).float()
+    reference = kernels.KERNELS["reference"](x, module.packed()).float()
     assert fast.shape == (2, batch, 40)
     assert torch.allclose(fast, reference, rtol=2e-2, atol=2e-2)
 
@@ -80,9 +79,9 @@ def test_torch_int8_is_not_chosen_for_widths_the_op_cannot_take(monkeypatch):
 _INT8_CHILD = """
 import torch
 from torch import nn
-from compress.export import kernels
-from compress.export.qlinear import QuantLinear
-from compress.formats import IntFormat, quantize_int
+from compress.formats.int import kernels
+from compress.formats.int.linear import QuantLinear
+from compress.formats.int import IntFormat, quantize_int
 from compress.ir import QuantizedWeight
 
 fmt = IntFormat(8, None, True)
@@ -94,7 +93,7 @@ for k in {widths}:
     for rows in (1, 2, 3, 8):
         x = torch.randn(rows, k, dtype=torch.bfloat16)
         got = module(x).float()
-        want = kernels.KERNELS["reference"](module, x).float()
+        want = kernels.KERNELS["reference"](x, module.packed()).float()
         err = float((got - want).norm() / want.norm())
         assert err < 2e-2, (k, rows, err)
     print("ok", k, module.kernel, flush=True)
@@ -126,9 +125,9 @@ def test_forced_torch_int8_refuses_widths_the_op_cannot_take(monkeypatch, caplog
     monkeypatch.setattr(kernels, "_LOGGED", set())
     _, _, module = make(40, 72, IntFormat(8, None, True))
     x = torch.randn(2, 72, dtype=torch.bfloat16)
-    with caplog.at_level("WARNING", logger="compress.export.kernels"):
-        got = kernels.KERNELS["torch_int8"](module, x)
-    assert torch.equal(got, kernels.KERNELS["reference"](module, x))
+    with caplog.at_level("WARNING", logger="compress.formats.int.kernels"):
+        got = kernels.KERNELS["torch_int8"](x, module.packed())
+    assert torch.equal(got, kernels.KERNELS["reference"](x, module.packed()))
     assert "not a multiple of 16" in caplog.text
 
 

@@ -19,9 +19,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the `gpu` extra is not installed")
 
 from compress.errors import FormatError
-from compress.export import triton_kernels as tk
-from compress.export.qlinear import QuantLinear
-from compress.formats import IntFormat, quantize_int
+from compress.formats.int import IntFormat, quantize_int
+from compress.formats.int import triton_kernels as tk
+from compress.formats.int.linear import QuantLinear
 from compress.ir import QuantizedWeight
 
 if torch.cuda.is_available() == tk.INTERPRETED:  # imported earlier in the other mode
@@ -74,7 +74,7 @@ def test_both_kernels_match_reference(bits: int, symmetric: bool, rows: int) -> 
     x = torch.randn(rows, 96, device=DEVICE)
     want = reference(module, x)
     for name, kernel in KERNELS.items():
-        got = kernel(module, x)
+        got = kernel(module.packed(), x)
         assert got.shape == (rows, 70) and got.dtype == x.dtype, name
         assert relative_error(got, want) < 1e-5, name
 
@@ -98,7 +98,7 @@ def test_awkward_shapes(
         x = torch.randn(rows, in_features, device=DEVICE)
         want = reference(module, x)
         for name, kernel in KERNELS.items():
-            assert relative_error(kernel(module, x), want) < 1e-5, (name, rows)
+            assert relative_error(kernel(module.packed(), x), want) < 1e-5, (name, rows)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 5])
@@ -106,7 +106,7 @@ def test_gemv_split_counts_agree(splits: int) -> None:
     # K=320 is 5 K-blocks of 64; 3 splits round to 2 blocks each, so the last split is short.
     module = packed_linear(40, 320, 6, 64, False, seed=3)
     x = torch.randn(2, 320, device=DEVICE)
-    got = tk.splitk_gemv(module, x, block_k=64, splits=splits)
+    got = tk.splitk_gemv(module.packed(), x, block_k=64, splits=splits)
     assert relative_error(got, reference(module, x)) < 1e-5
 
 
@@ -115,7 +115,7 @@ def test_gemm_tile_sizes_agree() -> None:
     x = torch.randn(20, 112, device=DEVICE)
     want = reference(module, x)
     for block_m, block_n, block_k in [(16, 16, 16), (32, 64, 32), (16, 32, 128)]:
-        got = tk.dequant_gemm(module, x, block_m=block_m, block_n=block_n, block_k=block_k)
+        got = tk.dequant_gemm(module.packed(), x, block_m=block_m, block_n=block_n, block_k=block_k)
         assert relative_error(got, want) < 1e-5, (block_m, block_n, block_k)
 
 
@@ -124,7 +124,7 @@ def test_triton_linear_bias_and_leading_dims(rows: int) -> None:
     # rows 1 takes the GEMV, 5 the GEMM; a (batch, seq, K) input keeps its leading dims.
     module = packed_linear(24, 48, 4, 16, False, bias=True, seed=5)
     x = torch.randn(1, rows, 48, device=DEVICE)
-    got = tk.triton_linear(module, x)
+    got = tk.triton_linear(x, module.packed())
     assert got.shape == (1, rows, 24)
     assert relative_error(got.reshape(rows, 24), reference(module, x.reshape(rows, 48))) < 1e-5
 
@@ -133,7 +133,7 @@ def test_triton_linear_bias_and_leading_dims(rows: int) -> None:
 def test_quantlinear_dispatches_to_triton(
     monkeypatch: pytest.MonkeyPatch, rows: int, kernel: str
 ) -> None:
-    from compress.export import kernels
+    from compress.formats.int import kernels
 
     assert kernels._TRITON_GEMV_MAX_ROWS == tk.GEMV_MAX_ROWS  # one crossover, kept in step
     fmt = IntFormat(bits=5, group_size=16, symmetric=False)
@@ -150,7 +150,7 @@ def test_quantlinear_dispatches_to_triton(
 def test_wrong_input_width_is_refused() -> None:
     module = packed_linear(8, 32, 4, 16, True)
     with pytest.raises(FormatError, match="input has 31 features, the packed layer expects 32"):
-        tk.dequant_gemm(module, torch.randn(2, 31, device=DEVICE))
+        tk.dequant_gemm(module.packed(), torch.randn(2, 31, device=DEVICE))
 
 
 def test_cpu_tensors_need_the_interpreter_or_cuda() -> None:
@@ -174,4 +174,4 @@ def test_gpu_model_shapes_half_precision(
     want = reference(module, x)
     for name, kernel in KERNELS.items():
         # Half-precision inputs and a half-precision output: a few ulps of the largest value.
-        assert relative_error(kernel(module, x), want) < 2e-2, name
+        assert relative_error(kernel(module.packed(), x), want) < 2e-2, name

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from compress.errors import FormatError, PassError
-from compress.formats import IntFormat
+from compress.formats.int import IntFormat
 from compress.quant import awq as awq_module
 from compress.quant.awq import AWQConfig, _InputStats, awq
 from compress.quant.awq_math import (

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compress.errors import FormatError, PassError
-from compress.formats import IntFormat, dequantize_int, quantize_int
+from compress.formats.int import IntFormat, dequantize_int, quantize_int
 from compress.quant.gptq_math import GPTQResult, accumulate_hessian, gptq_quantize
 from compress.quant.observers import choose_clip
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compress.errors import FormatError
-from compress.formats import IntFormat, dequantize_int, quantize_int
+from compress.formats.int import IntFormat, dequantize_int, quantize_int
 from compress.quant.observers import choose_clip, mse_clip_ratios
 
 

@@ -1,6 +1,6 @@
 """Native builds started ahead of first use, in a process of their own."""
 
-from compress.export import cpu
+from compress.formats.int import cpu
 from compress.utils import native
 from compress.utils.native import build_in_background, is_built
 

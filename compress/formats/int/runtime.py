@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from compress.export import cpu, kernels
-from compress.export.qembedding import QuantEmbedding
-from compress.export.qlinear import QuantLinear
 from compress.formats.base import FormatRuntime, register_runtime
+from compress.formats.int import cpu, kernels
+from compress.formats.int.embedding import QuantEmbedding
+from compress.formats.int.linear import QuantLinear
 from compress.formats.int.spec import IntFormat
 
 __all__ = ["RUNTIME"]

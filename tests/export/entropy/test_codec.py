@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from compress.errors import FormatError
-from compress.export.entropy import codec
-from compress.export.entropy.huffman import (
+from compress.formats.entropy import codec
+from compress.formats.entropy.huffman import (
     canonical_codes,
     check_lengths,
     code_lengths,
@@ -16,7 +16,7 @@ from compress.export.entropy.huffman import (
     pair_code_table,
     pair_table,
 )
-from compress.export.entropy.native import native_module
+from compress.formats.entropy.native import native_module
 
 BACKENDS = ["native", "torch"]
 
@@ -104,7 +104,7 @@ def test_bf16_round_trip_shapes(shape: tuple[int, ...]) -> None:
 def test_odd_chunk_is_refused() -> None:
     from pydantic import ValidationError
 
-    from compress.export.entropy import EntropyCodeConfig
+    from compress.lossless.entropy_code import EntropyCodeConfig
 
     with pytest.raises(ValueError, match="even"):
         codec.encode_bf16(torch.zeros(10, dtype=torch.bfloat16), chunk=301)

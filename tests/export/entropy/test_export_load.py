@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 import compress  # noqa: F401  (registers the transformers plug-in)
 from compress.errors import ExportError, FormatError, PassError
-from compress.export.entropy import EntropyCodeConfig, decode_mode
+from compress.export.entropy import decode_mode
 from compress.export.manifest import MANIFEST_NAME
+from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig
 
@@ -102,7 +103,7 @@ def test_int4_codes_are_entropy_coded_and_load_bit_exact(
 
 
 def test_float32_model_alone_is_refused(tiny_llama) -> None:  # type: ignore[no-untyped-def]
-    from compress.export.entropy.passes import entropy_code
+    from compress.lossless.entropy_code import entropy_code
     from compress.registry import PassContext
 
     with pytest.raises(PassError, match="bfloat16"):
@@ -147,7 +148,7 @@ def test_corrupt_coded_file_is_refused(bf16_llama, byte_tokenizer, tmp_path: Pat
 
 @pytest.mark.slow
 def test_smollm2_bf16_every_tensor_round_trips_and_fits_the_target(smollm2, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from compress.export.entropy import codec
+    from compress.formats.entropy import codec
 
     model, _ = smollm2
     raw = coded_bytes = bound = 0.0

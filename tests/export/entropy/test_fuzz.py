@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compress.errors import FormatError
-from compress.export.entropy import codec
+from compress.formats.entropy import codec
 
 VALUES = torch.cat(
     [

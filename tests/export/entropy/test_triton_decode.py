@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the `gpu` extra is not installed")
 
 from compress.errors import FormatError
-from compress.export.entropy import codec
+from compress.formats.entropy import codec
 
 from .test_codec import _bits, extreme_bf16
 

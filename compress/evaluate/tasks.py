@@ -417,7 +417,7 @@ def wiki_documents(texts: Iterable[str], max_chars: int = _WIKI_DOC_CHARS) -> li
     """Articles cut into documents of whole paragraphs, each at most about ``max_chars``.
 
     Short documents keep lm-eval's rolling loglikelihood to one window per document at usual
-    context lengths, so its windows are the ones :mod:`compress.evaluate` scores too.
+    context lengths, so its windows are the ones :mod:`compress.evaluate.quality` scores too.
     """
     documents = []
     for text in texts:

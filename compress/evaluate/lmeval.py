@@ -13,7 +13,7 @@ hub id, local HF folder) is evaluated as is, with an original only when one is g
 
 From Python::
 
-    from compress.lmeval import evaluate_tasks
+    from compress.evaluate.lmeval import evaluate_tasks
     result = evaluate_tasks("out/smollm2-w4", ["offline_arc_easy"], limit=200)
     for row in result.paired:
         print(row.task, row.metric, row.original, row.compressed, row.ci_low, row.ci_high)
@@ -292,7 +292,7 @@ def _load_reference(name: str, progress: Progress) -> tuple[Any, Any]:
 
 
 def _count_packed(model: Any) -> int:
-    from compress.export.qlinear import QuantLinear
+    from compress.formats.int.linear import QuantLinear
 
     return sum(isinstance(module, QuantLinear) for module in model.modules())
 
@@ -308,7 +308,7 @@ def _task_manager(include_path: Sequence[str], tasks: Sequence[str] = ()) -> Any
     """
     from lm_eval.tasks import TaskManager
 
-    from compress.tasks import task_dir, tasks_ready
+    from compress.evaluate.tasks import task_dir, tasks_ready
 
     paths = [str(Path(p).expanduser()) for p in include_path]
     for path in paths:
@@ -518,7 +518,7 @@ def lm_eval_spec(
     max_length: int | None = None,
 ) -> LmEvalSpec:
     """A checked :class:`LmEvalSpec`: ``offline``/``offline_all`` expanded, knobs in range."""
-    from compress.tasks import expand_task_names
+    from compress.evaluate.tasks import expand_task_names
 
     if limit is not None and limit < 1:
         raise DataError(f"--limit must be at least 1, got {limit}")
@@ -544,7 +544,7 @@ def lm_eval_spec(
 
 def check_tasks(spec: LmEvalSpec) -> Any:
     """lm-eval's task index for ``spec``; a :class:`DataError` names an unknown task."""
-    from compress.tasks import check_offline_names, check_task_names
+    from compress.evaluate.tasks import check_offline_names, check_task_names
 
     if not spec.include_path:  # an include path may define offline_* tasks of its own
         check_offline_names(spec.tasks)  # before indexing lm-eval's registry (~20 s)
@@ -668,7 +668,7 @@ def evaluate_tasks(
 
 def _merge_into_report(directory: Path, result: LmEvalResult) -> None:
     """Add the paired scores to the run's ``report.json``/``report.md`` when there is one."""
-    from compress.report import JSON_NAME, read_report, write_report
+    from compress.evaluate.report import JSON_NAME, read_report, write_report
 
     if not (directory / JSON_NAME).is_file():
         return

@@ -2,7 +2,7 @@
 
 A coded tensor ``<owner>.<leaf>`` (``<leaf>`` = ``weight``, or ``qweight`` of a packed
 QuantLinear) is stored as buffers of its owner module named ``<leaf>_ec_<part>`` (parts in
-:mod:`compress.export.entropy.codec`), so they load through transformers like any buffer and
+:mod:`compress.formats.entropy.codec`), so they load through transformers like any buffer and
 size summaries count them with their module. The manifest's ``entropy`` block records the codec
 and, per coded tensor, its :class:`StreamSpec` (shape, chunking, table size, checksum of the
 decoded bytes); ``config.json`` carries ``quantization_config.entropy`` so that the compress
@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from compress.errors import ExportError, FormatError
-from compress.export.entropy.codec import (
+from compress.export.manifest import FORMAT_VERSION, QUANT_METHOD
+from compress.export.stream import StoredItem
+from compress.formats.entropy.codec import (
     CODEC,
     CODEC_VERSION,
     READABLE_VERSIONS,
@@ -44,9 +46,7 @@ from compress.export.entropy.codec import (
     entropy_bits,
     split_bf16,
 )
-from compress.export.manifest import FORMAT_VERSION, QUANT_METHOD
-from compress.export.packing import pack_codes
-from compress.export.stream import StoredItem
+from compress.formats.packing import pack_codes
 from compress.ir import EntropyPlan, get
 
 __all__ = [

@@ -1,9 +1,12 @@
-"""Kernels for :class:`~compress.export.qlinear.QuantLinear`, and the one function that picks one.
+"""Kernels of the integer format, and the one function that picks one.
+
+Every kernel takes the activations and a :class:`~compress.formats.int.packed.PackedInt` (the
+stored tensors and the format), never the module that holds them.
 
 Decode at batch 1 is memory bound: its time is the bytes of packed weights over the memory
 bandwidth, so the fast paths never build a dense weight.
 
-``cpu_gemv``: native fused unpack + dequantize + dot (:mod:`compress.export.cpu`), all cores;
+``cpu_gemv``: native fused unpack + dequantize + dot (:mod:`compress.formats.int.cpu`), all cores;
 bf16/fp16 activations as int16 integer dots (AVX2 ``vpmaddwd``, AVX-512 VNNI ``vpdpwssd``), fp32
 ones exact. For decode and small batches.
 
@@ -13,7 +16,7 @@ tile blocks); elsewhere tiles of rows dequantized to bf16 for torch's bf16 GEMM 
 bf16 hardware, else to fp32 for its fp32 GEMM (always for fp32 activations, exactly).
 
 Where GEMV hands over to GEMM depends on the build and the activation dtype
-(:func:`compress.export.cpu.gemv_max_rows`, measured); the instruction set of the build is the
+(:func:`compress.formats.int.cpu.gemv_max_rows`, measured); the instruction set of the build is the
 CPU's (``COMPRESS_CPU_ISA`` forces a lower one, see :mod:`compress.utils.native`).
 
 ``reference``: unpack codes, dequantize to the activation dtype, ``F.linear``. The test oracle,
@@ -28,7 +31,7 @@ alike: bf16 activations with K % 16 != 0 segfault at two or more rows and come b
 or three; fp16 passed, and is held to the same rule).
 
 ``triton_gemv`` / ``triton_gemm``: on CUDA, when triton is installed (the ``gpu`` extra), the
-split-K GEMV (few rows) or dequant-GEMM of :mod:`compress.export.triton_kernels`.
+split-K GEMV (few rows) or dequant-GEMM of :mod:`compress.formats.int.triton_kernels`.
 
 ``COMPRESS_KERNEL=<name>`` forces a kernel (``reference`` for tests and comparisons). The chosen
 path is logged once per (kernel, format) and shown by ``compress inspect``.
@@ -40,26 +43,23 @@ import importlib.util
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from compress.errors import ExportError, nearest
-from compress.export import cpu
-from compress.formats import IntFormat
+from compress.formats.int import cpu
+from compress.formats.int.packed import PackedInt
+from compress.formats.int.spec import IntFormat
 
-if TYPE_CHECKING:
-    from compress.export.qlinear import QuantLinear
-
-__all__ = ["GEMV_MAX_ROWS", "KERNELS", "describe", "log_choice", "run", "select"]
+__all__ = ["GEMV_MAX_ROWS", "KERNELS", "Kernel", "describe", "log_choice", "run", "select"]
 
 log = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS = 16
 """No build takes a GEMV for more rows than this, and :func:`select`'s answer does not depend on
 the row count above it; the crossover itself depends on the build and dtype
-(:func:`compress.export.cpu.gemv_max_rows`)."""
+(:func:`compress.formats.int.cpu.gemv_max_rows`)."""
 
 _TORCH_INT8_MAX_ROWS = 16
 _TORCH_INT8_K_MULTIPLE = 16  # in_features must be a multiple of this (see the module docstring)
@@ -67,53 +67,55 @@ _TRITON_GEMV_MAX_ROWS = 4  # triton_kernels.GEMV_MAX_ROWS, not imported here: tr
 _LOGGED: set[tuple[str, str]] = set()
 
 
-def _reference(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    weight = module.dequantize(x.dtype)
-    bias = module.bias.to(x.dtype) if module.bias is not None else None
+Kernel = Callable[[torch.Tensor, PackedInt], torch.Tensor]
+"""``(x, packed) -> x @ W.T + bias`` in the activation dtype."""
+
+
+def _reference(x: torch.Tensor, w: PackedInt) -> torch.Tensor:
+    weight = w.dequantize(x.dtype)
+    bias = w.bias.to(x.dtype) if w.bias is not None else None
     return F.linear(x, weight, bias)
 
 
-def _torch_int8(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    if module.in_features % _TORCH_INT8_K_MULTIPLE:  # forced: never hand the op such a shape
-        key = ("torch_int8 refused", f"K={module.in_features}")
+def _torch_int8(x: torch.Tensor, w: PackedInt) -> torch.Tensor:
+    if w.in_features % _TORCH_INT8_K_MULTIPLE:  # forced: never hand the op such a shape
+        key = ("torch_int8 refused", f"K={w.in_features}")
         if key not in _LOGGED:
             _LOGGED.add(key)
             log.warning(
                 "COMPRESS_KERNEL=torch_int8: in_features %d is not a multiple of %d, which "
                 "torch's _weight_int8pack_mm cannot take; using the reference kernel",
-                module.in_features,
+                w.in_features,
                 _TORCH_INT8_K_MULTIPLE,
             )
-        return _reference(module, x)
+        return _reference(x, w)
     # Offset-128 unsigned codes become two's-complement int8 by flipping the top bit.
-    weight = (module.qweight ^ 0x80).view(torch.int8)
-    scales = module.scales[:, 0].to(x.dtype)
+    weight = (w.qweight ^ 0x80).view(torch.int8)
+    scales = w.scales[:, 0].to(x.dtype)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.ops.aten._weight_int8pack_mm(flat, weight, scales)
-    if module.bias is not None:
-        out = out + module.bias.to(x.dtype)
-    return out.reshape(*x.shape[:-1], module.out_features)
+    if w.bias is not None:
+        out = out + w.bias.to(x.dtype)
+    return out.reshape(*x.shape[:-1], w.out_features)
 
 
-def _native(fn: Callable[..., torch.Tensor]) -> Callable[[QuantLinear, torch.Tensor], torch.Tensor]:
-    def kernel(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-        fmt = module.fmt
-        args = (module.qweight, module.scales, module.qzeros, fmt.bits, fmt.group_size)
-        return fn(x, *args, module.bias)
+def _native(fn: Callable[..., torch.Tensor]) -> Kernel:
+    def kernel(x: torch.Tensor, w: PackedInt) -> torch.Tensor:
+        return fn(x, w.qweight, w.scales, w.qzeros, w.fmt.bits, w.fmt.group_size, w.bias)
 
     return kernel
 
 
-def _triton(kind: str) -> Callable[[QuantLinear, torch.Tensor], torch.Tensor]:
-    def kernel(module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-        from compress.export import triton_kernels  # the `gpu` extra; imported on first use
+def _triton(kind: str) -> Kernel:
+    def kernel(x: torch.Tensor, w: PackedInt) -> torch.Tensor:
+        from compress.formats.int import triton_kernels  # the `gpu` extra; imported on first use
 
-        return triton_kernels.triton_linear(module, x, kind)
+        return triton_kernels.triton_linear(x, w, kind)
 
     return kernel
 
 
-KERNELS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {
+KERNELS: dict[str, Kernel] = {
     "reference": _reference,
     "torch_int8": _torch_int8,
     "cpu_gemv": _native(cpu.gemv),
@@ -204,6 +206,6 @@ def log_choice(kernel: str, fmt: IntFormat) -> None:
         log.info("QuantLinear %s uses kernel %r", key[1], kernel)
 
 
-def run(kernel: str, module: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    log_choice(kernel, module.fmt)
-    return KERNELS[kernel](module, x)
+def run(kernel: str, x: torch.Tensor, w: PackedInt) -> torch.Tensor:
+    log_choice(kernel, w.fmt)
+    return KERNELS[kernel](x, w)

@@ -4,7 +4,7 @@ The C++ source (``qmatmul*.cpp``, shipped as package data; one translation unit)
 first use by :func:`compress.utils.native.load_native`, once per instruction-set level (generic,
 AVX2, AVX-512 with VNNI, AMX; ``COMPRESS_CPU_ISA`` forces a lower one), so a plain ``pip
 install`` needs no build step and no binary runs on a CPU it was not built for. Without a
-compiler :func:`native` returns ``None`` (logged once) and :mod:`compress.export.kernels` keeps
+compiler :func:`native` returns ``None`` (logged once) and :mod:`compress.formats.int.kernels` keeps
 to the plain-torch reference.
 
 Prefill (:func:`gemm`) with bf16 activations: on AMX builds a GEMM of our own (weight panels

@@ -3,8 +3,9 @@
 ``compress report RUN [RUN ...] -o DIR`` writes ``DIR/report.html`` (the table and every plot
 inline: PNGs as base64 ``data:`` URIs, CSS in a ``<style>`` block, no script, no network),
 ``DIR/comparison.md`` (the same table, plots as PNG files beside it) and ``DIR/comparison.json``
-(every number the page shows, from :func:`compress.report.compare_runs`). The names differ from a
-run's own ``report.md``/``report.json``, so writing into a run folder overwrites nothing of it.
+(every number the page shows, from :func:`compress.evaluate.comparison.compare_runs`). The names
+differ from a run's own ``report.md``/``report.json``, so writing into a run folder overwrites
+nothing of it.
 
 Plots, drawn with matplotlib's Agg backend (no display needed):
 
@@ -26,12 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from compress.report import (
-    compare_runs,
-    comparison_table,
-    read_report,
-    render_comparison_markdown,
-)
+from compress.evaluate.comparison import compare_runs, comparison_table, render_comparison_markdown
+from compress.evaluate.report import read_report
 
 __all__ = [
     "HTML_NAME",

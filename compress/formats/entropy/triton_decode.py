@@ -16,12 +16,9 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (how the t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from compress.export.entropy.codec import CodedTensor
+from compress.formats.entropy.streams import CodedTensor
 
 __all__ = ["decode_triton"]
 

@@ -1,6 +1,6 @@
 """The packed integer embedding: a lookup that dequantizes only the rows it gathers.
 
-Stored tensors are those of :class:`~compress.export.qlinear.QuantLinear` for a weight of shape
+Stored tensors are those of :class:`~compress.formats.int.linear.QuantLinear` for a weight of shape
 ``(num_embeddings, embedding_dim)`` (one row per token, groups along the embedding dimension):
 
 ============  ======================  ===========  ==========================================
@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.export.packing import pack_codes, packed_row_bytes, unpack_codes
-from compress.formats import IntFormat, dequantize_int
+from compress.formats.int.spec import IntFormat, dequantize_int
+from compress.formats.packing import pack_codes, packed_row_bytes, unpack_codes
 from compress.ir import QuantizedWeight
 from compress.utils.modules import embed_scale_of
 

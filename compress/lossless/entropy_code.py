@@ -22,14 +22,14 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from compress.errors import PassError
-from compress.export.entropy.codec import (
+from compress.formats.entropy.codec import (
     DEFAULT_CHUNK,
     DEFAULT_PAIR_BITS,
     DEFAULT_TABLE_BITS,
     exponent_pairs,
     split_bf16,
 )
-from compress.export.entropy.huffman import code_lengths
+from compress.formats.entropy.huffman import code_lengths
 from compress.ir import EntropyPlan, attach, quantized_modules
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 

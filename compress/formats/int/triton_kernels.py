@@ -1,4 +1,4 @@
-"""Triton kernels for :class:`~compress.export.qlinear.QuantLinear`: GPU prefill and decode.
+"""Triton kernels of the integer format (packed buffers + format): GPU prefill and decode.
 
 Both read the module's buffers exactly as they are stored (the layout in ``packing.py`` and
 ``qlinear.py``), so a loaded export runs on the GPU with no repacking:
@@ -28,16 +28,14 @@ call them.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from compress.errors import FormatError
-
-if TYPE_CHECKING:
-    from compress.export.qlinear import QuantLinear
+from compress.formats.int.packed import PackedInt
 
 __all__ = [
     "GEMV_MAX_ROWS",
@@ -220,14 +218,14 @@ def _splitk_gemv_kernel(
         tl.store(part, tl.reduce(acc, 0, tl.standard._sum_combine), mask=mask_n)
 
 
-def _check_inputs(module: QuantLinear, x: torch.Tensor) -> None:
-    if x.shape[-1] != module.in_features:
+def _check_inputs(w: PackedInt, x: torch.Tensor) -> None:
+    if x.shape[-1] != w.in_features:
         raise FormatError(
-            f"input has {x.shape[-1]} features, the packed layer expects {module.in_features}"
+            f"input has {x.shape[-1]} features, the packed layer expects {w.in_features}"
         )
-    if x.device != module.qweight.device:
+    if x.device != w.qweight.device:
         raise FormatError(
-            f"input on {x.device}, packed weights on {module.qweight.device}",
+            f"input on {x.device}, packed weights on {w.qweight.device}",
             hint="move the model and its inputs to the same device",
         )
     if x.device.type == "cpu" and not INTERPRETED:
@@ -237,26 +235,25 @@ def _check_inputs(module: QuantLinear, x: torch.Tensor) -> None:
         )
 
 
-def _layout(module: QuantLinear) -> dict[str, Any]:
-    fmt = module.fmt
-    groups = fmt.groups(module.in_features)
+def _layout(w: PackedInt) -> dict[str, Any]:
+    groups = w.fmt.groups(w.in_features)
     return {
-        "row_bytes": module.qweight.shape[1],
+        "row_bytes": w.qweight.shape[1],
         "groups": groups,
-        "group_size": module.in_features // groups,
-        "zero_bytes": 0 if module.qzeros is None else module.qzeros.numel(),
-        "BITS": fmt.bits,
-        "SYMMETRIC": module.qzeros is None,
+        "group_size": w.in_features // groups,
+        "zero_bytes": 0 if w.qzeros is None else w.qzeros.numel(),
+        "BITS": w.fmt.bits,
+        "SYMMETRIC": w.qzeros is None,
     }
 
 
-def _zeros_or_dummy(module: QuantLinear) -> torch.Tensor:
+def _zeros_or_dummy(w: PackedInt) -> torch.Tensor:
     # Symmetric kernels never read it, but the launcher wants a pointer.
-    return module.qzeros if module.qzeros is not None else module.qweight
+    return w.qzeros if w.qzeros is not None else w.qweight
 
 
 def dequant_gemm(
-    module: QuantLinear,
+    w: PackedInt,
     x: torch.Tensor,
     *,
     block_m: int = 32,
@@ -264,29 +261,29 @@ def dequant_gemm(
     block_k: int = 64,
 ) -> torch.Tensor:
     """(M, K) activations x packed (N, K) weight → (M, N) in the activation dtype (no bias)."""
-    _check_inputs(module, x)
-    x2d = x.reshape(-1, module.in_features).contiguous()
-    rows, n = x2d.shape[0], module.out_features
+    _check_inputs(w, x)
+    x2d = x.reshape(-1, w.in_features).contiguous()
+    rows, n = x2d.shape[0], w.out_features
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
     grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
     _dequant_gemm_kernel[grid](
         x2d,
-        module.qweight,
-        module.scales.contiguous(),
-        _zeros_or_dummy(module),
+        w.qweight,
+        w.scales.contiguous(),
+        _zeros_or_dummy(w),
         out,
         rows,
         n,
-        module.in_features,
+        w.in_features,
         x2d.stride(0),
         out.stride(0),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        **_layout(module),
+        **_layout(w),
     )
     return out
 
@@ -301,7 +298,7 @@ def _splits(n_blocks: int, k_blocks: int, device: torch.device) -> int:
 
 
 def splitk_gemv(
-    module: QuantLinear,
+    w: PackedInt,
     x: torch.Tensor,
     *,
     block_n: int = 64,
@@ -309,9 +306,9 @@ def splitk_gemv(
     splits: int | None = None,
 ) -> torch.Tensor:
     """Split-K GEMV for a few rows; same contract as :func:`dequant_gemm`."""
-    _check_inputs(module, x)
-    x2d = x.reshape(-1, module.in_features).contiguous()
-    rows, n, k = x2d.shape[0], module.out_features, module.in_features
+    _check_inputs(w, x)
+    x2d = x.reshape(-1, w.in_features).contiguous()
+    rows, n, k = x2d.shape[0], w.out_features, w.in_features
     if rows == 0:
         return torch.empty(0, n, dtype=x.dtype, device=x.device)
     n_blocks, k_blocks = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
@@ -322,9 +319,9 @@ def splitk_gemv(
     partial = torch.empty(splits, rows, n, dtype=torch.float32, device=x.device)
     _splitk_gemv_kernel[(n_blocks, splits)](
         x2d,
-        module.qweight,
-        module.scales.contiguous(),
-        _zeros_or_dummy(module),
+        w.qweight,
+        w.scales.contiguous(),
+        _zeros_or_dummy(w),
         partial,
         rows,
         n,
@@ -333,19 +330,19 @@ def splitk_gemv(
         k_per_split,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        **_layout(module),
+        **_layout(w),
     )
     return partial.sum(dim=0).to(x.dtype)
 
 
-def triton_linear(module: QuantLinear, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+def triton_linear(x: torch.Tensor, w: PackedInt, kernel: str | None = None) -> torch.Tensor:
     """``QuantLinear.forward`` on the GPU: split-K GEMV for decode, dequant-GEMM for prefill.
 
     ``kernel`` (``"gemv"`` or ``"gemm"``) overrides the choice by row count.
     """
     if kernel is None:
         kernel = "gemv" if x.numel() // x.shape[-1] <= GEMV_MAX_ROWS else "gemm"
-    out = (splitk_gemv if kernel == "gemv" else dequant_gemm)(module, x)
-    if module.bias is not None:
-        out = out + module.bias.to(out.dtype)
-    return out.reshape(*x.shape[:-1], module.out_features)
+    out = (splitk_gemv if kernel == "gemv" else dequant_gemm)(w, x)
+    if w.bias is not None:
+        out = out + w.bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], w.out_features)

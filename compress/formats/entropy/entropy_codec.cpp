@@ -1,25 +1,4 @@
-"""C++ encoder and decoder of chunked Huffman streams, built on first use.
-
-Every read of the stream is bounds-checked (bytes past the end read as zero) and every write is
-bounded by the chunk's symbol count, so a corrupt stream can only produce wrong symbols or an
-error status, never an out-of-bounds access. The Python side turns a status into a
-:class:`~compress.errors.FormatError`.
-
-Threads are plain ``std::thread`` helpers that take groups of chunks from an atomic counter; the
-caller waits only for helpers that actually joined in (see ``parallel_for``). OpenMP workers (the
-runtime is shared with torch) spin-wait between parallel regions, and a parallel region waits for
-every worker to be scheduled: on a busy 2-core machine that made two threads slower than one.
-"""
-
-from __future__ import annotations
-
-from types import ModuleType
-
-from compress.utils.native import load_native
-
-__all__ = ["native_module"]
-
-_SOURCE = r"""
+// Chunked Huffman encoder and decoder of compress's entropy-coded weights (see native.py).
 #include <torch/extension.h>
 #include <atomic>
 #include <condition_variable>
@@ -613,21 +592,3 @@ void split_bf16(torch::Tensor values, torch::Tensor exponents, torch::Tensor raw
         }
     });
 }
-"""
-
-_FUNCTIONS = [
-    "chunk_bits",
-    "encode",
-    "decode",
-    "decode_bf16",
-    "decode_bf16_pairs",
-    "exponent_pairs",
-    "histogram",
-    "pair_decode_tables",
-    "split_bf16",
-]
-
-
-def native_module() -> ModuleType | None:
-    """The compiled codec, or None (logged once) where no compiler is available."""
-    return load_native("entropy_codec", _SOURCE, _FUNCTIONS)

@@ -24,9 +24,10 @@ import os
 import torch
 from torch import nn
 
-from compress.export import kernels
-from compress.export.packing import pack_codes, packed_row_bytes, unpack_codes
-from compress.formats import IntFormat, dequantize_int
+from compress.formats.int import kernels
+from compress.formats.int.packed import PackedInt, unpack_zeros
+from compress.formats.int.spec import IntFormat
+from compress.formats.packing import pack_codes, packed_row_bytes, unpack_codes
 from compress.ir import QuantizedWeight
 
 __all__ = ["QuantLinear"]
@@ -133,15 +134,17 @@ class QuantLinear(nn.Module):
 
     def zeros(self) -> torch.Tensor | None:
         """(N, G) uint8 zero points, or None for symmetric formats."""
-        if self.qzeros is None:
-            return None
-        groups = self.fmt.groups(self.in_features)
-        flat = unpack_codes(self.qzeros.unsqueeze(0), self.fmt.bits, self.out_features * groups)
-        return flat.view(self.out_features, groups)
+        return unpack_zeros(self.qzeros, self.fmt, self.out_features, self.in_features)
+
+    def packed(self) -> PackedInt:
+        """The stored tensors and the format: what the kernels read."""
+        return PackedInt(
+            self.qweight, self.scales, self.qzeros, self.bias, self.fmt, self.in_features
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (N, K) weight; for the reference kernel and tests only."""
-        return dequantize_int(self.codes(), self.scales, self.zeros(), self.fmt, dtype)
+        return self.packed().dequantize(dtype)
 
     @property
     def kernel(self) -> str:
@@ -172,7 +175,7 @@ class QuantLinear(nn.Module):
         if kernel is None:
             kernel = self._decode_kernels[key] = self._select(rows=rows, dtype=x.dtype)
             kernels.log_choice(kernel, self.fmt)
-        return kernels.KERNELS[kernel](self, x)
+        return kernels.KERNELS[kernel](x, self.packed())
 
     def extra_repr(self) -> str:
         fmt = self.fmt
