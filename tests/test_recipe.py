@@ -66,7 +66,7 @@ def test_quickstart_settings() -> None:
     assert embeddings == RTNConfig(
         bits=8, group_size=None, targets=["model.embed_tokens", "lm_head"]
     )
-    assert recipe.calibration.samples == 64
+    assert recipe.calibration.samples == 48
     assert recipe.evaluate is not None and recipe.evaluate.kl and recipe.evaluate.speed
     assert recipe.evaluate.max_windows is not None and recipe.evaluate.max_windows <= 32
 
