@@ -1,0 +1,2 @@
+"""Pruning algorithms (weight sparsity). Siblings of quant/ and distill/: they never import each
+other."""

@@ -1,0 +1,270 @@
+"""The ``prune`` pass: unstructured or N:M weight sparsity by magnitude, Wanda or SparseGPT.
+
+* ``magnitude``: drop the smallest ``|W|`` of each output row; calibration-free, the floor.
+* ``wanda``: drop the smallest ``|W_ij| · ‖x_j‖₂`` of each row, input norms from calibration
+  (:mod:`compress.prune.wanda_math`); no weight update.
+* ``sparsegpt``: choose the mask block by block with the OBS saliency and update the remaining
+  weights to compensate (:mod:`compress.prune.sparsegpt_math`), from the inputs' second moment.
+
+Calibrated methods go layer by layer through :mod:`compress.sequential`, so each decoder layer
+is calibrated on the outputs of the already pruned layers before it. ``pattern: "N:M"`` keeps N
+of every M consecutive input columns of each row (2:4 is what sparse tensor cores run);
+``sparsity`` is then implied (1 - N/M). Only Linears inside the decoder layers are pruned.
+
+Results: pruned weights are zero in place and each pruned Linear carries a
+:class:`compress.ir.SparsityMask`. The export writer stores weights dense (zeros included; no
+sparse format yet), so an export reloads with the same logits but is not smaller.
+
+With quantization: prune first. A later ``rtn`` keeps zeros exactly (zero is a grid point of
+every integer format it writes); a later ``gptq`` does NOT: its error feedback moves pruned
+weights off zero (the mask record then no longer describes the weights; see
+``tests/prune/test_prune.py``). ``prune`` after a quantizer is refused: the codes would not match
+the pruned weights.
+
+Example recipe entry (quote N:M patterns: YAML reads ``2:4`` as the number 124)::
+
+    calibration: {dataset: builtin:wiki, samples: 128, seq_len: 512}
+    passes:
+      - {pass: prune, method: sparsegpt, pattern: "2:4"}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from compress.errors import PassError
+from compress.ir import SparsityMask, attach, get_quantized
+from compress.prune.masks import nm_mask, parse_pattern, pruned_per_row, row_mask
+from compress.prune.sparsegpt_math import accumulate_gram, sparsegpt_prune
+from compress.prune.wanda_math import accumulate_squares, wanda_mask
+from compress.registry import PassConfig, PassContext, PassReport, register_pass
+from compress.sequential import for_each_layer, run_sequential
+from compress.utils.hooks import capture_inputs
+from compress.utils.modules import decoder_layers, select_linears
+
+__all__ = ["PruneConfig", "prune"]
+
+
+class PruneConfig(PassConfig):
+    """Settings of the ``prune`` pass."""
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+        default="wanda", description="importance score (and, for sparsegpt, weight update)"
+    )
+    sparsity: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of each row's weights set to zero (unstructured; default 0.5); "
+        "with an N:M pattern it is 1 - N/M and may be left out",
+    )
+    pattern: str = Field(
+        default="unstructured",
+        description="'unstructured' or 'N:M' (N kept in every M input columns), e.g. '2:4'",
+    )
+    targets: list[str] | None = Field(
+        default=None,
+        description="glob patterns of module names; default: every Linear in decoder blocks",
+    )
+    ignore: list[str] = Field(default_factory=list, description="glob patterns to leave as is")
+    block_size: int = Field(
+        default=128, gt=0, description="sparsegpt: columns per mask-selection / lazy-update block"
+    )
+    dampening: float = Field(
+        default=0.01, gt=0, le=1, description="sparsegpt: fraction of mean(diag H) added to it"
+    )
+    batch_size: int = Field(default=8, gt=0, description="calibration samples per forward")
+
+    @field_validator("pattern", mode="before")
+    @classmethod
+    def _pattern_text(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(
+                f"pattern {value} is a number: YAML reads an unquoted N:M as base 60 "
+                "(2:4 is 124); quote it, e.g. pattern: '2:4'"
+            )
+        if isinstance(value, str):
+            parse_pattern(value)  # ValueError names the value
+        return value
+
+    @model_validator(mode="after")
+    def _sparsity_matches_pattern(self) -> PruneConfig:
+        nm = parse_pattern(self.pattern)
+        if nm is not None and self.sparsity is not None:
+            implied = 1 - nm[0] / nm[1]
+            if abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"sparsity {self.sparsity} contradicts pattern {self.pattern} "
+                    f"(which prunes {implied:g}); leave sparsity out with an N:M pattern"
+                )
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def fraction(self) -> float:
+        """The fraction of weights each pruned row loses."""
+        nm = self.nm
+        if nm is not None:
+            return 1 - nm[0] / nm[1]
+        return 0.5 if self.sparsity is None else self.sparsity
+
+
+@register_pass("prune", PruneConfig, calibrated=True)
+def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassReport:
+    """Weight pruning (magnitude, Wanda, SparseGPT), unstructured or N:M."""
+    modules, skipped = select_linears(model, config.targets, config.ignore)
+    prefix, _ = decoder_layers(model)
+    for name in [n for n in modules if not n.startswith(prefix + ".")]:
+        del modules[name]
+        skipped[name] = "outside the decoder layers: prune works on decoder layers only"
+    if not modules:
+        raise PassError(
+            "prune: no Linear module in the decoder layers matched the targets",
+            hint="check the targets/ignore patterns against model.named_modules()",
+        )
+    _check_modules(modules, config)
+    calibration = None
+    if config.method != "magnitude":
+        calibration = context.require_calibration(f"prune (method {config.method})")
+    report = PassReport(name="prune", skipped=skipped)
+
+    if calibration is None:
+
+        def plain_step(index: int, layer_name: str, layer: nn.Module) -> None:
+            for name, module in _inside(modules, layer_name).items():
+                scores = module.weight.detach().to(torch.float32).abs()
+                _apply(name, module, _mask(scores, config), None, config, report)
+
+        for_each_layer(
+            model,
+            plain_step,
+            description="prune layers",
+            progress=context.progress,
+            layers=context.layers,
+            report=report,
+        )
+    else:
+
+        def step(index: int, layer_name: str, layer: nn.Module, run: Callable[[], None]) -> None:
+            mine = _inside(modules, layer_name)
+            if not mine:
+                return
+            stats: dict[str, tuple[torch.Tensor | None, int]] = {}
+
+            def collect(name: str, inputs: torch.Tensor) -> None:
+                held, count = stats.get(name, (None, 0))
+                if config.method == "wanda":
+                    stats[name] = (accumulate_squares(held, inputs), 1)
+                else:
+                    stats[name] = accumulate_gram(held, inputs, count)
+
+            with capture_inputs(mine, collect):
+                run()
+            for name, module in mine.items():
+                held, count = stats.pop(name, (None, 0))
+                if held is None or count == 0:
+                    raise PassError(f"prune: layer {name} saw no calibration input")
+                if config.method == "wanda":
+                    mask = wanda_mask(module.weight, held, config.fraction, config.nm)
+                    _apply(name, module, mask, None, config, report)
+                else:
+                    result = sparsegpt_prune(
+                        module.weight,
+                        held,
+                        sparsity=config.fraction,
+                        nm=config.nm,
+                        block_size=config.block_size,
+                        dampening=config.dampening,
+                    )
+                    _apply(name, module, result.mask, result.weight, config, report)
+                    report.per_module[name]["obs_loss"] = result.loss
+                del held
+
+        run_sequential(
+            model,
+            calibration,
+            step,
+            batch_size=config.batch_size,
+            description=f"prune layers ({config.method})",
+            progress=context.progress,
+            layers=context.layers,
+            report=report,
+        )
+        report.metrics["calibration_tokens"] = float(calibration.numel())
+    entries = report.per_module.values()
+    kept = sum(e["kept"] for e in entries)
+    total = sum(e["weights"] for e in entries)
+    report.metrics["sparsity"] = 1 - kept / total
+    report.metrics["mean_relative_change"] = sum(e["relative_change"] for e in entries) / len(
+        entries
+    )
+    return report
+
+
+def _inside(modules: dict[str, nn.Linear], layer_name: str) -> dict[str, nn.Linear]:
+    return {n: m for n, m in modules.items() if n.startswith(layer_name + ".")}
+
+
+def _check_modules(modules: dict[str, nn.Linear], config: PruneConfig) -> None:
+    """Fail before any work, naming the layer: shapes the pattern cannot tile, quantized
+    weights."""
+    nm = config.nm
+    if nm is not None and config.method == "sparsegpt" and config.block_size % nm[1]:
+        raise PassError(
+            f"prune: block_size {config.block_size} is not a multiple of M={nm[1]} "
+            f"(pattern {config.pattern})",
+            hint=f"use a block_size divisible by {nm[1]}, e.g. 128",
+        )
+    for name, module in modules.items():
+        if get_quantized(module) is not None:
+            raise PassError(
+                f"prune: layer {name} is already quantized; pruning now would leave its codes "
+                "unpruned",
+                hint="put the prune pass before rtn/gptq in the recipe",
+            )
+        in_features = module.weight.shape[1]
+        if nm is not None and in_features % nm[1]:
+            raise PassError(
+                f"prune: layer {name}: pattern {config.pattern} needs in_features divisible by "
+                f"{nm[1]}, but it has {in_features}",
+                hint="use another N:M pattern or add the layer to ignore",
+            )
+
+
+def _mask(scores: torch.Tensor, config: PruneConfig) -> torch.Tensor:
+    nm = config.nm
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    return row_mask(scores, pruned_per_row(scores.shape[1], config.fraction))
+
+
+def _apply(
+    name: str,
+    module: nn.Linear,
+    mask: torch.Tensor,
+    weight: torch.Tensor | None,
+    config: PruneConfig,
+    report: PassReport,
+) -> None:
+    """Zero the pruned weights in place (or set the reconstructed ``weight``), attach the mask."""
+    original = module.weight.detach().to(torch.float32).clone()
+    with torch.no_grad():
+        if weight is not None:
+            module.weight.copy_(weight.to(module.weight.dtype))
+        module.weight.mul_(mask.to(module.weight.dtype))
+    attach(module, SparsityMask(mask.cpu(), config.pattern))
+    change = (module.weight.detach().to(torch.float32) - original).norm()
+    report.per_module[name] = {
+        "kept": float(mask.sum()),
+        "weights": float(mask.numel()),
+        "relative_change": float(change / original.norm().clamp_min(1e-30)),
+    }
+    report.touched.append(name)
