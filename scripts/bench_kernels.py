@@ -491,15 +491,22 @@ def run_prefill(
 
 
 def bench_prefill(
-    export_root: Path, runs: int, threads: list[int], isas: list[str], cpu_time: bool
+    export_root: Path,
+    runs: int,
+    threads: list[int],
+    isas: list[str],
+    cpu_time: bool,
+    extra: dict[str, Path] | None = None,
 ) -> list[dict[str, Any]]:
-    """bf16 model and int4 export (per build in ``isas``) at each thread count, own processes."""
+    """bf16 model and int4 export (per build in ``isas``) at each thread count, own processes;
+    ``extra``: more exports (label -> folder, e.g. the quickstart's) on this CPU's build."""
     folder = make_exports(export_root, [PREFILL_BITS])[PREFILL_BITS]
     results = []
     for count in threads:
         rows = []
         variants: list[tuple[str, str | None, str]] = [("bf16", None, "native")]
         variants += [(f"int{PREFILL_BITS} g64 (rtn)", str(folder), isa) for isa in isas]
+        variants += [(label, str(path), "native") for label, path in (extra or {}).items()]
         for variant, path, isa in variants:
             command = [sys.executable, __file__, "--one-prefill", variant, "--runs", str(runs)]
             command += ["--threads", str(count)] + (["--folder", path] if path else [])
@@ -734,6 +741,13 @@ def main() -> None:
     )
     parser.add_argument("--baseline", help="a commit whose kernels are timed as one more build")
     parser.add_argument("--exports", type=Path, help="folder to keep the SmolLM2 exports in")
+    parser.add_argument(
+        "--prefill-export",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="one more SmolLM2 export for the prefill rows, e.g. quickstart=out/quickstart",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "kernels.json")
     parser.add_argument(
         "--threads",
@@ -834,7 +848,12 @@ def main() -> None:
         exports = args.exports or Path(tmp)
         if not args.skip_prefill:
             data["prefill"] = bench_prefill(
-                exports, args.prefill_runs, args.prefill_threads, args.isa, args.cpu_time
+                exports,
+                args.prefill_runs,
+                args.prefill_threads,
+                args.isa,
+                args.cpu_time,
+                dict(_labelled(item) for item in args.prefill_export),
             )
         if not args.skip_e2e:
             for count in args.threads:
@@ -856,6 +875,13 @@ def _clock_note(data: dict[str, Any]) -> str:
         "time: on this shared machine other jobs then cost a run cache and memory bandwidth but "
         "not the seconds it waited for a core. Multi-threaded rows are wall time."
     )
+
+
+def _labelled(item: str) -> tuple[str, Path]:
+    label, sep, folder = item.partition("=")
+    if not sep or not label or not Path(folder, "config.json").is_file():
+        raise SystemExit(f"--prefill-export {item!r}: expected LABEL=DIR of an export")
+    return label, Path(folder)
 
 
 def _merge(data: dict[str, Any], previous: dict[str, Any]) -> None:
