@@ -28,7 +28,8 @@ LAYERS: list[list[str]] = [
     ["compress", "compress.utils"],  # the root: version and the transformers import hook
     ["compress.formats"],  # the format protocol, its registry, bit packing
     ["compress.ir", "compress.registry"],
-    ["compress.formats.int", "compress.formats.entropy"],  # one folder per format kind
+    # one folder per format kind
+    ["compress.formats.int", "compress.formats.fp8", "compress.formats.entropy"],
     [
         "compress.data",
         "compress.models",
@@ -53,7 +54,7 @@ UNITS = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 PLUGIN_STRINGS = {
     "compress/__init__.py": {"compress.export.hf"},
     "compress/registry.py": {"compress.builtins"},
-    "compress/formats/base.py": {"compress.formats.int"},
+    "compress/formats/base.py": {"compress.formats.int", "compress.formats.fp8"},
 }
 
 

@@ -113,7 +113,7 @@ F = TypeVar("F", bound=type)
 _FORMATS: dict[str, type] = {}
 _RUNTIME_MODULES: dict[str, str] = {}
 
-BUILTIN_KINDS: dict[str, str] = {"int": "compress.formats.int"}
+BUILTIN_KINDS: dict[str, str] = {"int": "compress.formats.int", "fp8": "compress.formats.fp8"}
 """Kind -> the package that registers it. Imported by name when a kind is first looked up, so
 this layer never imports the folders above it and ``import compress.formats`` stays light."""
 

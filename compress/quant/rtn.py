@@ -4,23 +4,42 @@ Calibration-free: each group of a weight row gets a scale (and zero point when a
 its range, and every weight is rounded to the nearest level. The baseline every calibrated
 method is measured against.
 
-Example recipe entry::
+Example recipe entries::
 
     passes:
       - {pass: rtn, bits: 4, group_size: 64, symmetric: true, observer: mse}
+      - {pass: rtn, format: fp8_e4m3, scaling: channel}          # FP8 weights, fp32 scales
+      - {pass: rtn, format: fp8_e4m3, scaling: block, block_size: 64}
+
+``format`` names the number format (``int``, the default, or ``fp8_e4m3`` / ``fp8_e5m2``); the
+keys after it belong to one format each: ``bits``, ``group_size``, ``symmetric``,
+``scale_dtype`` and ``observer: mse`` to ``int``; ``scaling`` (``tensor``, ``channel``, the
+default, or ``block``) and ``block_size`` (the side of a square 2-D block, default 128; edge
+blocks may be partial) to FP8. A key of the other format is refused, naming it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import (
+    Field,
+    ModelWrapValidatorHandler,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from torch import nn
 
 from compress.errors import PassError
 from compress.formats import Format
-from compress.formats.int import IntFormat, quantize_int
+from compress.formats.fp8 import FP8Format
+from compress.formats.int import IntFormat
 from compress.ir import QuantizedWeight, set_quantized
 from compress.quant.checks import check_group_sizes
 from compress.quant.observers import choose_clip
@@ -29,6 +48,56 @@ from compress.sequential import for_each_layer
 from compress.utils.modules import decoder_layers, select_weights, untie_
 
 __all__ = ["RTNConfig", "quantization_error", "rtn"]
+
+
+WeightFormat = Literal["int", "fp8_e4m3", "fp8_e5m2"]
+_INT_ONLY = ("bits", "group_size", "symmetric", "scale_dtype")
+_FP8_ONLY = ("scaling", "block_size")
+DEFAULT_FP8_BLOCK = 128  # DeepSeek-V3's weight blocks
+
+
+def _format_key_problems(data: Mapping[Any, Any]) -> list[InitErrorDetails]:
+    """One located error per key of ``data`` that the chosen format does not take."""
+    chosen = data.get("format", "int")
+    if chosen not in typing.get_args(WeightFormat):
+        return []  # field validation names the bad format itself
+    problems: list[InitErrorDetails] = []
+
+    def refuse(key: str, message: str) -> None:
+        error = PydanticCustomError("value_error", "{reason}", {"reason": message})
+        problems.append(InitErrorDetails(type=error, loc=(key,), input=data[key]))
+
+    for key in data:
+        if chosen == "int" and key in _FP8_ONLY and data[key] is not None:
+            refuse(
+                key,
+                f"{key} applies to format: fp8_e4m3 or fp8_e5m2, not format: int; set format: "
+                "fp8_e4m3, or use group_size for integer groups",
+            )
+        elif chosen != "int" and key in _INT_ONLY:
+            fix = (
+                "set scaling: block and block_size for finer scales" if key == "group_size" else ""
+            )
+            refuse(
+                key,
+                f"{key} applies to format: int, not format: {chosen} (its codes are 8-bit "
+                f"floats with fp32 scales); {fix or 'drop it'}",
+            )
+        elif chosen != "int" and key == "observer" and data[key] not in ("minmax", None):
+            refuse(
+                key,
+                f"observer {data[key]} searches clip ratios on integer grids; format: {chosen} "
+                "takes observer: minmax",
+            )
+        elif chosen != "int" and key == "block_size" and data[key] is not None:
+            scaling = data.get("scaling", "channel")
+            if scaling in ("tensor", "channel"):
+                refuse(
+                    key,
+                    f"block_size needs scaling: block (scaling is {scaling}); set scaling: "
+                    "block, or drop block_size",
+                )
+    return problems
 
 
 class RTNConfig(PassConfig):
@@ -47,6 +116,22 @@ class RTNConfig(PassConfig):
         description="range of each group: minmax = full range; mse = clip ratio searched per "
         "group to minimise the weight reconstruction error",
     )
+    format: WeightFormat = Field(
+        default="int",
+        description="number format of the weights: int (bits, group_size, symmetric) or "
+        "fp8_e4m3 / fp8_e5m2 (scaling, block_size)",
+    )
+    scaling: Literal["tensor", "channel", "block"] = Field(
+        default="channel",
+        description="fp8 only: one scale per tensor, per output channel (the default) or per "
+        "square block of block_size",
+    )
+    block_size: int | None = Field(
+        default=None,
+        gt=0,
+        description=f"fp8 with scaling: block: side of the square blocks sharing one scale "
+        f"(default {DEFAULT_FP8_BLOCK}; edge blocks may be partial)",
+    )
     targets: list[str] | None = Field(
         default=None,
         description="glob patterns of module names; default: every Linear in decoder blocks. "
@@ -55,12 +140,45 @@ class RTNConfig(PassConfig):
     )
     ignore: list[str] = Field(default_factory=list, description="glob patterns to leave as is")
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keys_of_the_format(cls, data: Any, handler: ModelWrapValidatorHandler[RTNConfig]) -> Any:
+        # Keys of the other format are refused where they stand (passes[0].bits), before field
+        # validation, so that a recipe error names the key and its value.
+        if isinstance(data, Mapping):
+            problems = _format_key_problems(data)
+            if problems:
+                raise ValidationError.from_exception_data(cls.__name__, problems)
+        return handler(data)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Only the keys of the chosen format: an integer recipe dumps as it always has (the
+        # manifest's recipe, resume), and a dump validates again.
+        data: dict[str, Any] = handler(self)
+        drop = ("format", *_FP8_ONLY) if self.format == "int" else _INT_ONLY
+        for key in drop:
+            data.pop(key, None)
+        if self.format != "int" and self.scaling == "block":
+            data["block_size"] = self.block_size or DEFAULT_FP8_BLOCK  # the size it used
+        elif self.format != "int":
+            data.pop("block_size", None)
+        return data
+
     def int_format(self) -> IntFormat:
+        """The integer format of ``format: int`` (its keys also have defaults otherwise)."""
         return IntFormat(self.bits, self.group_size, self.symmetric, self.scale_dtype)
+
+    def weight_format(self) -> Format:
+        """The format this pass quantizes weights to."""
+        if self.format == "int":
+            return self.int_format()
+        block = (self.block_size or DEFAULT_FP8_BLOCK) if self.scaling == "block" else None
+        return FP8Format("e4m3" if self.format == "fp8_e4m3" else "e5m2", self.scaling, block)
 
     def formats(self) -> list[Format]:
         """The formats this pass leaves on modules (their runtimes are prepared early)."""
-        return [self.int_format()]
+        return [self.weight_format()]
 
 
 def quantization_error(weight: torch.Tensor, record: QuantizedWeight) -> float:
@@ -72,8 +190,8 @@ def quantization_error(weight: torch.Tensor, record: QuantizedWeight) -> float:
 
 @register_pass("rtn", RTNConfig)
 def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport:
-    """Round-to-nearest integer quantization of Linear weights."""
-    fmt = config.int_format()
+    """Round-to-nearest quantization of Linear weights (integer or FP8)."""
+    fmt = config.weight_format()
     modules, skipped = select_weights(model, config.targets, config.ignore)
     if not modules:
         raise PassError(
@@ -107,8 +225,8 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
             set_quantized(module, tied[1], update_weight=False)
             report.touched.append(name)
             return
-        clip = choose_clip(weight, fmt, config.observer)
-        codes, scales, zeros = quantize_int(weight, fmt, clip_ratio=clip)
+        clip = choose_clip(weight, fmt, config.observer) if isinstance(fmt, IntFormat) else 1.0
+        codes, scales, zeros = fmt.quantize(weight, clip_ratio=clip)
         record = QuantizedWeight(codes, scales, zeros, fmt)
         report.per_module[name] = {"relative_error": quantization_error(weight, record)}
         if tied is not None:
