@@ -20,7 +20,7 @@ from compress.pipeline import Pipeline
 from compress.prune.prune import PruneConfig, prune
 from compress.quant.gptq import GPTQConfig, gptq
 from compress.quant.rtn import RTNConfig, rtn
-from compress.recipe import CalibrationSpec, ModelSpec, parse_recipe
+from compress.recipe import CalibrationSpec, ModelSpec, load_recipe, parse_recipe
 from compress.registry import PassContext, get_pass
 from compress.utils.hooks import capture_inputs
 from tests.conftest import make_byte_tokenizer, tiny_family_model
@@ -347,6 +347,14 @@ def test_sparsity_out_of_range_names_the_key(value):
 def test_unquoted_nm_pattern_says_to_quote_it():
     error = recipe_error(pattern=124)  # what YAML makes of `pattern: 2:4`
     assert "passes[0].pattern" in error.message and "quote it" in error.message
+
+
+def test_unquoted_nm_pattern_in_a_yaml_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: m\npasses:\n  - {pass: prune, method: wanda, pattern: 2:4}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert "r.yaml:3" in info.value.message and "quote it" in info.value.message
 
 
 def test_bad_pattern_and_contradicting_sparsity():
