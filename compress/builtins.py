@@ -6,8 +6,9 @@ from compress.lossless import entropy_code as _entropy
 from compress.prune import prune as _prune
 from compress.quant import awq as _awq
 from compress.quant import gptq as _gptq
+from compress.quant import rotate as _rotate
 from compress.quant import rtn as _rtn
 
 __all__ = ["BUILTIN_PASS_MODULES"]
 
-BUILTIN_PASS_MODULES = (_rtn, _gptq, _awq, _prune, _entropy)
+BUILTIN_PASS_MODULES = (_rotate, _rtn, _gptq, _awq, _prune, _entropy)

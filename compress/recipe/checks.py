@@ -15,7 +15,7 @@ __all__ = ["check_plan"]
 
 # Pass order: these rescale weights for the quantizers that follow them and must come first.
 _QUANTIZERS = ("rtn", "gptq")
-_BEFORE_QUANTIZERS = ("awq",)
+_BEFORE_QUANTIZERS = ("awq", "rotate")
 
 
 def check_plan(
@@ -63,9 +63,10 @@ def _order_problems(names: list[str], lines: LineMap) -> list[_Problem]:
             problems.append(
                 _Problem(
                     path,
-                    f"{name} comes after {quantizer} (passes[{first}]): {name} rescales weights "
+                    f"{name} comes after {quantizer} (passes[{first}]): {name} changes weights "
                     f"before they are quantized, and after {quantizer} it would break their codes",
-                    f"move {name} before {quantizer}, with the same bits and group_size",
+                    f"move {name} before {quantizer}"
+                    + (", with the same bits and group_size" if name == "awq" else ""),
                     _line(lines, path),
                 )
             )
