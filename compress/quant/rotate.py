@@ -89,16 +89,25 @@ def _set(parameter: nn.Parameter | torch.Tensor, value: torch.Tensor) -> None:
     parameter.data.copy_(value.to(parameter.dtype))
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise PassError(f"rotate: {type(module).__name__} has no weight tensor")
+    return weight
+
+
 def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
     """``W · diag(g)`` for each reader and ``g = 1``: the norm then only divides by the rms."""
-    scale = norm.weight.detach().double()
+    scale = _weight(norm).detach().double()
     for linear in readers:
         _set(linear.weight, linear.weight.detach().double() * scale[None, :])
-    _set(norm.weight, torch.ones_like(scale))
+    _set(_weight(norm), torch.ones_like(scale))
 
 
-def _read_rotated(linear: nn.Module, q: torch.Tensor) -> None:
-    _set(linear.weight, linear.weight.detach().double() @ q)
+def _read_rotated(module: nn.Module, q: torch.Tensor) -> None:
+    """A Linear reading the rotated stream (``W Q``), or the embedding writing it (``E Q``)."""
+    weight = _weight(module)
+    _set(weight, weight.detach().double() @ q)
 
 
 def _write_rotated(linear: nn.Linear, q: torch.Tensor) -> None:
