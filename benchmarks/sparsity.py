@@ -1,0 +1,129 @@
+"""Pruning quality on SmolLM2-135M: magnitude, Wanda and SparseGPT at 50% and 2:4 (and 4:8).
+
+Each method runs through the Pipeline API (the same path as ``compress apply``) with the
+settings of ``recipes/smollm2-*`` and is scored on 32 windows x 512 tokens of the builtin:wiki
+evaluation split against the original model: perplexity, KL(original || pruned), top-1.
+
+    python benchmarks/sparsity.py                         # all -> benchmarks/sparsity.{json,md}
+    python benchmarks/sparsity.py --methods wanda-2of4 --merge
+    python benchmarks/sparsity.py --table                 # the markdown table of the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+MODEL = "smollm2-135m"
+CALIBRATION = {"dataset": "builtin:wiki", "samples": 64, "seq_len": 512, "seed": 0}
+EVALUATE = {"perplexity": ["builtin:wiki"], "seq_len": 512, "max_windows": 32, "kl": True}
+
+METHODS: dict[str, dict[str, Any]] = {
+    "magnitude-50": {"method": "magnitude", "sparsity": 0.5},
+    "wanda-50": {"method": "wanda", "sparsity": 0.5},
+    "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
+    "magnitude-2of4": {"method": "magnitude", "pattern": "2:4"},
+    "wanda-2of4": {"method": "wanda", "pattern": "2:4"},
+    "sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4"},
+    "magnitude-4of8": {"method": "magnitude", "pattern": "4:8"},
+    "wanda-4of8": {"method": "wanda", "pattern": "4:8"},
+    "sparsegpt-4of8": {"method": "sparsegpt", "pattern": "4:8"},
+}
+
+
+def run_one(name: str) -> dict[str, Any]:
+    from compress.pipeline import Pipeline
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe(
+        {
+            "model": MODEL,
+            "calibration": CALIBRATION,
+            "passes": [{"pass": "prune", **METHODS[name]}],
+            "evaluate": EVALUATE,
+        },
+        source=name,
+    )
+    start = time.perf_counter()
+    result = Pipeline.from_recipe(recipe).run()
+    seconds = time.perf_counter() - start
+    quality = result.report["quality"]
+    entry = quality[0] if isinstance(quality, list) else quality
+    prune = result.report["passes"][0]
+    return {
+        "method": name,
+        "options": METHODS[name],
+        "sparsity": prune["metrics"]["sparsity"],
+        "quality": entry,
+        "timings": result.report.get("timings", {}),
+        "run_seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def machine() -> str:
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), "")
+    import os
+
+    import torch
+
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.machine()}"
+
+
+def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The markdown table of ``rows``."""
+    lines = [
+        "| method | pattern | sparsity | ppl | KL | top-1 | prune s | run s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        q = next(iter(row["quality"].values()))
+        pattern = row["options"].get("pattern", "unstructured")
+        lines.append(
+            f"| {row['options']['method']} | {pattern} | {row['sparsity']:.3f} | "
+            f"{q['perplexity']:.2f} | {q['kl_mean']:.3f} | {100 * q['top1_agreement']:.1f}% | "
+            f"{row['timings'].get('passes_s', float('nan')):.0f} | {row['run_seconds']:.0f} |"
+        )
+    reference = next(iter(rows[0]["quality"].values()))["reference_perplexity"] if rows else None
+    if reference is not None:
+        lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--merge", action="store_true", help="keep rows of methods not rerun")
+    parser.add_argument(
+        "--table", action="store_true", help="print the table of the JSON, run nothing"
+    )
+    args = parser.parse_args()
+    out = HERE / "sparsity.json"
+    if args.table:
+        saved = json.loads(out.read_text())
+        print(render(saved["meta"], saved["rows"]), end="")
+        return
+    rows: dict[str, Any] = {}
+    if args.merge and out.exists():
+        rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in args.methods:
+        print(f"== {name}", flush=True)
+        rows[name] = {**run_one(name), "date": datetime.date.today().isoformat()}
+        print(json.dumps(rows[name], indent=1, default=str), flush=True)
+        ordered = [rows[n] for n in METHODS if n in rows]
+        meta = {"model": MODEL, "calibration": CALIBRATION, "evaluate": EVALUATE}
+        meta["machine"] = machine()
+        out.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
