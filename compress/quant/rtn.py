@@ -9,12 +9,12 @@ Example recipe entries::
     passes:
       - {pass: rtn, bits: 4, group_size: 64, symmetric: true, observer: mse}
       - {pass: rtn, format: fp8_e4m3, scaling: channel}          # FP8 weights, fp32 scales
-      - {pass: rtn, format: fp8_e4m3, scaling: block, block_size: 64}
+      - {pass: rtn, format: fp8_e4m3, scaling: block, scale_block: 64}
 
 ``format`` names the number format (``int``, the default, or ``fp8_e4m3`` / ``fp8_e5m2``); the
 keys after it belong to one format each: ``bits``, ``group_size``, ``symmetric``,
 ``scale_dtype`` and ``observer: mse`` to ``int``; ``scaling`` (``tensor``, ``channel``, the
-default, or ``block``) and ``block_size`` (the side of a square 2-D block, default 128; edge
+default, or ``block``) and ``scale_block`` (the side of a square 2-D block, default 128; edge
 blocks may be partial) to FP8. A key of the other format is refused, naming it.
 """
 
@@ -52,7 +52,7 @@ __all__ = ["RTNConfig", "quantization_error", "rtn"]
 
 WeightFormat = Literal["int", "fp8_e4m3", "fp8_e5m2"]
 _INT_ONLY = ("bits", "group_size", "symmetric", "scale_dtype")
-_FP8_ONLY = ("scaling", "block_size")
+_FP8_ONLY = ("scaling", "scale_block")
 DEFAULT_FP8_BLOCK = 128  # DeepSeek-V3's weight blocks
 
 
@@ -76,7 +76,7 @@ def _format_key_problems(data: Mapping[Any, Any]) -> list[InitErrorDetails]:
             )
         elif chosen != "int" and key in _INT_ONLY:
             fix = (
-                "set scaling: block and block_size for finer scales" if key == "group_size" else ""
+                "set scaling: block and scale_block for finer scales" if key == "group_size" else ""
             )
             refuse(
                 key,
@@ -89,13 +89,13 @@ def _format_key_problems(data: Mapping[Any, Any]) -> list[InitErrorDetails]:
                 f"observer {data[key]} searches clip ratios on integer grids; format: {chosen} "
                 "takes observer: minmax",
             )
-        elif chosen != "int" and key == "block_size" and data[key] is not None:
+        elif chosen != "int" and key == "scale_block" and data[key] is not None:
             scaling = data.get("scaling", "channel")
             if scaling in ("tensor", "channel"):
                 refuse(
                     key,
-                    f"block_size needs scaling: block (scaling is {scaling}); set scaling: "
-                    "block, or drop block_size",
+                    f"scale_block needs scaling: block (scaling is {scaling}); set scaling: "
+                    "block, or drop scale_block",
                 )
     return problems
 
@@ -119,14 +119,14 @@ class RTNConfig(PassConfig):
     format: WeightFormat = Field(
         default="int",
         description="number format of the weights: int (bits, group_size, symmetric) or "
-        "fp8_e4m3 / fp8_e5m2 (scaling, block_size)",
+        "fp8_e4m3 / fp8_e5m2 (scaling, scale_block)",
     )
     scaling: Literal["tensor", "channel", "block"] = Field(
         default="channel",
         description="fp8 only: one scale per tensor, per output channel (the default) or per "
-        "square block of block_size",
+        "square block of scale_block",
     )
-    block_size: int | None = Field(
+    scale_block: int | None = Field(
         default=None,
         gt=0,
         description=f"fp8 with scaling: block: side of the square blocks sharing one scale "
@@ -160,9 +160,9 @@ class RTNConfig(PassConfig):
         for key in drop:
             data.pop(key, None)
         if self.format != "int" and self.scaling == "block":
-            data["block_size"] = self.block_size or DEFAULT_FP8_BLOCK  # the size it used
+            data["scale_block"] = self.scale_block or DEFAULT_FP8_BLOCK  # the size it used
         elif self.format != "int":
-            data.pop("block_size", None)
+            data.pop("scale_block", None)
         return data
 
     def int_format(self) -> IntFormat:
@@ -173,7 +173,7 @@ class RTNConfig(PassConfig):
         """The format this pass quantizes weights to."""
         if self.format == "int":
             return self.int_format()
-        block = (self.block_size or DEFAULT_FP8_BLOCK) if self.scaling == "block" else None
+        block = (self.scale_block or DEFAULT_FP8_BLOCK) if self.scaling == "block" else None
         return FP8Format("e4m3" if self.format == "fp8_e4m3" else "e5m2", self.scaling, block)
 
     def formats(self) -> list[Format]:

@@ -315,7 +315,7 @@ def test_tied_lm_head_shares_the_embedding_buffers():
         ({"format": "fp8_e4m3", "scaling": "tensor"}, FP8Format("e4m3", "tensor")),
         ({"format": "fp8_e4m3", "scaling": "block"}, FP8Format("e4m3", "block", 128)),
         (
-            {"format": "fp8_e5m2", "scaling": "block", "block_size": 64},
+            {"format": "fp8_e5m2", "scaling": "block", "scale_block": 64},
             FP8Format("e5m2", "block", 64),
         ),
     ],
@@ -351,13 +351,13 @@ def test_integer_rtn_recipes_are_unchanged():
         ({"format": "fp8_e4m3", "group_size": 64}, "group_size", "64"),
         ({"format": "fp8_e5m2", "symmetric": False}, "symmetric", "false"),
         ({"format": "fp8_e4m3", "observer": "mse"}, "observer", "'mse'"),
-        ({"format": "fp8_e4m3", "block_size": 64}, "block_size", "64"),
-        ({"format": "fp8_e4m3", "scaling": "tensor", "block_size": 64}, "block_size", "64"),
+        ({"format": "fp8_e4m3", "scale_block": 64}, "scale_block", "64"),
+        ({"format": "fp8_e4m3", "scaling": "tensor", "scale_block": 64}, "scale_block", "64"),
         ({"scaling": "block"}, "scaling", "'block'"),
-        ({"bits": 8, "block_size": 64}, "block_size", "64"),
+        ({"bits": 8, "scale_block": 64}, "scale_block", "64"),
         ({"format": "fp8"}, "format", "'fp8'"),
         ({"format": "fp8_e4m3", "scaling": "row"}, "scaling", "'row'"),
-        ({"format": "fp8_e4m3", "scaling": "block", "block_size": 0}, "block_size", "0"),
+        ({"format": "fp8_e4m3", "scaling": "block", "scale_block": 0}, "scale_block", "0"),
     ],
 )
 def test_bad_rtn_combinations_name_key_and_value(entry, key, value):
@@ -369,7 +369,7 @@ def test_bad_rtn_combinations_name_key_and_value(entry, key, value):
 
 
 @pytest.mark.parametrize(
-    "fmt_entry", [{"scaling": "channel"}, {"scaling": "block", "block_size": 16}]
+    "fmt_entry", [{"scaling": "channel"}, {"scaling": "block", "scale_block": 16}]
 )
 def test_rtn_leaves_fp8_records_and_dequantized_weights(tiny_llama, fmt_entry):
     model = copy.deepcopy(tiny_llama)
@@ -389,8 +389,8 @@ def test_rtn_leaves_fp8_records_and_dequantized_weights(tiny_llama, fmt_entry):
 @pytest.mark.parametrize("fmt_entry", [
     {"format": "fp8_e4m3", "scaling": "channel"},
     {"format": "fp8_e4m3", "scaling": "tensor"},
-    {"format": "fp8_e4m3", "scaling": "block", "block_size": 48},
-    {"format": "fp8_e5m2", "scaling": "block", "block_size": 64},
+    {"format": "fp8_e4m3", "scaling": "block", "scale_block": 48},
+    {"format": "fp8_e5m2", "scaling": "block", "scale_block": 64},
 ], ids=lambda e: "-".join(str(v) for v in e.values()))  # fmt: skip
 def test_export_reloads_with_equal_logits(tiny_llama_copy, byte_tokenizer, tmp_path, fmt_entry):
     targets = ["model.layers.*", "model.embed_tokens", "lm_head"]
@@ -453,7 +453,7 @@ def test_entropy_coded_fp8_export_reloads(tiny_llama_copy, byte_tokenizer, tmp_p
 def test_inspect_reads_an_fp8_export(tiny_llama_copy, byte_tokenizer, tmp_path, capsys):
     Pipeline(
         model=tiny_llama_copy,
-        passes=[RTNConfig(format="fp8_e4m3", scaling="block", block_size=48)],
+        passes=[RTNConfig(format="fp8_e4m3", scaling="block", scale_block=48)],
         tokenizer=byte_tokenizer,
         export=tmp_path / "export",
     ).run()
@@ -466,3 +466,13 @@ def test_inspect_reads_an_fp8_export(tiny_llama_copy, byte_tokenizer, tmp_path, 
     code = cli.run(["inspect", str(tmp_path / "export"), "--json"])
     data = json.loads(capsys.readouterr().out)
     assert code == 0 and data
+
+
+def test_gptq_block_size_is_not_an_fp8_key() -> None:
+    """GPTQ's config extends RTN's: its lazy-update ``block_size`` must stay its own (the FP8
+    block is ``scale_block``), accepted and kept in the dumped recipe."""
+    from compress.quant.gptq import GPTQConfig
+
+    config = GPTQConfig(bits=4, group_size=64, block_size=64)
+    assert config.block_size == 64 and config.model_dump()["block_size"] == 64
+    assert "scale_block" not in config.model_dump()

@@ -1,7 +1,7 @@
 """FP8 weight decoding on CPU: what each way of turning codes into a dense weight costs, against
 the bf16 GEMV it would feed (one thread, one activation row).
 
-    python benchmarks/fp8.py            # 4096 x 4096, prints milliseconds per call
+    python scripts/bench_fp8.py            # 4096 x 4096, prints milliseconds per call
 
 The reference kernel of :mod:`compress.formats.fp8.kernels` dequantizes the whole weight on every
 call; this measures whether a torch-only decode could pay, before a fused native kernel exists.
