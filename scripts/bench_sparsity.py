@@ -4,9 +4,9 @@ Each method runs through the Pipeline API (the same path as ``compress apply``) 
 settings of ``recipes/smollm2-*`` and is scored on 32 windows x 512 tokens of the builtin:wiki
 evaluation split against the original model: perplexity, KL(original || pruned), top-1.
 
-    python benchmarks/sparsity.py                         # all -> benchmarks/sparsity.{json,md}
-    python benchmarks/sparsity.py --methods wanda-2of4 --merge
-    python benchmarks/sparsity.py --table                 # the markdown table of the JSON
+    python scripts/bench_sparsity.py                         # all -> benchmarks/sparsity.{json,md}
+    python scripts/bench_sparsity.py --methods wanda-2of4 --merge
+    python scripts/bench_sparsity.py --table                 # the markdown table of the JSON
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 MODEL = "smollm2-135m"
 CALIBRATION = {"dataset": "builtin:wiki", "samples": 64, "seq_len": 512, "seed": 0}
 EVALUATE = {"perplexity": ["builtin:wiki"], "seq_len": 512, "max_windows": 32, "kl": True}
@@ -107,7 +107,7 @@ def main() -> None:
         "--table", action="store_true", help="print the table of the JSON, run nothing"
     )
     args = parser.parse_args()
-    out = HERE / "sparsity.json"
+    out = BENCHMARKS / "sparsity.json"
     if args.table:
         saved = json.loads(out.read_text())
         print(render(saved["meta"], saved["rows"]), end="")
