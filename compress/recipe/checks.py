@@ -15,7 +15,7 @@ __all__ = ["check_plan"]
 
 # Pass order: these rescale weights for the quantizers that follow them and must come first.
 _QUANTIZERS = ("rtn", "gptq")
-_BEFORE_QUANTIZERS = ("awq", "rotate")
+_BEFORE_QUANTIZERS = ("awq", "rotate", "prune")
 
 
 def check_plan(
