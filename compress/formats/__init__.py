@@ -1,9 +1,10 @@
 """Numeric formats as a registered family: one folder per kind (see :mod:`compress.formats.base`
 for the protocol and how a format is added).
 
-Builtin kinds: ``int`` (:mod:`compress.formats.int`), ``fp8`` (:mod:`compress.formats.fp8`). This package holds only what every kind
-shares (the protocol, the registry, bit packing); it imports no kind, so a kind's folder is
-imported when a format of that kind is first named (:data:`compress.formats.base.BUILTIN_KINDS`).
+Builtin kinds: ``int`` (:mod:`compress.formats.int`) and ``fp8`` (:mod:`compress.formats.fp8`).
+This package holds only what every kind shares (the protocol, the registry, bit packing); it
+imports no kind, so a kind's folder is imported when a format of that kind is first named
+(:data:`compress.formats.base.BUILTIN_KINDS`).
 """
 
 from compress.formats.base import (
