@@ -47,6 +47,7 @@ __all__ = [
     "register_format",
     "register_runtime",
     "runtime_for",
+    "share_buffers",
 ]
 
 
@@ -220,3 +221,30 @@ def runtime_for(fmt: Format) -> FormatRuntime:
             f"format kind {kind!r} registered no runtime (in {_RUNTIME_MODULES[kind]})"
         )
     return _RUNTIMES[kind]
+
+
+def share_buffers(target: nn.Module, source: nn.Module, names: tuple[str, ...]) -> None:
+    """Make ``source``'s stored tensors ``target``'s own (same shapes and dtypes; a name both
+    lack, e.g. symmetric zero points, is skipped): a tied ``lm_head`` and the embedding it is tied
+    to then hold one copy of the codes. Any format's packed modules use it."""
+    for name in names:
+        mine, theirs = getattr(target, name, None), getattr(source, name, None)
+        if mine is None and theirs is None:
+            continue
+        if not (
+            isinstance(mine, torch.Tensor)
+            and isinstance(theirs, torch.Tensor)
+            and mine.shape == theirs.shape
+            and mine.dtype == theirs.dtype
+        ):
+
+            def held(tensor: object) -> object:
+                if isinstance(tensor, torch.Tensor):
+                    return (tuple(tensor.shape), tensor.dtype)
+                return None
+
+            raise ValueError(
+                f"cannot share {name}: {type(source).__name__} holds {held(theirs)}, "
+                f"this module {held(mine)}"
+            )
+        target._buffers[name] = theirs

@@ -24,6 +24,7 @@ import os
 import torch
 from torch import nn
 
+from compress.formats.base import share_buffers
 from compress.formats.fp8 import kernels
 from compress.formats.fp8.packed import PackedFP8
 from compress.formats.fp8.spec import FP8Format
@@ -105,19 +106,7 @@ class FP8Linear(nn.Module):
     def share_buffers(self, source: nn.Module) -> None:
         """Use ``source``'s stored tensors (same format and shape) as this module's: a tied
         ``lm_head`` and the embedding it is tied to hold one copy of the codes."""
-        for name in _BUFFERS:
-            mine, theirs = getattr(self, name), getattr(source, name, None)
-            if not (
-                isinstance(theirs, torch.Tensor)
-                and mine.shape == theirs.shape
-                and mine.dtype == theirs.dtype
-            ):
-                raise ValueError(
-                    f"cannot share {name}: {type(source).__name__} holds "
-                    f"{None if theirs is None else (tuple(theirs.shape), theirs.dtype)}, "
-                    f"this module {(tuple(mine.shape), mine.dtype)}"
-                )
-            self._buffers[name] = theirs
+        share_buffers(self, source, _BUFFERS)
 
     def packed(self) -> PackedFP8:
         """The stored tensors and the format: what the kernels read."""

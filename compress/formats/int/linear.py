@@ -24,6 +24,7 @@ import os
 import torch
 from torch import nn
 
+from compress.formats.base import share_buffers
 from compress.formats.int import kernels
 from compress.formats.int.packed import PackedInt, unpack_zeros
 from compress.formats.int.spec import IntFormat
@@ -111,22 +112,7 @@ class QuantLinear(nn.Module):
     def share_buffers(self, source: nn.Module) -> None:
         """Use ``source``'s packed tensors (same format and shape) as this module's: a tied
         ``lm_head`` and the embedding it is tied to hold one copy of the codes."""
-        for name in ("qweight", "scales", "qzeros"):
-            mine, theirs = getattr(self, name), getattr(source, name, None)
-            same = (mine is None and theirs is None) or (
-                mine is not None
-                and theirs is not None
-                and mine.shape == theirs.shape
-                and mine.dtype == theirs.dtype
-            )
-            if not same:
-                raise ValueError(
-                    f"cannot share {name}: {type(source).__name__} holds "
-                    f"{None if theirs is None else (tuple(theirs.shape), theirs.dtype)}, "
-                    f"this module {None if mine is None else (tuple(mine.shape), mine.dtype)}"
-                )
-            if theirs is not None:
-                self._buffers[name] = theirs
+        share_buffers(self, source, ("qweight", "scales", "qzeros"))
 
     def codes(self) -> torch.Tensor:
         """(N, K) uint8 codes, unpacked."""
