@@ -45,7 +45,7 @@ from compress.prune.wanda_math import accumulate_squares, wanda_mask
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import for_each_layer, run_sequential
 from compress.utils.hooks import capture_inputs
-from compress.utils.modules import decoder_layers, select_linears
+from compress.utils.modules import select_decoder_linears
 
 __all__ = ["PruneConfig", "prune"]
 
@@ -120,16 +120,13 @@ class PruneConfig(PassConfig):
 @register_pass("prune", PruneConfig, calibrated=True)
 def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassReport:
     """Weight pruning (magnitude, Wanda, SparseGPT), unstructured or N:M."""
-    modules, skipped = select_linears(model, config.targets, config.ignore)
-    prefix, _ = decoder_layers(model)
-    for name in [n for n in modules if not n.startswith(prefix + ".")]:
-        del modules[name]
-        skipped[name] = "outside the decoder layers: prune works on decoder layers only"
-    if not modules:
-        raise PassError(
-            "prune: no Linear module in the decoder layers matched the targets",
-            hint="check the targets/ignore patterns against model.named_modules()",
-        )
+    modules, skipped = select_decoder_linears(
+        model,
+        config.targets,
+        config.ignore,
+        pass_name="prune",
+        why="prune works on decoder layers only",
+    )
     _check_modules(modules, config)
     calibration = None
     if config.method != "magnitude":

@@ -31,7 +31,7 @@ from compress.quant.rtn import RTNConfig, quantization_error
 from compress.registry import PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
 from compress.utils.hooks import capture_inputs
-from compress.utils.modules import decoder_layers, select_linears
+from compress.utils.modules import select_decoder_linears
 
 __all__ = ["GPTQConfig", "gptq"]
 
@@ -54,16 +54,13 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
     """GPTQ weight quantization, calibrated layer by layer."""
     calibration = context.require_calibration("gptq")
     fmt = config.int_format()
-    modules, skipped = select_linears(model, config.targets, config.ignore)
-    prefix, _ = decoder_layers(model)
-    for name in [n for n in modules if not n.startswith(prefix + ".")]:
-        del modules[name]
-        skipped[name] = "outside the decoder layers: gptq calibrates decoder layers only"
-    if not modules:
-        raise PassError(
-            "gptq: no Linear module in the decoder layers matched the targets",
-            hint="check the targets/ignore patterns against model.named_modules()",
-        )
+    modules, skipped = select_decoder_linears(
+        model,
+        config.targets,
+        config.ignore,
+        pass_name="gptq",
+        why="gptq calibrates decoder layers only",
+    )
     check_group_sizes(modules, fmt)
 
     report = PassReport(name="gptq", skipped=skipped)

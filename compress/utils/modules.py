@@ -14,6 +14,7 @@ __all__ = [
     "decoder_layers",
     "embed_scale_of",
     "match_any",
+    "select_decoder_linears",
     "select_linears",
     "select_weights",
     "untie_",
@@ -58,6 +59,29 @@ def select_linears(
     """
     selected, skipped = select_weights(model, targets, ignore, embeddings=False)
     return {n: m for n, m in selected.items() if isinstance(m, nn.Linear)}, skipped
+
+
+def select_decoder_linears(
+    model: nn.Module,
+    targets: Sequence[str] | None,
+    ignore: Sequence[str],
+    *,
+    pass_name: str,
+    why: str,
+) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """:func:`select_linears` for a pass that works layer by layer on the decoder: a targeted
+    Linear outside the decoder layers is skipped with ``why``, and nothing left is an error."""
+    modules, skipped = select_linears(model, targets, ignore)
+    prefix, _ = decoder_layers(model)
+    for name in [n for n in modules if not n.startswith(prefix + ".")]:
+        del modules[name]
+        skipped[name] = f"outside the decoder layers: {why}"
+    if not modules:
+        raise PassError(
+            f"{pass_name}: no Linear module in the decoder layers matched the targets",
+            hint="check the targets/ignore patterns against model.named_modules()",
+        )
+    return modules, skipped
 
 
 def select_weights(
