@@ -223,6 +223,10 @@ def runtime_for(fmt: Format) -> FormatRuntime:
     return _RUNTIMES[kind]
 
 
+def _held(tensor: object) -> tuple[tuple[int, ...], torch.dtype] | None:
+    return (tuple(tensor.shape), tensor.dtype) if isinstance(tensor, torch.Tensor) else None
+
+
 def share_buffers(target: nn.Module, source: nn.Module, names: tuple[str, ...]) -> None:
     """Make ``source``'s stored tensors ``target``'s own (same shapes and dtypes; a name both
     lack, e.g. symmetric zero points, is skipped): a tied ``lm_head`` and the embedding it is tied
@@ -231,20 +235,9 @@ def share_buffers(target: nn.Module, source: nn.Module, names: tuple[str, ...]) 
         mine, theirs = getattr(target, name, None), getattr(source, name, None)
         if mine is None and theirs is None:
             continue
-        if not (
-            isinstance(mine, torch.Tensor)
-            and isinstance(theirs, torch.Tensor)
-            and mine.shape == theirs.shape
-            and mine.dtype == theirs.dtype
-        ):
-
-            def held(tensor: object) -> object:
-                if isinstance(tensor, torch.Tensor):
-                    return (tuple(tensor.shape), tensor.dtype)
-                return None
-
+        if _held(mine) is None or _held(mine) != _held(theirs):
             raise ValueError(
-                f"cannot share {name}: {type(source).__name__} holds {held(theirs)}, "
-                f"this module {held(mine)}"
+                f"cannot share {name}: {type(source).__name__} holds {_held(theirs)}, "
+                f"this module {_held(mine)}"
             )
         target._buffers[name] = theirs
