@@ -21,11 +21,19 @@ weights off zero (the mask record then no longer describes the weights; see
 ``tests/prune/test_prune.py``). ``prune`` after a quantizer is refused: the codes would not match
 the pruned weights.
 
-Example recipe entry (quote N:M patterns: YAML reads ``2:4`` as the number 124)::
+``structure: heads | channels | layers`` instead removes whole key/value head groups, MLP
+channels or decoder layers, ranked by calibration activations, and leaves a physically smaller
+model whose config says so (:mod:`compress.prune.structured`); ``sparsity`` is then the fraction
+of that structure removed, or ``remove`` a count.
+
+Example recipe entries (quote N:M patterns: YAML reads ``2:4`` as the number 124)::
 
     calibration: {dataset: builtin:wiki, samples: 128, seq_len: 512}
     passes:
       - {pass: prune, method: sparsegpt, pattern: "2:4"}
+    # or, structured:
+      - {pass: prune, structure: channels, sparsity: 0.3333}
+      - {pass: prune, structure: layers, remove: 2}
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from compress.errors import PassError
 from compress.ir import SparsityMask, attach, get_quantized
 from compress.prune.masks import nm_mask, parse_pattern, pruned_per_row, row_mask
 from compress.prune.sparsegpt_math import accumulate_gram, sparsegpt_prune
+from compress.prune.structured import prune_structured
 from compress.prune.wanda_math import accumulate_squares, wanda_mask
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import for_each_layer, run_sequential
@@ -53,8 +62,10 @@ __all__ = ["PruneConfig", "prune"]
 class PruneConfig(PassConfig):
     """Settings of the ``prune`` pass."""
 
-    method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
-        default="wanda", description="importance score (and, for sparsegpt, weight update)"
+    method: Literal["magnitude", "wanda", "sparsegpt"] | None = Field(
+        default=None,
+        description="structure weights: importance score (and, for sparsegpt, weight update); "
+        "default wanda",
     )
     sparsity: float | None = Field(
         default=None,
@@ -79,6 +90,23 @@ class PruneConfig(PassConfig):
         default=0.01, gt=0, le=1, description="sparsegpt: fraction of mean(diag H) added to it"
     )
     batch_size: int = Field(default=8, gt=0, description="calibration samples per forward")
+    structure: Literal["weights", "heads", "channels", "layers"] = Field(
+        default="weights",
+        description="'weights': single weights (unstructured or N:M, the model keeps its shape); "
+        "'heads' (whole key/value groups with their query heads), 'channels' (MLP channels), "
+        "'layers' (decoder layers): remove whole structures, the model gets smaller",
+    )
+    remove: int | None = Field(
+        default=None,
+        gt=0,
+        description="structured: how many key/value groups (per layer), MLP channels (per layer) "
+        "or layers to remove; instead of sparsity",
+    )
+    score: Literal["l2", "mean_abs"] | None = Field(
+        default=None,
+        description="structure heads/channels: aggregate of |activation| over calibration tokens "
+        "that ranks them (default l2); layers are ranked by block influence",
+    )
 
     @field_validator("pattern", mode="before")
     @classmethod
@@ -91,6 +119,59 @@ class PruneConfig(PassConfig):
         if isinstance(value, str):
             parse_pattern(value)  # ValueError names the value
         return value
+
+    @model_validator(mode="after")
+    def _structure_keys(self) -> PruneConfig:
+        if self.structure == "weights":
+            for key in ("remove", "score"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"{key} {getattr(self, key)!r} applies to structured pruning only; "
+                        "add structure: heads, channels or layers (or leave it out)"
+                    )
+            return self
+        where = f"structure {self.structure!r}"
+        if self.pattern != "unstructured":
+            raise ValueError(
+                f"pattern {self.pattern!r} with {where}: an N:M pattern zeroes single weights, "
+                f"{where} removes whole {self.structure}; leave pattern out (or drop structure "
+                "for N:M sparsity)"
+            )
+        if self.method is not None:
+            raise ValueError(
+                f"method {self.method!r} with {where}: the method chooses single weights "
+                f"(sparsegpt also updates them); {where} ranks whole {self.structure} by "
+                "calibration activations; leave method out (score: l2 or mean_abs chooses the "
+                "ranking)"
+            )
+        defaults: dict[str, Any] = {
+            "targets": None,
+            "ignore": [],
+            "block_size": 128,
+            "dampening": 0.01,
+        }
+        for key, default in defaults.items():
+            if getattr(self, key) != default:
+                raise ValueError(
+                    f"{key} {getattr(self, key)!r} does not apply to {where}: every decoder "
+                    "layer keeps the same widths; leave it out"
+                )
+        if self.sparsity is None and self.remove is None:
+            raise ValueError(
+                f"{where} needs how much to remove: sparsity (the fraction of {self.structure}, "
+                "e.g. 0.25) or remove (a count, e.g. remove: 8)"
+            )
+        if self.sparsity is not None and self.remove is not None:
+            raise ValueError(
+                f"sparsity {self.sparsity} and remove {self.remove} both given with {where}; "
+                "keep one"
+            )
+        if self.structure == "layers" and self.score is not None:
+            raise ValueError(
+                f"score {self.score!r} with {where}: layers are ranked by block influence "
+                "(1 - cos of a layer's input and output); leave score out"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sparsity_matches_pattern(self) -> PruneConfig:
@@ -109,6 +190,11 @@ class PruneConfig(PassConfig):
         return parse_pattern(self.pattern)
 
     @property
+    def weight_method(self) -> Literal["magnitude", "wanda", "sparsegpt"]:
+        """The weight-level method (wanda unless chosen)."""
+        return self.method or "wanda"
+
+    @property
     def fraction(self) -> float:
         """The fraction of weights each pruned row loses."""
         nm = self.nm
@@ -119,7 +205,17 @@ class PruneConfig(PassConfig):
 
 @register_pass("prune", PruneConfig, calibrated=True)
 def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassReport:
-    """Weight pruning (magnitude, Wanda, SparseGPT), unstructured or N:M."""
+    """Weight pruning (magnitude, Wanda, SparseGPT), unstructured or N:M; or structured."""
+    if config.structure != "weights":
+        return prune_structured(
+            model,
+            config.structure,
+            context,
+            fraction=config.sparsity,
+            count=config.remove,
+            score=config.score or "l2",
+            batch_size=config.batch_size,
+        )
     modules, skipped = select_decoder_linears(
         model,
         config.targets,
@@ -129,8 +225,8 @@ def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassRe
     )
     _check_modules(modules, config)
     calibration = None
-    if config.method != "magnitude":
-        calibration = context.require_calibration(f"prune (method {config.method})")
+    if config.weight_method != "magnitude":
+        calibration = context.require_calibration(f"prune (method {config.weight_method})")
     report = PassReport(name="prune", skipped=skipped)
 
     if calibration is None:
@@ -158,7 +254,7 @@ def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassRe
 
             def collect(name: str, inputs: torch.Tensor) -> None:
                 held, count = stats.get(name, (None, 0))
-                if config.method == "wanda":
+                if config.weight_method == "wanda":
                     stats[name] = (accumulate_squares(held, inputs), 1)
                 else:
                     stats[name] = accumulate_gram(held, inputs, count)
@@ -169,7 +265,7 @@ def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassRe
                 held, count = stats.pop(name, (None, 0))
                 if held is None or count == 0:
                     raise PassError(f"prune: layer {name} saw no calibration input")
-                if config.method == "wanda":
+                if config.weight_method == "wanda":
                     mask = wanda_mask(module.weight, held, config.fraction, config.nm)
                     _apply(name, module, mask, None, config, report)
                 else:
@@ -190,7 +286,7 @@ def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassRe
             calibration,
             step,
             batch_size=config.batch_size,
-            description=f"prune layers ({config.method})",
+            description=f"prune layers ({config.weight_method})",
             progress=context.progress,
             layers=context.layers,
             report=report,
@@ -214,7 +310,7 @@ def _check_modules(modules: dict[str, nn.Linear], config: PruneConfig) -> None:
     """Fail before any work, naming the layer: shapes the pattern cannot tile, quantized
     weights."""
     nm = config.nm
-    if nm is not None and config.method == "sparsegpt" and config.block_size % nm[1]:
+    if nm is not None and config.weight_method == "sparsegpt" and config.block_size % nm[1]:
         raise PassError(
             f"prune: block_size {config.block_size} is not a multiple of M={nm[1]} "
             f"(pattern {config.pattern})",
