@@ -69,6 +69,14 @@ def finished_layers(work_dir: Path) -> int:
     return sum(1 for _ in work_dir.glob("pass*-layer*.safetensors"))
 
 
+def pass_checkpoints(work_dir: Path) -> list[str]:
+    """Names of the whole-model passes (``pass03-distill``) with a checkpoint in ``work_dir``."""
+    work_dir = Path(work_dir)
+    if not (work_dir / _RUN_FILE).is_file():
+        return []
+    return sorted(p.name for p in work_dir.glob("pass*-*") if p.is_dir() and any(p.iterdir()))
+
+
 def remove_work_dir(export_dir: Path) -> bool:
     """Remove the checkpoints of a run exporting to ``export_dir``; whether there were any."""
     work_dir = work_dir_for(export_dir)
@@ -161,6 +169,7 @@ class LayerStore(LayerAccess):
 
     def _open(self, fingerprint: str) -> None:
         run_file = self.work_dir / _RUN_FILE
+        self._fingerprint = fingerprint
         if self._resume:
             if not run_file.is_file():
                 raise RecipeError(
@@ -177,7 +186,6 @@ class LayerStore(LayerAccess):
             return
         # created with the first finished layer: a run that fails early leaves nothing behind
         shutil.rmtree(self.work_dir, ignore_errors=True)
-        self._fingerprint = fingerprint
 
     def close(self) -> None:
         """Remove the checkpoints: the run finished and its export is complete."""
@@ -185,6 +193,21 @@ class LayerStore(LayerAccess):
 
     def begin_pass(self, index: int) -> None:
         self.pass_index = index
+
+    def pass_folder(self, name: str) -> Path | None:
+        self._start_run()
+        return self.work_dir / f"pass{self.pass_index:02d}-{name}"
+
+    @property
+    def resuming(self) -> bool:
+        return self._resume
+
+    def _start_run(self) -> None:
+        """Create the work folder with its run file (fingerprint), on the first checkpoint."""
+        if not self.work_dir.is_dir():
+            self.work_dir.mkdir(parents=True)
+            run = {"fingerprint": self._fingerprint, "layers": len(self.blocks)}
+            (self.work_dir / _RUN_FILE).write_text(json.dumps(run))
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -236,10 +259,7 @@ class LayerStore(LayerAccess):
         hidden: list[torch.Tensor] | None,
         report: PassReport | None,
     ) -> None:
-        if not self.work_dir.is_dir():
-            self.work_dir.mkdir(parents=True)
-            run = {"fingerprint": self._fingerprint, "layers": len(self.blocks)}
-            (self.work_dir / _RUN_FILE).write_text(json.dumps(run))
+        self._start_run()
         path = self._layer_file(index)
         fragment: dict[str, Any] = {}
         if report is not None:

@@ -49,6 +49,7 @@ from compress.offload import (
     SourceWeights,
     empty_skeleton,
     finished_layers,
+    pass_checkpoints,
     remove_work_dir,
     work_dir_for,
 )
@@ -260,6 +261,7 @@ class Pipeline:
         target = self.export.dir
         work_dir = work_dir_for(target)
         layers = finished_layers(work_dir)
+        passes = pass_checkpoints(work_dir)
         written = (target / MANIFEST_NAME).is_file() and _identity(target) != before
         if written:
             return RunInterrupted(
@@ -269,10 +271,12 @@ class Pipeline:
                 resumable=False,
                 advice="run again with --overwrite for the report, or `compress eval` it",
             )
-        if layers:
+        if layers or passes:
+            saved = [f"{layers} finished layer checkpoint(s)"] if layers else []
+            saved += [f"the {name.split('-', 1)[1]} pass's checkpoint" for name in passes]
             return RunInterrupted(
                 signum,
-                f"no export yet; {layers} finished layer checkpoint(s) kept in {work_dir}",
+                f"no export yet; {' and '.join(saved)} kept in {work_dir}",
                 resumable=True,
                 advice="",
             )
@@ -332,7 +336,10 @@ class Pipeline:
     ) -> RunResult:
         start = time.perf_counter()
         context = PassContext(
-            progress=self.progress, strict=self.strict, teacher_loader=self._teacher(reference)
+            progress=self.progress,
+            strict=self.strict,
+            tokenizer=tokenizer,
+            teacher_loader=self._teacher(reference),
         )
         if store is not None:
             context.layers = store

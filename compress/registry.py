@@ -10,6 +10,7 @@ import importlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -75,6 +76,16 @@ class LayerAccess:
         """Make these tensors outside the decoder layers usable for the duration (export)."""
         yield
 
+    def pass_folder(self, name: str) -> Path | None:
+        """A folder for the current pass's own checkpoints (a whole-model pass such as
+        ``distill``), kept beside the export for ``--resume``; ``None``: nothing is kept."""
+        return None
+
+    @property
+    def resuming(self) -> bool:
+        """Whether this run continues an interrupted one (``--resume``)."""
+        return False
+
     def load(self, index: int, layer: nn.Module, *, codes_only: bool = False) -> None:
         """Make layer ``index`` usable (its weights in memory) before a pass works on it.
 
@@ -113,6 +124,8 @@ class PassContext:
     calibration_source: str = ""
     # how layer-wise passes get and put decoder layers (in memory unless the pipeline offloads)
     layers: LayerAccess = field(default_factory=LayerAccess)
+    # the model's tokenizer, for passes that read text of their own (distill); set by the pipeline
+    tokenizer: Any = None
     # builds the original model (the teacher) on first use; set by the pipeline
     teacher_loader: Callable[[], nn.Module] | None = None
     _teacher: nn.Module | None = field(default=None, init=False, repr=False)
@@ -149,6 +162,8 @@ class PassReport:
     metrics: dict[str, float] = field(default_factory=dict)
     per_module: dict[str, dict[str, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what a user should know (e.g. untied)
+    # curves over the pass's own progress (distill: loss and held-out KL against steps)
+    series: dict[str, list[float]] = field(default_factory=dict)
 
     def check_strict(self, strict: bool) -> None:
         """Under ``--strict`` a skipped module is a failure, not a note."""
@@ -167,6 +182,7 @@ class PassReport:
             "metrics": dict(self.metrics),
             "per_module": {k: dict(v) for k, v in self.per_module.items()},
             **({"notes": list(self.notes)} if self.notes else {}),
+            **({"series": {k: list(v) for k, v in self.series.items()}} if self.series else {}),
         }
 
 

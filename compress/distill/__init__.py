@@ -1,0 +1,1 @@
+"""Teacher→student distillation: the ``distill`` pass and its training loop."""

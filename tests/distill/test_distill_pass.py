@@ -1,0 +1,259 @@
+"""The ``distill`` pass end to end: through the pipeline, killed and resumed, and on two
+processes under ``accelerate launch``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from compress.distill.distill import DistillConfig
+from compress.pipeline import Pipeline
+from compress.quant.rtn import RTNConfig
+from compress.recipe import ModelSpec
+from tests.conftest import make_byte_tokenizer
+
+_WORDS = "the cat sat on a mat while rain fell over quiet hills and rivers ran to the sea"
+_WORDS_LIST = _WORDS.split()
+_RUN_CLI = "import sys; from compress.cli import run; sys.exit(run(sys.argv[1:]))"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        initializer_range=0.15,  # peaked predictions, so that rounding damage shows in the KL
+    )
+    folder = tmp_path_factory.mktemp("distill-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for _ in range(80):
+        picks = torch.randint(len(_WORDS_LIST), (30,), generator=generator).tolist()
+        lines.append(" ".join(_WORDS_LIST[i] for i in picks))
+    path = tmp_path_factory.mktemp("distill-text") / "train.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _distill(text_file: Path, **overrides: object) -> DistillConfig:
+    settings: dict[str, object] = {
+        "dataset": str(text_file),
+        "samples": 16,
+        "seq_len": 32,
+        "held_out": 4,
+        "steps": 12,
+        "gradient_accumulation": 2,
+        "eval_every": 4,
+        "checkpoint_every": 2,
+        "lr": 3e-3,
+        "scale_lr": 3e-3,
+    }
+    settings.update(overrides)
+    return DistillConfig.model_validate(settings)
+
+
+def test_distilling_an_int3_model_lowers_its_kl_at_the_same_bits(model_dir, text_file, tmp_path):
+    rtn = RTNConfig(bits=3, group_size=32)
+    plain = Pipeline(ModelSpec(name=str(model_dir)), [rtn], export=tmp_path / "rtn").run()
+    result = Pipeline(
+        ModelSpec(name=str(model_dir)), [rtn, _distill(text_file)], export=tmp_path / "distilled"
+    ).run()
+    report = result.report["passes"][1]
+    metrics = report["metrics"]
+    assert metrics["held_out_kl_after"] < 0.8 * metrics["held_out_kl_before"]
+    assert metrics["steps"] == 12 and metrics["tokens"] == 12 * 2 * 32
+    series = report["series"]
+    assert series["step"] == [float(s) for s in range(1, 13)] and len(series["loss"]) == 12
+    assert series["eval_step"] == [0.0, 4.0, 8.0, 12.0]
+    assert series["eval_kl"][0] == metrics["held_out_kl_before"]
+    size, plain_size = result.report["size"], plain.report["size"]
+    assert size["quantized_bits_per_weight"] == plain_size["quantized_bits_per_weight"]
+    assert size["export_bytes"] == plain_size["export_bytes"]
+
+
+def test_bad_settings_are_refused_with_the_key_named(text_file) -> None:
+    with pytest.raises(ValidationError, match="teacher_top_k"):
+        _distill(text_file, teacher_top_k=8, temperature=2.0)
+    with pytest.raises(ValidationError, match="beta"):
+        _distill(text_file, loss="jsd", beta=1.5)
+    with pytest.raises(ValidationError, match="extra"):
+        _distill(text_file, learning_rate=1e-3)
+
+
+def _weights(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _recipe(path: Path, model_dir: Path, text_file: Path, out: Path) -> Path:
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            model: {str(model_dir)!r}
+            passes:
+              - {{pass: rtn, bits: 3, group_size: 32}}
+              - {{pass: distill, dataset: {str(text_file)!r}, samples: 16, seq_len: 32,
+                 held_out: 4, steps: 8, gradient_accumulation: 2, eval_every: 2,
+                 checkpoint_every: 2, lr: 3.0e-3, scale_lr: 3.0e-3, teacher_top_k: 16}}
+            export: {{dir: {str(out)!r}}}
+            """
+        )
+    )
+    return path
+
+
+def test_killed_run_resumes_to_the_same_weights(model_dir, text_file, tmp_path) -> None:
+    """SIGKILL right after the step-4 checkpoint; ``--resume`` ends bit-identical to a run that
+    was never interrupted (the teacher's top-k cache is read back, not recomputed)."""
+    env = {**os.environ, "COMPRESS_NATIVE": "0"}
+    plain_out, out = tmp_path / "plain", tmp_path / "resumed"
+    plain_recipe = _recipe(tmp_path / "plain.yaml", model_dir, text_file, plain_out)
+    recipe = _recipe(tmp_path / "recipe.yaml", model_dir, text_file, out)
+    args = ["--no-evaluate"]
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_CLI, "apply", str(plain_recipe), *args],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    killer = textwrap.dedent(
+        """\
+        import os, signal, sys
+        import torch
+        from compress.cli import run
+        replace = os.replace
+        def replace_then_die(src, dst):
+            replace(src, dst)
+            if str(dst).endswith("distill-state.pt"):
+                if torch.load(dst, weights_only=False)["step"] == 4:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        os.replace = replace_then_die
+        sys.exit(run(sys.argv[1:]))
+        """
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", killer, "apply", str(recipe), *args],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert not out.exists()
+    work = out.parent / f".{out.name}.work"
+    assert any(work.glob("pass01-distill/teacher-top16-*.safetensors"))
+    resumed = subprocess.run(
+        [sys.executable, "-c", _RUN_CLI, "apply", str(recipe), *args, "--resume"],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert "resuming at step 4" in resumed.stderr.decode()
+    assert _weights(out) == _weights(plain_out)
+    report = json.loads((out / "report.json").read_text())
+    assert any("resumed" in note for note in report["passes"][1]["notes"])
+
+
+_JOB = textwrap.dedent(
+    """\
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from compress.distill.distill import DistillConfig, distill
+    from compress.registry import PassContext
+
+    folder, text, accumulation, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    student = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(0.9)  # a damaged student with the teacher's shapes
+    config = DistillConfig(dataset=text, samples=16, seq_len=32, held_out=4, steps=6,
+                           gradient_accumulation=accumulation, batch_size=2, eval_every=3,
+                           lr=5e-4)
+    context = PassContext(tokenizer=tokenizer,
+                          teacher_loader=lambda: AutoModelForCausalLM.from_pretrained(folder))
+    report = distill(student, config, context)
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        weights = {n: p.detach().double().sum().item() for n, p in student.named_parameters()}
+        json.dump({"series": report.series, "weights": weights,
+                   "processes": PartialState().num_processes}, open(out, "w"))
+    """
+)
+
+
+def test_two_processes_follow_the_one_process_loss_curve(model_dir, text_file, tmp_path) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` on a machine without GPUs (two CPU
+    ranks over gloo) with accumulation 1, against one process with accumulation 2: the same
+    global batches, so the same curve."""
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("the accelerate launcher is not installed beside this Python")
+    job = tmp_path / "job.py"
+    job.write_text(_JOB)
+    env = {**os.environ, "COMPRESS_NATIVE": "0", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, str(job), str(model_dir), str(text_file), "2", str(tmp_path / "one.json")],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr.decode()[-2000:]
+    launch = [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+    ]
+    double = subprocess.run(
+        [*launch, str(job), str(model_dir), str(text_file), "1", str(tmp_path / "two.json")],
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    assert double.returncode == 0, double.stderr.decode()[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["series"]["step"] == two["series"]["step"]
+    assert two["series"]["loss"] == pytest.approx(one["series"]["loss"], rel=1e-4)
+    assert two["series"]["eval_kl"] == pytest.approx(one["series"]["eval_kl"], rel=1e-4)
+    assert one["series"]["eval_kl"][-1] < one["series"]["eval_kl"][0]
+    for name, total in one["weights"].items():
+        assert two["weights"][name] == pytest.approx(total, rel=1e-4, abs=1e-5), name

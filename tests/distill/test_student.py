@@ -1,0 +1,100 @@
+"""What distillation trains: float weights, scales over frozen codes, masks kept; undone after."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import LlamaForCausalLM
+
+from compress.distill.student import prepare_student
+from compress.distill.trainer import TrainSettings, train_student
+from compress.ir import SparsityMask, get, get_quantized, quantized_modules
+from compress.prune.prune import PruneConfig, prune
+from compress.quant.rtn import RTNConfig, rtn
+from compress.registry import PassContext
+
+WINDOWS = torch.randint(0, 256, (12, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(WINDOWS[:2]).logits
+
+
+def _train(student_model, teacher, steps: int = 4, **kwargs) -> None:
+    student = prepare_student(student_model, **kwargs)
+    settings = TrainSettings(steps=steps, accumulation=2, lr=1e-3, scale_lr=1e-3)
+    no_held_out = WINDOWS[:0]  # no evaluation: the last weights are kept, whatever they are
+    train_student(student, teacher, WINDOWS[:8], no_held_out, settings)
+    student.finish()
+
+
+def test_quantized_linears_train_their_scales_and_keep_their_codes(tiny_llama) -> None:
+    student = copy.deepcopy(tiny_llama)
+    rtn(student, RTNConfig(bits=3, group_size=32), PassContext())
+    before = {n: (r.codes.clone(), r.scales.clone()) for n, r in quantized_modules(student).items()}
+    prepared = prepare_student(student)
+    names = set(prepared.named_trainable())
+    assert "model.layers.0.mlp.down_proj.quant_scales" in names
+    assert not any(n.endswith("proj.weight") for n in names)
+    assert "model.norm.weight" in names  # float tensors train as they are
+    prepared.finish()
+
+    _train(student, tiny_llama)
+    after = quantized_modules(student)
+    assert set(after) == set(before)
+    changed = 0
+    for name, record in after.items():
+        codes, scales = before[name]
+        assert torch.equal(record.codes, codes), name  # bits and codes unchanged
+        assert record.scales.dtype == scales.dtype
+        changed += int(not torch.equal(record.scales, scales))
+        module = student.get_submodule(name)
+        assert isinstance(module.weight, torch.nn.Parameter)
+        assert torch.equal(module.weight.detach(), record.dequantize(module.weight.dtype))
+    assert changed == len(after)
+
+
+def test_pruned_weights_stay_pruned(tiny_llama) -> None:
+    student = copy.deepcopy(tiny_llama)
+    prune(student, PruneConfig(method="magnitude", pattern="2:4"), PassContext())
+    module = student.model.layers[1].mlp.up_proj
+    kept_before = module.weight.detach().clone()
+    _train(student, tiny_llama)
+    mask = get(module, SparsityMask)
+    assert mask is not None
+    weight = module.weight.detach()
+    assert torch.count_nonzero(weight[~mask.mask]) == 0
+    assert not torch.equal(weight[mask.mask], kept_before[mask.mask])  # the rest did train
+
+
+def test_freeze_patterns_and_dtypes_are_restored(tiny_llama) -> None:
+    student = copy.deepcopy(tiny_llama)
+    student.to(torch.bfloat16)
+    frozen = student.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    _train(student, tiny_llama, freeze=["model.layers.0.self_attn"])
+    assert torch.equal(student.model.layers[0].self_attn.q_proj.weight.detach(), frozen)
+    assert not torch.equal(
+        student.model.layers[1].self_attn.q_proj.weight.detach().float(),
+        tiny_llama.model.layers[1].self_attn.q_proj.weight.bfloat16().float(),
+    )
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_a_tied_quantized_embedding_stays_frozen_with_a_note(tiny_llama) -> None:
+    config = copy.deepcopy(tiny_llama.config)
+    config.tie_word_embeddings = True
+    student = LlamaForCausalLM(config).eval()
+    rtn(
+        student,
+        RTNConfig(bits=8, group_size=32, targets=["model.embed_tokens", "lm_head"]),
+        PassContext(),
+    )
+    assert get_quantized(student.lm_head) is not None
+    prepared = prepare_student(student)
+    assert "lm_head.quant_scales" not in prepared.named_trainable()
+    assert any("tied" in note for note in prepared.frozen_notes)
+    prepared.finish()
+    assert student.lm_head.weight is student.model.embed_tokens.weight
