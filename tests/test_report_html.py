@@ -202,3 +202,25 @@ def test_chromium_renders_the_plots(three_runs: list[Path], tmp_path: Path) -> N
         if max(r, g, b) - min(r, g, b) > 60
     )
     assert coloured > 5000
+
+
+def test_a_distilled_run_gets_its_training_curve(three_runs: list[Path], tmp_path: Path) -> None:
+    result = run_result(3, 25.0, 75_000_000, 2.0)
+    series = {
+        "step": [1.0, 2.0, 3.0, 4.0],
+        "loss": [0.9, 0.7, 0.6, 0.55],
+        "eval_step": [0.0, 2.0, 4.0],
+        "eval_kl": [1.0, 0.7, 0.6],
+    }
+    result["passes"].append({"name": "distill", "metrics": {}, "series": series})
+    write_report(result, tmp_path / "distilled")
+    runs = [*three_runs, tmp_path / "distilled"]
+    comparison = compare_runs([(p.name, json.loads((p / "report.json").read_text())) for p in runs])
+    curves = {row["name"]: row["training"] for row in comparison["runs"]}
+    assert curves["distilled"] == series
+    assert curves["int4"] is None and curves["original"] is None
+    plots = render_plots(comparison)
+    assert list(plots) == ["Quality vs size", "Per-layer error", "Speed", "Training"]
+    image = Image.open(io.BytesIO(plots["Training"]))
+    assert image.width > 300 and image.height > 200
+    assert "Training" not in render_plots(compare_runs([("int4", run_result(4, 22, 9, 1.0))]))

@@ -181,6 +181,11 @@ def _windows(config: DistillConfig, context: PassContext) -> tuple[torch.Tensor,
 @register_pass("distill", DistillConfig)
 def distill(model: nn.Module, config: DistillConfig, context: PassContext) -> PassReport:
     """Teacher→student distillation of whatever the earlier passes left trainable."""
+    if any(p.is_meta for p in model.parameters()):
+        raise PassError(
+            "distill trains every layer at once and needs the whole model in memory",
+            hint="run without --offload (model.offload: false)",
+        )
     train_windows, held_out = _windows(config, context)
     teacher = _teacher(config, context)
     if _vocab(teacher) != _vocab(model):

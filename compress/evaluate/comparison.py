@@ -54,6 +54,19 @@ def _run_label(result: Mapping[str, Any], fallback: str) -> str:
     return f"{fallback} ({'+'.join(names)})" if names else fallback
 
 
+def _training_curve(result: Mapping[str, Any]) -> dict[str, list[float]] | None:
+    """The loss and held-out KL against steps of the run's (last) training pass, if any."""
+    curve = None
+    for entry in _list(result, "passes"):
+        series = entry.get("series") if isinstance(entry, Mapping) else None
+        if isinstance(series, Mapping) and series.get("step"):
+            curve = {
+                key: [float(v) for v in series.get(key, []) if _is_number(v)]
+                for key in ("step", "loss", "eval_step", "eval_kl")
+            }
+    return curve
+
+
 def compare_runs(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
     """One JSON-able row per run, plus the original model's row (from the first run's numbers).
 
@@ -85,6 +98,7 @@ def compare_runs(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any
                 "compression_s": (passes_s or 0) + (export_s or 0)
                 if _is_number(passes_s)
                 else None,
+                "training": _training_curve(result),
                 "per_layer_error": {
                     module: float(values["relative_error"])
                     for entry in _list(result, "passes")
@@ -109,6 +123,7 @@ def compare_runs(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, Any
                 "tokens_per_s": speed.get("reference_tokens_per_s"),
                 "peak_memory_bytes": speed.get("reference_peak_memory_bytes"),
                 "compression_s": None,
+                "training": None,
                 "per_layer_error": {},
             }
     datasets = [next(iter(_section(r, "quality")), None) for _, r in runs]

@@ -13,7 +13,8 @@ Plots, drawn with matplotlib's Agg backend (no display needed):
   included, with the Pareto front (runs no other run beats on both size and quality);
 - per-layer error: the relative weight error of every quantized layer, per run, in model order,
   so the layers that lost most stand out;
-- speed: tokens/s and peak memory where the runs measured them, and compression time per stage.
+- speed: tokens/s and peak memory where the runs measured them, and compression time per stage;
+- training: the loss and the held-out KL against steps of runs with a ``distill`` pass.
 """
 
 from __future__ import annotations
@@ -188,6 +189,31 @@ def _speed_plot(comparison: Mapping[str, Any]) -> bytes | None:
     return data
 
 
+def _training_plot(comparison: Mapping[str, Any]) -> bytes | None:
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in comparison["runs"] if r.get("training")]
+    if not runs:
+        return None
+    figure, (loss_axis, kl_axis) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for run in runs:
+        curve = run["training"]
+        loss_axis.plot(curve["step"], curve["loss"], linewidth=0.9, label=str(run["name"]))
+        if curve["eval_kl"]:
+            kl_axis.plot(curve["eval_step"], curve["eval_kl"], marker="o", label=str(run["name"]))
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("training loss")
+    kl_axis.set_xlabel("optimizer step")
+    kl_axis.set_ylabel("held-out KL (nats per token)")
+    for axis in (loss_axis, kl_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle("distillation")
+    data = _png(figure)
+    plt.close(figure)
+    return data
+
+
 def render_plots(comparison: Mapping[str, Any]) -> dict[str, bytes]:
     """Title → PNG bytes of every plot the runs have data for."""
     import matplotlib
@@ -198,6 +224,7 @@ def render_plots(comparison: Mapping[str, Any]) -> dict[str, bytes]:
         ("Quality vs size", _quality_plot),
         ("Per-layer error", _layer_plot),
         ("Speed", _speed_plot),
+        ("Training", _training_plot),
     ):
         png = draw(comparison)
         if png is not None:
