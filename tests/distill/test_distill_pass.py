@@ -257,3 +257,46 @@ def test_two_processes_follow_the_one_process_loss_curve(model_dir, text_file, t
     assert one["series"]["eval_kl"][-1] < one["series"]["eval_kl"][0]
     for name, total in one["weights"].items():
         assert two["weights"][name] == pytest.approx(total, rel=1e-4, abs=1e-5), name
+
+
+@pytest.mark.parametrize(
+    "name", ["smollm2-w3-gptq-distill.yaml", "smollm2-2of4-distill.yaml"], ids=["w3", "2of4"]
+)
+def test_shipped_distill_recipes_run_their_passes_on_a_tiny_model(
+    name: str, model_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """The recipes' passes and distill settings (bf16 autocast, freeze patterns, schedule) on a
+    tiny Llama, with data and steps shrunk: the same code path, minutes less."""
+    from compress.recipe import CalibrationSpec, load_recipe
+    from compress.registry import config_for
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / name)
+    passes = []
+    for config in recipe.passes:
+        if config_for(config).name == "distill":
+            update = {"dataset": str(text_file), "samples": 8, "held_out": 2, "seq_len": 32}
+            update |= {"steps": 4, "gradient_accumulation": 2, "eval_every": 2, "max_minutes": 1}
+            config = config.model_copy(update=update)
+            assert config.freeze == ["model.embed_tokens", "lm_head"]
+        elif hasattr(config, "group_size"):
+            config = config.model_copy(update={"group_size": 32})
+        passes.append(config)
+    result = Pipeline(
+        ModelSpec(name=str(model_dir)),
+        passes,
+        calibration=CalibrationSpec(dataset=str(text_file), samples=4, seq_len=32),
+        export=tmp_path / "out",
+    ).run()
+    report = result.report["passes"][-1]
+    assert report["name"] == "distill" and report["metrics"]["steps"] == 4
+    original = LlamaForCausalLM.from_pretrained(model_dir)
+    decoder = {
+        n: p for n, p in original.named_parameters() if not n.startswith(("model.embed", "lm_"))
+    }
+    norms = sum(p.numel() for n, p in decoder.items() if p.dim() == 1)
+    linears = [p for p in decoder.values() if p.dim() == 2]
+    if name.startswith("smollm2-w3"):  # scales (one per row and group of 32) and norms
+        expected = norms + sum(p.shape[0] * p.shape[1] // 32 for p in linears)
+    else:  # every decoder weight (pruned positions stay zero) and norms
+        expected = norms + sum(p.numel() for p in linears)
+    assert report["metrics"]["trainable_parameters"] == expected
