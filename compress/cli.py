@@ -27,6 +27,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -69,6 +70,7 @@ class RichProgress:
             console=console,
             transient=False,
         )
+        self._running: list[TaskID] = []
 
     def __enter__(self) -> RichProgress:
         self._bar.start()
@@ -81,6 +83,7 @@ class RichProgress:
         if total is None and hasattr(items, "__len__"):
             total = len(items)  # type: ignore[arg-type]
         task = self._bar.add_task(description, total=total)
+        self._running.append(task)
         done = 0
         try:
             for item in items:
@@ -96,6 +99,11 @@ class RichProgress:
             if total is None or done != total:
                 self._bar.update(task, total=done, completed=done)
             self._bar.stop_task(task)
+            self._running.remove(task)
+
+    def describe(self, description: str) -> None:
+        if self._running:
+            self._bar.update(self._running[-1], description=description)
 
     def log(self, message: str) -> None:
         self._bar.console.log(escape(message))

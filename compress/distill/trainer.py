@@ -362,7 +362,8 @@ def train_student(
         if not finished and start == 0 and len(held_out):
             evaluate(0)
         clock = time.perf_counter()
-        seconds_before = history.seconds
+        seconds_before, tokens_before = history.seconds, history.tokens
+        describe = getattr(progress, "describe", None)
         step = start
         for step in progress.track(
             range(start, settings.steps), "distill", total=settings.steps - start
@@ -394,6 +395,11 @@ def train_student(
                 train_windows.shape[1] * settings.batch_size * settings.accumulation * world
             )
             history.seconds = seconds_before + time.perf_counter() - clock
+            if describe is not None:
+                rate = (history.tokens - tokens_before) / max(
+                    history.seconds - seconds_before, 1e-9
+                )
+                describe(f"distill · loss {history.loss[-1]:.4f} · {rate:.0f} tokens/s")
             done = step + 1
             if len(held_out) and (done % settings.eval_every == 0 or done == settings.steps):
                 evaluate(done)

@@ -1,7 +1,9 @@
 """A minimal progress interface so library code reports progress without printing.
 
 Library functions take a :class:`Progress` and call :meth:`Progress.track`; the CLI passes a
-rich-backed implementation, Python users get :class:`NullProgress` (or their own).
+rich-backed implementation, Python users get :class:`NullProgress` (or their own). An
+implementation may also offer ``describe(text)``, renaming the innermost running bar (training
+shows its loss and tokens/s there); callers look it up with ``getattr``, so it stays optional.
 """
 
 from __future__ import annotations
@@ -31,4 +33,7 @@ class NullProgress:
         yield from items
 
     def log(self, message: str) -> None:
+        return None
+
+    def describe(self, description: str) -> None:
         return None

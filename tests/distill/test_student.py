@@ -98,3 +98,43 @@ def test_a_tied_quantized_embedding_stays_frozen_with_a_note(tiny_llama) -> None
     assert any("tied" in note for note in prepared.frozen_notes)
     prepared.finish()
     assert student.lm_head.weight is student.model.embed_tokens.weight
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.descriptions: list[str] = []
+        self.lines: list[str] = []
+
+    def track(self, items, description, total=None):
+        yield from items
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+    def describe(self, description: str) -> None:
+        self.descriptions.append(description)
+
+
+def test_the_bar_shows_loss_and_tokens_per_second(tiny_llama) -> None:
+    student = prepare_student(copy.deepcopy(tiny_llama))
+    progress = _Recorder()
+    settings = TrainSettings(steps=3, accumulation=1, eval_every=3)
+    train_student(student, tiny_llama, WINDOWS[:4], WINDOWS[8:10], settings, progress=progress)
+    student.finish()
+    assert len(progress.descriptions) == 3
+    assert all("loss" in d and "tokens/s" in d for d in progress.descriptions)
+    assert [line.split(":")[0] for line in progress.lines] == [
+        "distill step 0/3",
+        "distill step 3/3",
+    ]
+
+
+def test_rich_progress_renames_the_running_bar() -> None:
+    from compress.cli import RichProgress
+
+    bar = RichProgress()
+    for _ in bar.track(range(2), "distill"):
+        bar.describe("distill · loss 0.5")
+    assert bar._bar.tasks[-1].description == "distill · loss 0.5"
+    bar.describe("no bar running: ignored")
+    assert bar._bar.tasks[-1].description == "distill · loss 0.5"
