@@ -542,3 +542,15 @@ def test_recipe_passes_on_smollm2(smollm2):
     with torch.no_grad():
         out = model(ids[:2], labels=ids[:2])
     assert torch.isfinite(out.loss) and out.loss < 6
+
+
+def test_recipe_order_check_refuses_structured_prune_after_a_quantizer(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "model: m\npasses:\n  - {pass: gptq, bits: 4}\n"
+        "  - {pass: prune, structure: layers, remove: 2}\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert "r.yaml:4" in info.value.message and "prune comes after gptq" in info.value.message
+    assert "move prune before gptq" in (info.value.hint or "")
