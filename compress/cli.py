@@ -226,6 +226,14 @@ def apply(
     except KeyboardInterrupt as stop:
         code = 128 + getattr(stop, "signum", signal.SIGINT)
         raise _Interrupted("interrupted: no export was written", code) from None
+    process = result.report.get("process", {})
+    if process.get("writes") is False:
+        out.print(
+            f"process {process['rank']} of {process['processes']}: passes done; process 0 "
+            "writes the export and the report",
+            markup=False,
+        )
+        return
     table = Table(title=escape(f"compress apply {recipe}"))
     table.add_column("metric")
     table.add_column("original", justify="right")

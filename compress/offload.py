@@ -153,8 +153,12 @@ class LayerStore(LayerAccess):
         fingerprint: str,
         resume: bool = False,
         source: SourceWeights | None = None,
+        read_only: bool = False,
     ) -> None:
         self.model = model
+        # another process of the same run (rank > 0) writes nothing: it reads rank 0's
+        # checkpoints on --resume and otherwise recomputes what rank 0 saves
+        self.read_only = read_only
         self.work_dir = Path(work_dir)
         self.source = source
         self.prefix, self.blocks = decoder_layers(model)
@@ -184,12 +188,15 @@ class LayerStore(LayerAccess):
                     hint="rerun without --resume to start over",
                 )
             return
+        if self.read_only:
+            return
         # created with the first finished layer: a run that fails early leaves nothing behind
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def close(self) -> None:
         """Remove the checkpoints: the run finished and its export is complete."""
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        if not self.read_only:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def begin_pass(self, index: int) -> None:
         self.pass_index = index
@@ -204,8 +211,8 @@ class LayerStore(LayerAccess):
 
     def _start_run(self) -> None:
         """Create the work folder with its run file (fingerprint), on the first checkpoint."""
-        if not self.work_dir.is_dir():
-            self.work_dir.mkdir(parents=True)
+        if not self.read_only and not (self.work_dir / _RUN_FILE).is_file():
+            self.work_dir.mkdir(parents=True, exist_ok=True)
             run = {"fingerprint": self._fingerprint, "layers": len(self.blocks)}
             (self.work_dir / _RUN_FILE).write_text(json.dumps(run))
 
@@ -259,6 +266,8 @@ class LayerStore(LayerAccess):
         hidden: list[torch.Tensor] | None,
         report: PassReport | None,
     ) -> None:
+        if self.read_only:
+            return
         self._start_run()
         path = self._layer_file(index)
         fragment: dict[str, Any] = {}

@@ -67,6 +67,7 @@ from compress.recipe import (
 from compress.registry import PassConfig, PassContext, PassReport, config_for
 from compress.utils.fs import remove_stale_temporaries, target_lock
 from compress.utils.memory import map_large_blocks
+from compress.utils.processes import process_rank
 from compress.utils.progress import NullProgress, Progress
 
 __all__ = ["Pipeline", "RunInterrupted", "RunResult"]
@@ -161,6 +162,7 @@ class Pipeline:
         self.progress = progress or NullProgress()
         self.strict = strict
         self.resume = resume
+        self._follower = False  # rank > 0 of a multi-process launch (set by run)
         spec_offload = isinstance(model, ModelSpec) and model.offload
         self.offload = spec_offload if offload is None else offload
         if self.offload and isinstance(model, nn.Module):
@@ -209,6 +211,15 @@ class Pipeline:
         The export target is locked for the whole run, so a second run into it fails at once.
         Ctrl-C and SIGTERM remove what is half-written and raise :class:`RunInterrupted`.
         """
+        rank, world = process_rank()
+        if world > 1 and self.offload:
+            raise RecipeError(
+                f"--offload with {world} processes: the layer store is one process's",
+                hint="offload in a single process, or run several processes without offload",
+            )
+        self._follower = rank > 0
+        if self._follower:
+            return self._follow(rank, world)
         self._check_early()
         target = self.export.dir if self.export is not None else None
         before = _identity(target) if target is not None else None
@@ -226,6 +237,47 @@ class Pipeline:
             if target is None or error.errno not in _WRITE_ERRNOS:
                 raise
             raise self._write_error(error, target) from None
+
+    def _context(
+        self, tokenizer: Any, reference: nn.Module | None, store: LayerStore | None
+    ) -> PassContext:
+        """What the passes get: progress, tokenizer, the teacher, layers, calibration."""
+        context = PassContext(
+            progress=self.progress,
+            strict=self.strict,
+            tokenizer=tokenizer,
+            teacher_loader=self._teacher(reference),
+        )
+        if store is not None:
+            context.layers = store
+        if any(config_for(c).calibrated for c in self.passes):
+            spec = self.calibration
+            self.progress.log(
+                f"calibration: {spec.samples} x {spec.seq_len} tokens of {spec.dataset}"
+            )
+            context.calibration = calibration_batch(
+                tokenizer, spec.dataset, spec.samples, spec.seq_len, spec.seed
+            )
+            context.calibration_source = spec.dataset
+        return context
+
+    def _follow(self, rank: int, world: int) -> RunResult:
+        """Rank ``rank`` > 0 of ``accelerate launch`` / torchrun: the same passes as rank 0 (a
+        ``distill`` pass trains in step with it), reading rank 0's checkpoints on ``--resume``;
+        no export, evaluation or lock of its own: rank 0 writes."""
+        check_plan(self.passes, calibration=self.calibration, export=None, evaluate=None)
+        self.progress = NullProgress()  # rank 0 shows the bars and logs
+        _prepare_runtimes(self.passes)
+        model, tokenizer, _ = self._load()
+        store = self._layer_store(model)
+        context = self._context(tokenizer, None, store)
+        reports = []
+        for index, config in enumerate(self.passes):
+            if store is not None:
+                store.begin_pass(index)
+            reports.append(config_for(config).fn(model, config, context))
+        report = {"process": {"rank": rank, "processes": world, "writes": False}}
+        return RunResult(model, tokenizer, None, report, reports)
 
     def _check_early(self) -> None:
         """What would otherwise fail after the expensive part: refused before loading."""
@@ -335,23 +387,7 @@ class Pipeline:
         original_bytes: int,
     ) -> RunResult:
         start = time.perf_counter()
-        context = PassContext(
-            progress=self.progress,
-            strict=self.strict,
-            tokenizer=tokenizer,
-            teacher_loader=self._teacher(reference),
-        )
-        if store is not None:
-            context.layers = store
-        if any(config_for(c).calibrated for c in self.passes):
-            spec = self.calibration
-            self.progress.log(
-                f"calibration: {spec.samples} x {spec.seq_len} tokens of {spec.dataset}"
-            )
-            context.calibration = calibration_batch(
-                tokenizer, spec.dataset, spec.samples, spec.seq_len, spec.seed
-            )
-            context.calibration_source = spec.dataset
+        context = self._context(tokenizer, reference, store)
         reports = []
         for index, config in enumerate(self.passes):
             entry = config_for(config)
@@ -504,7 +540,12 @@ class Pipeline:
             return None
         source = SourceWeights(self._folder()) if self.offload else None
         store = LayerStore(
-            model, work_dir, fingerprint=self._fingerprint(), resume=self.resume, source=source
+            model,
+            work_dir,
+            fingerprint=self._fingerprint(),
+            resume=self.resume,
+            source=source,
+            read_only=self._follower,
         )
         if self.resume:
             self.progress.log(f"resuming from the checkpoints in {work_dir}")

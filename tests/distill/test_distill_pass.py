@@ -300,3 +300,60 @@ def test_shipped_distill_recipes_run_their_passes_on_a_tiny_model(
     else:  # every decoder weight (pruned positions stay zero) and norms
         expected = norms + sum(p.numel() for p in linears)
     assert report["metrics"]["trainable_parameters"] == expected
+
+
+def _apply_recipe(path: Path, model_dir: Path, text_file: Path, out: Path, accumulation: int):
+    path.write_text(
+        textwrap.dedent(
+            f"""\
+            model: {str(model_dir)!r}
+            passes:
+              - {{pass: rtn, bits: 3, group_size: 32}}
+              - {{pass: distill, dataset: {str(text_file)!r}, samples: 16, seq_len: 32,
+                 held_out: 4, steps: 4, gradient_accumulation: {accumulation}, eval_every: 2,
+                 lr: 3.0e-3, scale_lr: 3.0e-3}}
+            export: {{dir: {str(out)!r}}}
+            """
+        )
+    )
+    return path
+
+
+def test_compress_apply_under_accelerate_launch(model_dir, text_file, tmp_path) -> None:
+    """``accelerate launch -m compress.cli apply``: both processes run the passes, they train
+    in step, process 0 alone writes the export; it matches one process with twice the
+    accumulation."""
+    from safetensors.torch import load_file
+
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if launcher is None:
+        pytest.skip("the accelerate launcher is not installed beside this Python")
+    env = {**os.environ, "COMPRESS_NATIVE": "0", "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run(
+        [sys.executable, "-c", _RUN_CLI, "apply", "--no-evaluate",
+         str(_apply_recipe(tmp_path / "one.yaml", model_dir, text_file, one, 2))],
+        env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr.decode()[-2000:]
+    launch = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29518"]  # fmt: skip
+    recipe = _apply_recipe(tmp_path / "two.yaml", model_dir, text_file, two, 1)
+    double = subprocess.run(
+        [*launch, "-m", "compress.cli", "apply", "--no-evaluate", str(recipe)],
+        env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert double.returncode == 0, double.stderr.decode()[-3000:]
+    assert "process 1 of 2: passes done" in double.stdout.decode()
+    assert not (two.parent / f".{two.name}.work").exists()
+    ours = {k: v for p in sorted(two.glob("*.safetensors")) for k, v in load_file(p).items()}
+    theirs = {k: v for p in sorted(one.glob("*.safetensors")) for k, v in load_file(p).items()}
+    assert ours.keys() == theirs.keys()
+    for key, tensor in ours.items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(tensor.float(), theirs[key].float(), rtol=2e-3, atol=1e-5)
+        else:
+            assert torch.equal(tensor, theirs[key]), key
+    report = json.loads((two / "report.json").read_text())
+    assert report["passes"][1]["metrics"]["steps"] == 4
