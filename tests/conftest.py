@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 
 import datasets
 import huggingface_hub.constants
@@ -64,6 +65,72 @@ def tiny_llama() -> LlamaForCausalLM:
 def tiny_llama_copy(tiny_llama: LlamaForCausalLM) -> LlamaForCausalLM:
     """A private copy of ``tiny_llama`` that a test may change in place."""
     return copy.deepcopy(tiny_llama)
+
+
+def save_tiny_llama(folder: Path, *, layers: int, seed: int, **overrides: object) -> Path:
+    """A random tiny Llama (hidden 64, 4 heads over 2 key/value heads, vocab 256, untied head)
+    and the byte tokenizer, saved in ``folder`` as a Hugging Face model folder."""
+    settings: dict[str, object] = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 256,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+    }
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**settings)).save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+_WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "rain",
+    "fell",
+    "over",
+    "quiet",
+    "hills",
+    "and",
+    "rivers",
+    "ran",
+    "to",
+    "the",
+    "sea",
+    "under",
+    "grey",
+    "skies",
+    "where",
+    "ships",
+    "sailed",
+    "past",
+    "old",
+    "towers",
+]
+
+
+def write_word_text(path: Path, *, lines: int, words: int, vocabulary: int = len(_WORDS)) -> Path:
+    """``lines`` lines of ``words`` words drawn (seeded) from the first ``vocabulary`` words of a
+    small word list: calibration or training text for tiny models, the same on every run."""
+    generator = torch.Generator().manual_seed(0)
+    chosen = _WORDS[:vocabulary]
+    text = [
+        " ".join(
+            chosen[i] for i in torch.randint(len(chosen), (words,), generator=generator).tolist()
+        )
+        for _ in range(lines)
+    ]
+    path.write_text("\n".join(text) + "\n")
+    return path
 
 
 def make_byte_tokenizer() -> PreTrainedTokenizerFast:

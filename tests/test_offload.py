@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from compress.errors import RecipeError
 from compress.offload import LayerStore, work_dir_for
@@ -25,47 +24,21 @@ from compress.quant.gptq import GPTQConfig
 from compress.quant.rtn import RTNConfig
 from compress.recipe import CalibrationSpec, ModelSpec
 
-from .conftest import make_byte_tokenizer
+from .conftest import save_tiny_llama, write_word_text
 
 LAYERS = 4
 _RUN_CLI = "import sys; from compress.cli import run; sys.exit(run(sys.argv[1:]))"
-_TEXT = (
-    "the cat sat on a mat while rain fell over quiet hills and rivers ran to the sea under grey "
-    "skies where ships sailed past old towers"
-)
-WORDS = _TEXT.split()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 4-layer Llama with untied head and a byte tokenizer, saved as a HF folder."""
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama-4")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    make_byte_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4"), layers=LAYERS, seed=1)
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    lines = []
-    for _ in range(60):
-        picks = torch.randint(len(WORDS), (40,), generator=generator).tolist()
-        lines.append(" ".join(WORDS[i] for i in picks))
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_word_text(tmp_path_factory.mktemp("text") / "calib.txt", lines=60, words=40)
 
 
 def _passes() -> list:

@@ -15,49 +15,28 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from compress.distill.distill import DistillConfig
 from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig
 from compress.recipe import ModelSpec
-from tests.conftest import make_byte_tokenizer
+from tests.conftest import save_tiny_llama, write_word_text
 
-_WORDS = "the cat sat on a mat while rain fell over quiet hills and rivers ran to the sea"
-_WORDS_LIST = _WORDS.split()
 _RUN_CLI = "import sys; from compress.cli import run; sys.exit(run(sys.argv[1:]))"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        initializer_range=0.15,  # peaked predictions, so that rounding damage shows in the KL
-    )
+    # peaked predictions (a larger init), so that rounding damage shows in the KL
     folder = tmp_path_factory.mktemp("distill-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    make_byte_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, layers=2, seed=3, initializer_range=0.15)
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    lines = []
-    for _ in range(80):
-        picks = torch.randint(len(_WORDS_LIST), (30,), generator=generator).tolist()
-        lines.append(" ".join(_WORDS_LIST[i] for i in picks))
     path = tmp_path_factory.mktemp("distill-text") / "train.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_word_text(path, lines=80, words=30, vocabulary=16)
 
 
 def _distill(text_file: Path, **overrides: object) -> DistillConfig:

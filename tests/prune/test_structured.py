@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from compress.errors import PassError, RecipeError
 from compress.export.writer import export_model
@@ -26,7 +26,7 @@ from compress.quant.gptq import GPTQConfig, gptq
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import CalibrationSpec, ModelSpec, load_recipe, parse_recipe
 from compress.registry import LayerAccess, PassContext
-from tests.conftest import make_byte_tokenizer, tiny_family_model
+from tests.conftest import save_tiny_llama, tiny_family_model, write_word_text
 
 FAMILIES = ["llama", "gemma3_text"]
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-prune25.yaml"
@@ -311,50 +311,13 @@ def test_gptq_after_structured_prune():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama-3")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    make_byte_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-3"), layers=3, seed=1)
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "while",
-        "rain",
-        "fell",
-        "over",
-        "quiet",
-        "hills",
-        "and",
-        "rivers",
-        "ran",
-    ]
-    lines = [
-        " ".join(words[i] for i in torch.randint(len(words), (40,), generator=generator).tolist())
-        for _ in range(40)
-    ]
     path = tmp_path_factory.mktemp("text") / "calib.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_word_text(path, lines=40, words=40, vocabulary=15)
 
 
 def test_pipeline_prunes_then_quantizes_and_exports(model_dir, text_file, tmp_path):
