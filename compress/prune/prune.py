@@ -16,10 +16,10 @@ Results: pruned weights are zero in place and each pruned Linear carries a
 sparse format yet), so an export reloads with the same logits but is not smaller.
 
 With quantization: prune first. A later ``rtn`` keeps zeros exactly (zero is a grid point of
-every integer format it writes); a later ``gptq`` does NOT: its error feedback moves pruned
-weights off zero (the mask record then no longer describes the weights; see
-``tests/prune/test_prune.py``). ``prune`` after a quantizer is refused: the codes would not match
-the pruned weights.
+every integer format it writes); a later ``gptq`` reads the mask, gives pruned positions the
+code of zero and feeds their weight back as rounding error, so pruning and quantization share
+one error compensation and the zeros stay (``tests/prune/test_prune_pass.py``). ``prune`` after
+a quantizer is refused: the codes would not match the pruned weights.
 
 ``structure: heads | channels | layers`` instead removes whole key/value head groups, MLP
 channels or decoder layers, ranked by calibration activations, and leaves a physically smaller

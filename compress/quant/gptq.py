@@ -24,7 +24,7 @@ from torch import nn
 
 from compress.errors import PassError
 from compress.formats.int import IntFormat
-from compress.ir import QuantizedWeight, set_quantized
+from compress.ir import QuantizedWeight, SparsityMask, get, set_quantized
 from compress.quant.checks import check_group_sizes
 from compress.quant.gptq_math import accumulate_hessian, gptq_quantize
 from compress.quant.rtn import RTNConfig, quantization_error
@@ -155,6 +155,7 @@ def _quantize_module(
     *,
     consume: bool = False,
 ) -> None:
+    mask = get(module, SparsityMask)  # a pruned layer: its zeros stay zero (gptq_quantize keep)
     result = gptq_quantize(
         module.weight.detach(),
         hessian,
@@ -164,6 +165,7 @@ def _quantize_module(
         act_order=config.act_order,
         observer=config.observer,
         consume_hessian=consume,
+        keep=None if mask is None else mask.mask,
     )
     record = QuantizedWeight(result.codes, result.scales, result.zeros, fmt)
     report.per_module[name] = {

@@ -110,8 +110,15 @@ def gptq_quantize(
     act_order: bool = False,
     observer: Observer = "minmax",
     consume_hessian: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> GPTQResult:
     """GPTQ codes of ``weight`` (out, in) given the input Hessian ``hessian`` (in, in).
+
+    ``keep`` (out, in) bool, from a pruning pass's mask: positions that are False get the code
+    of exact zero (every integer format has one), and their rounding error (the whole current
+    weight) is fed back to the columns not yet quantized like any other: pruning and
+    quantization then share one error compensation (SparseGPT's joint mode with a fixed mask),
+    and the zeros stay zero. Group scales are chosen from the kept weights only.
 
     ``damp`` is the fraction of ``mean(diag H)`` added to the diagonal; when the Cholesky
     factorisation still fails it is retried with 10x the dampening a few times before a
@@ -135,6 +142,11 @@ def gptq_quantize(
     size = in_features // groups
 
     w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place below
+    if keep is not None:
+        if keep.shape != weight.shape:
+            raise ValueError(f"keep mask {tuple(keep.shape)} != weight {tuple(weight.shape)}")
+        keep = keep.to(device=w.device, dtype=torch.bool)
+        w.mul_(keep)
     if not _all_finite(hessian):
         raise PassError(
             "gptq: the calibration Hessian has non-finite entries",
@@ -161,6 +173,8 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(diagonal, descending=True, stable=True)
         w = w[:, perm]
+        if keep is not None:
+            keep = keep[:, perm]
 
     in_place = (
         consume_hessian
@@ -201,6 +215,8 @@ def gptq_quantize(
             if dynamic_groups:
                 if column % size == 0:  # first column of a group: scale from current weights
                     current = _current_group(w, block, errors, hinv, start, stop, column, size)
+                    if keep is not None:  # pruned positions hold feedback, not weights
+                        current = current * keep[:, column : column + size]
                     scale, zero = _group_params(current, group_fmt, observer)
                     scales[:, column // size] = scale
                     zeros[:, column // size] = zero
@@ -208,6 +224,8 @@ def gptq_quantize(
                 scale, zero = scales[:, column_group[column]], zeros[:, column_group[column]]
             x = block[:, i]
             code = torch.round(x / scale).add_(zero).clamp_(0.0, max_code)
+            if keep is not None:
+                code = torch.where(keep[:, column], code, zero)  # (zero - zero) * scale == 0
             error = (x - (code - zero) * scale).div_(hinv_block[i, i])
             codes[:, column] = code
             errors[:, i] = error

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from compress.errors import PassError, RecipeError
 from compress.export.writer import export_model
-from compress.ir import SparsityMask, get, records
+from compress.ir import SparsityMask, get, get_quantized, records
 from compress.offload import LayerStore, work_dir_for
 from compress.pipeline import Pipeline
 from compress.prune.prune import PruneConfig, prune
@@ -261,15 +261,28 @@ def test_rtn_after_prune_keeps_pruned_weights_zero(tiny_llama, symmetric):
     assert_masks_hold(model)
 
 
-def test_gptq_after_prune_does_not_keep_zeros(tiny_llama):
-    """Documented behaviour (compress/prune/prune.py): GPTQ's error feedback refills pruned
-    weights; the mask record is then stale. A mask-aware GPTQ would make this test fail."""
+@pytest.mark.parametrize(("symmetric", "act_order"), [(True, False), (False, False), (False, True)])
+def test_gptq_after_prune_keeps_the_zeros_and_compensates(tiny_llama, symmetric, act_order):
+    """GPTQ reads the SparsityMask: pruned positions get the code of exact zero, their weight
+    is fed back like a rounding error, and the result beats rounding the pruned weights."""
     model = copy.deepcopy(tiny_llama)
     run(model, method="sparsegpt", pattern="2:4")
-    gptq(model, GPTQConfig(bits=4, group_size=32), PassContext(calibration=calibration()))
-    modules = dict(model.named_modules())
-    refilled = [n for n, r in masks(model).items() if torch.any(modules[n].weight[~r.mask] != 0)]
-    assert refilled
+    pruned = copy.deepcopy(model)
+    config = GPTQConfig(bits=4, group_size=32, symmetric=symmetric, act_order=act_order)
+    gptq(model, config, PassContext(calibration=calibration()))
+    assert_masks_hold(model)
+    for name, record in masks(model).items():
+        quantized = get_quantized(model.get_submodule(name))
+        assert quantized is not None
+        assert torch.all(quantized.dequantize()[~record.mask] == 0), name
+    plain = copy.deepcopy(pruned)
+    rtn(plain, RTNConfig(bits=4, group_size=32, symmetric=symmetric), PassContext())
+    ids = calibration(samples=4, length=24, seed=7)
+    with torch.no_grad():
+        reference = pruned(ids).logits
+        gptq_error = (model(ids).logits - reference).square().mean()
+        rtn_error = (plain(ids).logits - reference).square().mean()
+    assert gptq_error < rtn_error
 
 
 def test_prune_after_quantization_is_refused(tiny_llama):
