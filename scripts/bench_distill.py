@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 CASES = {
     "prune25": ROOT / "recipes" / "smollm2-prune25-distill.yaml",
+    "drop8": ROOT / "recipes" / "smollm2-drop8-distill.yaml",
     "2of4": ROOT / "recipes" / "smollm2-2of4-distill.yaml",
     "w3-gptq": ROOT / "recipes" / "smollm2-w3-gptq-distill.yaml",
 }
