@@ -336,3 +336,45 @@ def test_compress_apply_under_accelerate_launch(model_dir, text_file, tmp_path) 
             assert torch.equal(tensor, theirs[key]), key
     report = json.loads((two / "report.json").read_text())
     assert report["passes"][1]["metrics"]["steps"] == 4
+
+
+def test_a_structurally_pruned_student_distils_and_reloads_without_compress(
+    model_dir, text_file, tmp_path
+) -> None:
+    """prune (channels, then a layer) → distill → export: stock transformers loads the smaller
+    model in a fresh process without ``import compress``, with the distilled weights."""
+    from compress.prune.prune import PruneConfig
+    from compress.recipe import CalibrationSpec
+
+    out = tmp_path / "out"
+    result = Pipeline(
+        ModelSpec(name=str(model_dir)),
+        [
+            PruneConfig(structure="channels", remove=32),
+            PruneConfig(structure="layers", remove=1),
+            _distill(text_file, steps=6, eval_every=3, lr=1e-3),
+        ],
+        calibration=CalibrationSpec(dataset=str(text_file), samples=4, seq_len=32),
+        export=out,
+    ).run()
+    metrics = result.report["passes"][2]["metrics"]
+    assert metrics["held_out_kl_after"] < metrics["held_out_kl_before"]
+    ids = torch.tensor([[5, 17, 99, 200, 3, 42, 7, 64]])
+    with torch.no_grad():
+        expected = result.model(ids).logits
+    check = textwrap.dedent(
+        f"""\
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        assert "compress" not in sys.modules
+        assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == 96
+        with torch.no_grad():
+            logits = model(torch.tensor({ids.tolist()})).logits
+        torch.save(logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-4, atol=1e-4)
