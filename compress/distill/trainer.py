@@ -257,11 +257,7 @@ def train_student(
     Returns the history; the student's trainable tensors hold the best (by held-out KL, when
     there are held-out windows) or the last weights.
     """
-    from accelerate import Accelerator
-
-    # without an accelerator, processes started by `accelerate launch` / torchrun are CPU ranks
-    # talking over gloo (accelerate would otherwise treat each as a lone process)
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision, cpu=not _has_accelerator())
+    accelerator = _accelerator(settings)
     progress = progress if progress is not None and accelerator.is_main_process else NullProgress()
     device = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -421,6 +417,23 @@ def train_student(
     teacher.to(teacher_device)
     student.model.to("cpu")
     return history
+
+
+def _accelerator(settings: TrainSettings) -> Any:
+    """An ``Accelerator`` for this pass's settings.
+
+    accelerate keeps one process-wide state and refuses a second ``Accelerator`` with other
+    settings (a second ``distill`` pass with another ``mixed_precision``, in the same process):
+    that state is cleared first, keeping the process group (``PartialState``) as it is. Without
+    an accelerator, processes started by ``accelerate launch`` / torchrun are CPU ranks over
+    gloo (accelerate would otherwise treat each as a lone process).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=settings.mixed_precision, cpu=not _has_accelerator())
 
 
 def _has_accelerator() -> bool:

@@ -138,3 +138,14 @@ def test_rich_progress_renames_the_running_bar() -> None:
     assert bar._bar.tasks[-1].description == "distill · loss 0.5"
     bar.describe("no bar running: ignored")
     assert bar._bar.tasks[-1].description == "distill · loss 0.5"
+
+
+def test_two_passes_with_different_precision_in_one_process(tiny_llama) -> None:
+    """accelerate keeps one state per process; a second distill pass with another
+    mixed_precision (a recipe with two, or two runs in one Python session) still runs."""
+    for precision in ("no", "bf16", "no"):
+        student = prepare_student(copy.deepcopy(tiny_llama))
+        settings = TrainSettings(steps=1, accumulation=1, mixed_precision=precision)
+        history = train_student(student, tiny_llama, WINDOWS[:2], WINDOWS[:0], settings)
+        student.finish()
+        assert history.step == [1]
