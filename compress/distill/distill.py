@@ -67,7 +67,10 @@ class DistillConfig(PassConfig):
     )
     seed: int = Field(default=0, description="window choice and data order")
     steps: int | None = Field(
-        default=None, gt=0, description="optimizer steps; default: one pass over the windows"
+        default=None,
+        gt=0,
+        description="optimizer steps; default: one pass over the windows in one process (with "
+        "N processes each step takes N times the windows)",
     )
     batch_size: int = Field(default=1, gt=0, description="windows per forward, per process")
     gradient_accumulation: int = Field(default=8, gt=0, description="forwards per step")

@@ -360,10 +360,10 @@ def train_student(
         clock = time.perf_counter()
         seconds_before, tokens_before = history.seconds, history.tokens
         describe = getattr(progress, "describe", None)
-        step = start
-        for step in progress.track(
-            range(start, settings.steps), "distill", total=settings.steps - start
-        ):
+        # a checkpoint of a finished run (resumed after the pass, e.g. in a later pass) trains
+        # no further
+        remaining = range(start, start if finished else settings.steps)
+        for step in progress.track(remaining, "distill", total=len(remaining)):
             if finished:
                 break
             torch.manual_seed(settings.seed + step)  # dropout, if any, independent of resuming
