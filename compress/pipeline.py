@@ -261,6 +261,21 @@ class Pipeline:
             context.calibration_source = spec.dataset
         return context
 
+    def _run_passes(
+        self, model: nn.Module, context: PassContext, store: LayerStore | None
+    ) -> list[PassReport]:
+        """Every pass in order (each told to the layer store), ``--strict`` checked after each."""
+        reports = []
+        for index, config in enumerate(self.passes):
+            entry = config_for(config)
+            self.progress.log(f"pass {entry.name}")
+            if store is not None:
+                store.begin_pass(index)
+            pass_report = entry.fn(model, config, context)
+            pass_report.check_strict(self.strict)
+            reports.append(pass_report)
+        return reports
+
     def _follow(self, rank: int, world: int) -> RunResult:
         """Rank ``rank`` > 0 of ``accelerate launch`` / torchrun: the same passes as rank 0 (a
         ``distill`` pass trains in step with it), reading rank 0's checkpoints on ``--resume``;
@@ -270,12 +285,7 @@ class Pipeline:
         _prepare_runtimes(self.passes)
         model, tokenizer, _ = self._load()
         store = self._layer_store(model)
-        context = self._context(tokenizer, None, store)
-        reports = []
-        for index, config in enumerate(self.passes):
-            if store is not None:
-                store.begin_pass(index)
-            reports.append(config_for(config).fn(model, config, context))
+        reports = self._run_passes(model, self._context(tokenizer, None, store), store)
         report = {"process": {"rank": rank, "processes": world, "writes": False}}
         return RunResult(model, tokenizer, None, report, reports)
 
@@ -388,15 +398,7 @@ class Pipeline:
     ) -> RunResult:
         start = time.perf_counter()
         context = self._context(tokenizer, reference, store)
-        reports = []
-        for index, config in enumerate(self.passes):
-            entry = config_for(config)
-            self.progress.log(f"pass {entry.name}")
-            if store is not None:
-                store.begin_pass(index)
-            pass_report = entry.fn(model, config, context)
-            pass_report.check_strict(self.strict)
-            reports.append(pass_report)
+        reports = self._run_passes(model, context, store)
         timings["passes_s"] = time.perf_counter() - start
 
         result: dict[str, Any] = {
