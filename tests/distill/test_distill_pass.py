@@ -88,19 +88,17 @@ def _weights(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
-def _recipe(path: Path, model_dir: Path, text_file: Path, out: Path) -> Path:
+def _recipe(path: Path, model_dir: Path, text_file: Path, out: Path, **distill: object) -> Path:
+    """rtn int3 then distill on the tiny model; ``distill`` adds or overrides distill keys."""
+    settings: dict[str, object] = {"pass": "distill", "dataset": str(text_file), "samples": 16}
+    settings |= {"seq_len": 32, "held_out": 4, "eval_every": 2, "lr": 3.0e-3, "scale_lr": 3.0e-3}
+    settings |= distill
     path.write_text(
-        textwrap.dedent(
-            f"""\
-            model: {str(model_dir)!r}
-            passes:
-              - {{pass: rtn, bits: 3, group_size: 32}}
-              - {{pass: distill, dataset: {str(text_file)!r}, samples: 16, seq_len: 32,
-                 held_out: 4, steps: 8, gradient_accumulation: 2, eval_every: 2,
-                 checkpoint_every: 2, lr: 3.0e-3, scale_lr: 3.0e-3, teacher_top_k: 16}}
-            export: {{dir: {str(out)!r}}}
-            """
-        )
+        f"model: {json.dumps(str(model_dir))}\n"
+        "passes:\n"
+        "  - {pass: rtn, bits: 3, group_size: 32}\n"
+        f"  - {json.dumps(settings)}\n"  # JSON is YAML's flow style
+        f"export: {{dir: {json.dumps(str(out))}}}\n"
     )
     return path
 
@@ -110,8 +108,10 @@ def test_killed_run_resumes_to_the_same_weights(model_dir, text_file, tmp_path) 
     was never interrupted (the teacher's top-k cache is read back, not recomputed)."""
     env = {**os.environ, "COMPRESS_NATIVE": "0"}
     plain_out, out = tmp_path / "plain", tmp_path / "resumed"
-    plain_recipe = _recipe(tmp_path / "plain.yaml", model_dir, text_file, plain_out)
-    recipe = _recipe(tmp_path / "recipe.yaml", model_dir, text_file, out)
+    resumable = {"steps": 8, "gradient_accumulation": 2, "checkpoint_every": 2}
+    resumable["teacher_top_k"] = 16
+    plain_recipe = _recipe(tmp_path / "plain.yaml", model_dir, text_file, plain_out, **resumable)
+    recipe = _recipe(tmp_path / "recipe.yaml", model_dir, text_file, out, **resumable)
     args = ["--no-evaluate"]
     done = subprocess.run(
         [sys.executable, "-c", _RUN_CLI, "apply", str(plain_recipe), *args],
@@ -281,21 +281,8 @@ def test_shipped_distill_recipes_run_their_passes_on_a_tiny_model(
     assert report["metrics"]["trainable_parameters"] == expected
 
 
-def _apply_recipe(path: Path, model_dir: Path, text_file: Path, out: Path, accumulation: int):
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            model: {str(model_dir)!r}
-            passes:
-              - {{pass: rtn, bits: 3, group_size: 32}}
-              - {{pass: distill, dataset: {str(text_file)!r}, samples: 16, seq_len: 32,
-                 held_out: 4, steps: 4, gradient_accumulation: {accumulation}, eval_every: 2,
-                 lr: 3.0e-3, scale_lr: 3.0e-3}}
-            export: {{dir: {str(out)!r}}}
-            """
-        )
-    )
-    return path
+def _steps(accumulation: int) -> dict[str, object]:
+    return {"steps": 4, "gradient_accumulation": accumulation}
 
 
 def test_compress_apply_under_accelerate_launch(model_dir, text_file, tmp_path) -> None:
@@ -311,14 +298,14 @@ def test_compress_apply_under_accelerate_launch(model_dir, text_file, tmp_path) 
     one, two = tmp_path / "one", tmp_path / "two"
     single = subprocess.run(
         [sys.executable, "-c", _RUN_CLI, "apply", "--no-evaluate",
-         str(_apply_recipe(tmp_path / "one.yaml", model_dir, text_file, one, 2))],
+         str(_recipe(tmp_path / "one.yaml", model_dir, text_file, one, **_steps(2)))],
         env=env, capture_output=True, timeout=300,
     )  # fmt: skip
     assert single.returncode == 0, single.stderr.decode()[-2000:]
     launch = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", "29518"]  # fmt: skip
-    recipe = _apply_recipe(tmp_path / "two.yaml", model_dir, text_file, two, 1)
+    recipe = _recipe(tmp_path / "two.yaml", model_dir, text_file, two, **_steps(1))
     double = subprocess.run(
         [*launch, "-m", "compress.cli", "apply", "--no-evaluate", str(recipe)],
         env=env, capture_output=True, timeout=300,

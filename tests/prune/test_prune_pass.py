@@ -23,7 +23,7 @@ from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import CalibrationSpec, ModelSpec, load_recipe, parse_recipe
 from compress.registry import PassContext, get_pass
 from compress.utils.hooks import capture_inputs
-from tests.conftest import save_tiny_llama, tiny_family_model, write_word_text
+from tests.conftest import tiny_family_model
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 
@@ -158,17 +158,6 @@ def test_export_reloads_with_equal_logits(tiny_llama, tmp_path, method):
     reloaded = dict(loaded.named_modules())
     for name, record in masks(model).items():  # stored dense, zeros included
         assert torch.all(reloaded[name].weight[~record.mask] == 0)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-3"), layers=3, seed=1)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    return write_word_text(path, lines=40, words=40, vocabulary=15)
 
 
 def pipeline(model_dir, text_file, out, passes, **kwargs) -> Pipeline:

@@ -26,7 +26,7 @@ from compress.quant.gptq import GPTQConfig, gptq
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import CalibrationSpec, ModelSpec, load_recipe, parse_recipe
 from compress.registry import LayerAccess, PassContext
-from tests.conftest import save_tiny_llama, tiny_family_model, write_word_text
+from tests.conftest import tiny_family_model
 
 FAMILIES = ["llama", "gemma3_text"]
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-prune25.yaml"
@@ -307,17 +307,6 @@ def test_gptq_after_structured_prune():
     report = gptq(model, GPTQConfig(bits=4, group_size=32), PassContext(calibration=calibration()))
     assert len(report.touched) == 7 * 2
     assert get_quantized(model.model.layers[1].mlp.gate_proj).shape == (96, 64)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-3"), layers=3, seed=1)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("text") / "calib.txt"
-    return write_word_text(path, lines=40, words=40, vocabulary=15)
 
 
 def test_pipeline_prunes_then_quantizes_and_exports(model_dir, text_file, tmp_path):
