@@ -16,14 +16,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from benchrows import BENCHMARKS, cpu_flags, load_rows, machine, write_rows
+
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ROOT / "benchmarks"
 CASES = {
     "prune25": ROOT / "recipes" / "smollm2-prune25-distill.yaml",
     "drop8": ROOT / "recipes" / "smollm2-drop8-distill.yaml",
@@ -105,18 +104,6 @@ def run_case(name: str) -> dict[str, Any]:
     }
 
 
-def machine() -> str:
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), "")
-    flags = next((ln for ln in lines if ln.startswith("Flags")), "")
-    isa = "AVX-512" if "avx512f" in flags else "AVX2"
-    import torch
-
-    return (
-        f"{model} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, {platform.machine()}"
-    )
-
-
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         "| case | params | KL before | KL after | after/before | top-1 before → after | "
@@ -154,18 +141,15 @@ def main() -> None:
         saved = json.loads(out.read_text())
         print(render(saved["meta"], saved["rows"]), end="")
         return
-    rows: dict[str, Any] = {}
-    if args.merge and out.exists():
-        rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = load_rows(out, "case", args.merge)
     for name in args.cases:
         print(f"== {name}", flush=True)
         rows[name] = {**run_case(name), "date": datetime.date.today().isoformat()}
-        ordered = [rows[n] for n in CASES if n in rows]
         meta = {
             "eval": f"builtin:wiki evaluation, {EVAL_WINDOWS} x {SEQ_LEN}",
-            "machine": machine(),
+            "machine": f"{machine()} ({cpu_flags()})",
         }
-        out.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=1, default=str) + "\n")
+        ordered = write_rows(out, meta, rows, CASES)
         print(render(meta, ordered), flush=True)
 
 

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import resource
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from benchrows import BENCHMARKS, load_rows, machine, write_rows
+
 MODEL = "smollm2-135m"
 CALIBRATION = {"dataset": "builtin:wiki", "samples": 64, "seq_len": 512, "seed": 0}
 EVALUATE = {"perplexity": ["builtin:wiki"], "seq_len": 512, "max_windows": 32, "kl": True}
@@ -69,16 +67,6 @@ def run_one(name: str) -> dict[str, Any]:
     }
 
 
-def machine() -> str:
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), "")
-    import os
-
-    import torch
-
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.machine()}"
-
-
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The markdown table of ``rows``."""
     lines = [
@@ -112,17 +100,14 @@ def main() -> None:
         saved = json.loads(out.read_text())
         print(render(saved["meta"], saved["rows"]), end="")
         return
-    rows: dict[str, Any] = {}
-    if args.merge and out.exists():
-        rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = load_rows(out, "method", args.merge)
     for name in args.methods:
         print(f"== {name}", flush=True)
         rows[name] = {**run_one(name), "date": datetime.date.today().isoformat()}
         print(json.dumps(rows[name], indent=1, default=str), flush=True)
-        ordered = [rows[n] for n in METHODS if n in rows]
         meta = {"model": MODEL, "calibration": CALIBRATION, "evaluate": EVALUATE}
         meta["machine"] = machine()
-        out.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=1, default=str) + "\n")
+        write_rows(out, meta, rows, METHODS)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,15 @@ import argparse
 import copy
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sparsity import MODEL, machine
+from bench_sparsity import MODEL
+from benchrows import BENCHMARKS, cpu_flags, load_rows, machine, write_rows
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 CALIBRATION = {"dataset": "builtin:wiki", "samples": 32, "seq_len": 512, "seed": 0}
 EVAL_WINDOWS, EVAL_SEQ_LEN = 32, 512
 
@@ -116,11 +115,6 @@ def run_one(name: str, model: Any, reference: Any, calibration: Any, windows: An
     }
 
 
-def cpu_flags() -> str:
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return ", ".join(f for f in ("avx512f", "avx2") if f" {f}" in flags) or "neither"
-
-
 def render(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| variant | layers | heads (kv) | MLP channels | decoder params | removed | params | "
@@ -173,9 +167,7 @@ def main() -> None:
     )
     texts = load_texts("builtin:wiki", "evaluation")
     windows = token_windows(tokenizer, texts, EVAL_SEQ_LEN, EVAL_WINDOWS)
-    rows: dict[str, Any] = {}
-    if args.merge and out.exists():
-        rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = load_rows(out, "variant", args.merge)
     meta = {
         "model": MODEL,
         "calibration": CALIBRATION,
@@ -191,8 +183,7 @@ def main() -> None:
             "date": datetime.date.today().isoformat(),
         }
         print(json.dumps(rows[name], indent=1, default=str), flush=True)
-        ordered = [rows[n] for n in VARIANTS if n in rows]
-        out.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=1, default=str) + "\n")
+        write_rows(out, meta, rows, VARIANTS)
     print(render([rows[n] for n in VARIANTS if n in rows]), end="")
 
 
