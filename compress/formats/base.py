@@ -114,7 +114,11 @@ F = TypeVar("F", bound=type)
 _FORMATS: dict[str, type] = {}
 _RUNTIME_MODULES: dict[str, str] = {}
 
-BUILTIN_KINDS: dict[str, str] = {"int": "compress.formats.int", "fp8": "compress.formats.fp8"}
+BUILTIN_KINDS: dict[str, str] = {
+    "int": "compress.formats.int",
+    "fp8": "compress.formats.fp8",
+    "fp4": "compress.formats.fp4",
+}
 """Kind -> the package that registers it. Imported by name when a kind is first looked up, so
 this layer never imports the folders above it and ``import compress.formats`` stays light."""
 

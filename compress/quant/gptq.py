@@ -7,11 +7,15 @@ Post-Training Quantization for Generative Pre-trained Transformers", 2022). Laye
 in order by :mod:`compress.sequential`, so each one is calibrated on the outputs of the already
 quantized layers before it. The maths lives in :mod:`compress.quant.gptq_math`.
 
-Example recipe entry::
+Example recipe entries::
 
     calibration: {dataset: builtin:wiki, samples: 128, seq_len: 512}
     passes:
       - {pass: gptq, bits: 4, group_size: 64, act_order: true, observer: mse}
+      - {pass: gptq, format: nvfp4}            # or nf4 (scale_block: 64), fp4, mxfp4
+
+``format`` takes ``int`` (the default) or a 4-bit table format (``nf4``, ``fp4``, ``mxfp4``,
+``nvfp4``), with the same keys as ``rtn``; GPTQ then rounds onto that format's grid.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.errors import PassError
+from compress.formats.fp4 import FP4Format
 from compress.formats.int import IntFormat
 from compress.ir import QuantizedWeight, SparsityMask, get, set_quantized
 from compress.quant.checks import check_group_sizes
@@ -48,12 +53,25 @@ class GPTQConfig(RTNConfig):
     )
     batch_size: int = Field(default=8, gt=0, description="calibration samples per forward")
 
+    @model_validator(mode="after")
+    def _grid_it_rounds_onto(self) -> GPTQConfig:
+        if self.format.startswith("fp8"):
+            raise ValueError(
+                f"gptq rounds onto integer and 4-bit table grids, not format: {self.format}; "
+                "use pass: rtn for fp8, or format: int / nf4 / fp4 / mxfp4 / nvfp4"
+            )
+        return self
+
+    def gptq_format(self) -> IntFormat | FP4Format:
+        """The format GPTQ rounds onto."""
+        return self.fp4_format() if self.format != "int" else self.int_format()
+
 
 @register_pass("gptq", GPTQConfig, calibrated=True)
 def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassReport:
     """GPTQ weight quantization, calibrated layer by layer."""
     calibration = context.require_calibration("gptq")
-    fmt = config.int_format()
+    fmt = config.gptq_format()
     modules, skipped = select_decoder_linears(
         model,
         config.targets,
@@ -149,7 +167,7 @@ def _quantize_module(
     name: str,
     module: nn.Linear,
     hessian: torch.Tensor,
-    fmt: IntFormat,
+    fmt: IntFormat | FP4Format,
     config: GPTQConfig,
     report: PassReport,
     *,

@@ -28,6 +28,13 @@ price of scales that do not see the error updates.
 Codes are computed exactly as :func:`compress.formats.quantize_int` computes them for the chosen
 (storage-dtype rounded) scales, so ``dequantize_int(codes, scales, zeros, fmt)`` is the weight the
 model will use.
+
+The 4-bit table formats (:mod:`compress.formats.fp4`: NF4, bitsandbytes FP4, MXFP4, NVFP4) go
+through the same loop with their own grid: a column is divided by its block's effective scale and
+rounded to the nearest table value (a non-uniform grid: the rounding is the format's own
+:meth:`~compress.formats.fp4.FP4Format.encode`), block scales (absmax, E8M0 or E4M3 as the variant
+stores them) come from the error-updated weights at the block's first column, or from the original
+weight under act_order, and NVFP4's per-tensor scale from the whole weight up front.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import numpy as np
 import torch
 
 from compress.errors import PassError
+from compress.formats.fp4 import FP4Format, quantize_fp4
 from compress.formats.int import IntFormat, quantize_int
 from compress.quant.observers import Observer, choose_clip
 
@@ -103,7 +111,7 @@ class GPTQResult:
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    fmt: IntFormat,
+    fmt: IntFormat | FP4Format,
     *,
     block_size: int = 128,
     damp: float = 0.01,
@@ -127,35 +135,13 @@ def gptq_quantize(
     is not either unless ``consume_hessian`` (the caller's last use of a float32 CPU Hessian):
     then it becomes the work matrix, which saves a copy of the largest buffer of a wide layer.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if isinstance(fmt, FP4Format):
+        return _gptq_table(weight, hessian, fmt, block_size, damp, act_order, consume_hessian, keep)
+    _check_arguments(weight, hessian, block_size, damp)
     out_features, in_features = weight.shape
-    if hessian.shape != (in_features, in_features):
-        raise ValueError(
-            f"Hessian shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}"
-        )
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if damp < 0:
-        raise ValueError(f"damp must be non-negative, got {damp}")
     groups = fmt.groups(in_features)  # FormatError when the group size does not divide
     size = in_features // groups
-
-    w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place below
-    if keep is not None:
-        if keep.shape != weight.shape:
-            raise ValueError(f"keep mask {tuple(keep.shape)} != weight {tuple(weight.shape)}")
-        keep = keep.to(device=w.device, dtype=torch.bool)
-        w.mul_(keep)
-    if not _all_finite(hessian):
-        raise PassError(
-            "gptq: the calibration Hessian has non-finite entries",
-            hint="check the calibration data and the layer inputs for inf/nan activations",
-        )
-    diagonal = torch.diagonal(hessian).detach().to(device=w.device, dtype=torch.float32).clone()
-    dead = diagonal == 0
-    diagonal[dead] = 1.0
-    w[:, dead] = 0.0  # an input that is always zero: its weight is free, zero is cheapest
+    w, keep, diagonal = _prepare_weight(weight, hessian, keep)
 
     # Scales known before the loop: per-channel, or static groups under act_order.
     dynamic_groups = fmt.group_size is not None and not act_order
@@ -169,30 +155,9 @@ def gptq_quantize(
         if fixed_zeros is not None:
             zeros.copy_(fixed_zeros.to(torch.float32))
 
-    perm: torch.Tensor | None = None
-    if act_order:
-        perm = torch.argsort(diagonal, descending=True, stable=True)
-        w = w[:, perm]
-        if keep is not None:
-            keep = keep[:, perm]
-
-    in_place = (
-        consume_hessian
-        and hessian.device.type == "cpu"
-        and hessian.dtype == torch.float32
-        and hessian.is_contiguous()
+    w, keep, perm, hinv = _prepare_factor(
+        w, keep, hessian, diagonal, act_order, damp, consume_hessian
     )
-    if in_place:
-        h = hessian.detach()
-        if perm is not None:
-            _permute_in_place(h.numpy(), perm.numpy())
-    elif perm is None:
-        h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
-    else:  # one gather, no intermediate (in, in) copy
-        h = hessian.detach().to(device=w.device)[perm.unsqueeze(1), perm].float()
-    h.diagonal().copy_(diagonal if perm is None else diagonal[perm])
-    hinv = _inverse_hessian_factor(h, damp)  # h itself, now the (in, in) upper factor
-    del h
 
     group_of_column = torch.arange(in_features, device=w.device) // size  # natural order
     if perm is not None:
@@ -238,6 +203,157 @@ def gptq_quantize(
     stored_scales = scales.to(fmt.torch_scale_dtype)
     stored_zeros = None if fmt.symmetric else zeros.to(torch.uint8)
     return GPTQResult(codes, stored_scales, stored_zeros, float(losses.sum()))
+
+
+def _check_arguments(
+    weight: torch.Tensor, hessian: torch.Tensor, block_size: int, damp: float
+) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    in_features = weight.shape[1]
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(
+            f"Hessian shape {tuple(hessian.shape)} does not match weight {tuple(weight.shape)}"
+        )
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if damp < 0:
+        raise ValueError(f"damp must be non-negative, got {damp}")
+
+
+def _prepare_weight(
+    weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The float32 work copy of ``weight`` (pruned and dead inputs zeroed), the keep mask on its
+    device, and the Hessian's diagonal with dead inputs set to 1."""
+    w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place later
+    if keep is not None:
+        if keep.shape != weight.shape:
+            raise ValueError(f"keep mask {tuple(keep.shape)} != weight {tuple(weight.shape)}")
+        keep = keep.to(device=w.device, dtype=torch.bool)
+        w.mul_(keep)
+    if not _all_finite(hessian):
+        raise PassError(
+            "gptq: the calibration Hessian has non-finite entries",
+            hint="check the calibration data and the layer inputs for inf/nan activations",
+        )
+    diagonal = torch.diagonal(hessian).detach().to(device=w.device, dtype=torch.float32).clone()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    w[:, dead] = 0.0  # an input that is always zero: its weight is free, zero is cheapest
+    return w, keep, diagonal
+
+
+def _prepare_factor(
+    w: torch.Tensor,
+    keep: torch.Tensor | None,
+    hessian: torch.Tensor,
+    diagonal: torch.Tensor,
+    act_order: bool,
+    damp: float,
+    consume_hessian: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """``(w, keep, perm, hinv)``: weight and mask in processing order (``perm`` under
+    act_order, else None) and the upper factor of the dampened inverse Hessian in that order."""
+    perm: torch.Tensor | None = None
+    if act_order:
+        perm = torch.argsort(diagonal, descending=True, stable=True)
+        w = w[:, perm]
+        if keep is not None:
+            keep = keep[:, perm]
+
+    in_place = (
+        consume_hessian
+        and hessian.device.type == "cpu"
+        and hessian.dtype == torch.float32
+        and hessian.is_contiguous()
+    )
+    if in_place:
+        h = hessian.detach()
+        if perm is not None:
+            _permute_in_place(h.numpy(), perm.numpy())
+    elif perm is None:
+        h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    else:  # one gather, no intermediate (in, in) copy
+        h = hessian.detach().to(device=w.device)[perm.unsqueeze(1), perm].float()
+    h.diagonal().copy_(diagonal if perm is None else diagonal[perm])
+    hinv = _inverse_hessian_factor(h, damp)  # h itself, now the (in, in) upper factor
+    return w, keep, perm, hinv
+
+
+def _gptq_table(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: FP4Format,
+    block_size: int,
+    damp: float,
+    act_order: bool,
+    consume_hessian: bool,
+    keep: torch.Tensor | None,
+) -> GPTQResult:
+    """GPTQ onto a 4-bit table grid: each column is rounded to the nearest table value after
+    dividing by its block's scale (:meth:`FP4Format.encode`, the reference's own rounding).
+
+    Block scales come from the block's current (error-updated) weights when its first column is
+    reached, as integer groups' do; under act_order they are static, from the original weight
+    (:func:`quantize_fp4`). NVFP4's tensor scale is taken from the whole weight up front.
+    """
+    _check_arguments(weight, hessian, block_size, damp)
+    out_features, in_features = weight.shape
+    fmt.check_width(in_features)
+    size = fmt.block
+    groups = -(-in_features // size)
+    w, keep, diagonal = _prepare_weight(weight, hessian, keep)
+    tensor_scale = fmt.tensor_scale(w)
+    stored = torch.empty(out_features, groups, dtype=fmt.scale_dtype, device=w.device)
+    effective = torch.empty(out_features, groups, device=w.device)
+    if act_order:
+        _, fixed, _ = quantize_fp4(w, fmt)
+        stored.copy_(fixed)
+        effective.copy_(fmt.effective_scales(fixed, tensor_scale))
+
+    w, keep, perm, hinv = _prepare_factor(
+        w, keep, hessian, diagonal, act_order, damp, consume_hessian
+    )
+    group_of_column = torch.arange(in_features, device=w.device) // size  # natural order
+    if perm is not None:
+        group_of_column = group_of_column[perm]
+    column_group = group_of_column.tolist()
+    table = fmt.table.to(w.device)
+    zero_code = torch.tensor(fmt.zero_code, dtype=torch.uint8, device=w.device)
+
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
+    losses = torch.zeros(out_features, device=w.device)
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        block = w[:, start:stop].clone()  # (out, count): exact current weights of the block
+        errors = torch.zeros_like(block)  # scaled errors (w - q) / [H⁻¹]ᵢᵢ
+        hinv_block = hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            column = start + i
+            group = column_group[column]
+            if not act_order and column % size == 0:  # first column of a scale block
+                current = _current_group(w, block, errors, hinv, start, stop, column, size)
+                if keep is not None:  # pruned positions hold feedback, not weights
+                    current = current * keep[:, column : column + size]
+                stored[:, group], effective[:, group] = fmt.block_scales(
+                    current.abs().amax(dim=1), tensor_scale
+                )
+            scale = effective[:, group]
+            x = block[:, i]
+            code = fmt.encode(x, scale)
+            if keep is not None:
+                code = torch.where(keep[:, column], code, zero_code)
+            error = (x - table[code.long()] * scale).div_(hinv_block[i, i])
+            codes[:, column] = code
+            errors[:, i] = error
+            block[:, i + 1 :].addr_(error, hinv_block[i, i + 1 :], alpha=-1.0)
+        losses += errors.square().sum(dim=1) / 2
+        w[:, stop:].sub_(errors @ hinv[start:stop, stop:])
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return GPTQResult(codes, stored, tensor_scale, float(losses.sum()))
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:

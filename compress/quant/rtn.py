@@ -10,18 +10,23 @@ Example recipe entries::
       - {pass: rtn, bits: 4, group_size: 64, symmetric: true, observer: mse}
       - {pass: rtn, format: fp8_e4m3, scaling: channel}          # FP8 weights, fp32 scales
       - {pass: rtn, format: fp8_e4m3, scaling: block, scale_block: 64}
+      - {pass: rtn, format: nf4, scale_block: 64}                # bitsandbytes NF4, absmax/64
+      - {pass: rtn, format: mxfp4}                               # OCP MXFP4: E2M1, E8M0 per 32
 
-``format`` names the number format (``int``, the default, or ``fp8_e4m3`` / ``fp8_e5m2``); the
-keys after it belong to one format each: ``bits``, ``group_size``, ``symmetric``,
-``scale_dtype`` and ``observer: mse`` to ``int``; ``scaling`` (``tensor``, ``channel``, the
-default, or ``block``) and ``scale_block`` (the side of a square 2-D block, default 128; edge
-blocks may be partial) to FP8. A key of the other format is refused, naming it.
+``format`` names the number format (``int``, the default; ``fp8_e4m3`` / ``fp8_e5m2``; or a
+4-bit table format, :mod:`compress.formats.fp4`: ``nf4`` / ``fp4`` as bitsandbytes defines them,
+``mxfp4``, ``nvfp4``); the keys after it belong to some formats only: ``bits``, ``group_size``,
+``symmetric``, ``scale_dtype`` and ``observer: mse`` to ``int``; ``scaling`` (``tensor``,
+``channel``, the default, or ``block``) to FP8; ``scale_block`` to FP8 with ``scaling: block``
+(the side of a square 2-D block, default 128; edge blocks may be partial) and to ``nf4`` /
+``fp4`` (columns per absmax block, default 64). ``mxfp4`` and ``nvfp4`` fix their blocks (32 and
+16). A key the chosen format does not take is refused, naming it.
 """
 
 from __future__ import annotations
 
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -38,6 +43,8 @@ from torch import nn
 
 from compress.errors import PassError
 from compress.formats import Format
+from compress.formats.fp4 import DEFAULT_BLOCKS, FP4Format
+from compress.formats.fp4.spec import Variant as FP4Variant
 from compress.formats.fp8 import FP8Format
 from compress.formats.int import IntFormat
 from compress.ir import QuantizedWeight, set_quantized
@@ -50,9 +57,11 @@ from compress.utils.modules import decoder_layers, select_weights, untie_
 __all__ = ["RTNConfig", "quantization_error", "rtn"]
 
 
-WeightFormat = Literal["int", "fp8_e4m3", "fp8_e5m2"]
+WeightFormat = Literal["int", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4", "mxfp4", "nvfp4"]
 _INT_ONLY = ("bits", "group_size", "symmetric", "scale_dtype")
 _FP8_ONLY = ("scaling", "scale_block")
+_FP4_FORMATS = ("nf4", "fp4", "mxfp4", "nvfp4")
+_FREE_BLOCKS = ("nf4", "fp4")  # the 4-bit formats whose block size is a choice
 DEFAULT_FP8_BLOCK = 128  # DeepSeek-V3's weight blocks
 
 
@@ -74,6 +83,8 @@ def _format_key_problems(data: Mapping[Any, Any]) -> list[InitErrorDetails]:
                 f"{key} applies to format: fp8_e4m3 or fp8_e5m2, not format: int; set format: "
                 "fp8_e4m3, or use group_size for integer groups",
             )
+        elif chosen in _FP4_FORMATS:
+            _refuse_fp4_key(chosen, key, data[key], refuse)
         elif chosen != "int" and key in _INT_ONLY:
             fix = (
                 "set scaling: block and scale_block for finer scales" if key == "group_size" else ""
@@ -100,6 +111,36 @@ def _format_key_problems(data: Mapping[Any, Any]) -> list[InitErrorDetails]:
     return problems
 
 
+def _refuse_fp4_key(chosen: str, key: str, value: Any, refuse: Callable[[str, str], None]) -> None:
+    """The keys a 4-bit table format does not take (see :func:`_format_key_problems`)."""
+    what = f"format: {chosen} (4-bit codes into a fixed table, a scale per block)"
+    if key in _INT_ONLY:
+        fix = (
+            "set scale_block for the block size"
+            if chosen in _FREE_BLOCKS
+            else f"its blocks are {DEFAULT_BLOCKS[chosen]} wide by definition; drop it"
+        )
+        refuse(
+            key,
+            f"{key} applies to format: int, not {what}; "
+            + (fix if key == "group_size" else "drop it"),
+        )
+    elif key == "observer" and value not in ("minmax", None):
+        refuse(
+            key,
+            f"observer {value} searches clip ratios on integer grids; {what} takes "
+            "observer: minmax",
+        )
+    elif key == "scaling" and value is not None:
+        refuse(key, f"scaling applies to the fp8 formats, not {what}; drop it")
+    elif key == "scale_block" and value is not None and chosen not in _FREE_BLOCKS:
+        refuse(
+            key,
+            f"format: {chosen} has blocks of {DEFAULT_BLOCKS[chosen]} by definition; drop "
+            "scale_block, or use nf4 / fp4 for other block sizes",
+        )
+
+
 class RTNConfig(PassConfig):
     """Settings of the ``rtn`` pass."""
 
@@ -118,8 +159,8 @@ class RTNConfig(PassConfig):
     )
     format: WeightFormat = Field(
         default="int",
-        description="number format of the weights: int (bits, group_size, symmetric) or "
-        "fp8_e4m3 / fp8_e5m2 (scaling, scale_block)",
+        description="number format of the weights: int (bits, group_size, symmetric), "
+        "fp8_e4m3 / fp8_e5m2 (scaling, scale_block), nf4 / fp4 (scale_block), mxfp4, nvfp4",
     )
     scaling: Literal["tensor", "channel", "block"] = Field(
         default="channel",
@@ -130,7 +171,8 @@ class RTNConfig(PassConfig):
         default=None,
         gt=0,
         description=f"fp8 with scaling: block: side of the square blocks sharing one scale "
-        f"(default {DEFAULT_FP8_BLOCK}; edge blocks may be partial)",
+        f"(default {DEFAULT_FP8_BLOCK}; edge blocks may be partial); nf4 / fp4: columns per "
+        f"absmax block (default {DEFAULT_BLOCKS['nf4']})",
     )
     targets: list[str] | None = Field(
         default=None,
@@ -156,6 +198,13 @@ class RTNConfig(PassConfig):
         # Only the keys of the chosen format: an integer recipe dumps as it always has (the
         # manifest's recipe, resume), and a dump validates again.
         data: dict[str, Any] = handler(self)
+        if self.format in _FP4_FORMATS:
+            for key in (*_INT_ONLY, "scaling"):
+                data.pop(key, None)
+            data.pop("scale_block", None)
+            if self.format in _FREE_BLOCKS:
+                data["scale_block"] = self.fp4_format().block  # the size it used
+            return data
         drop = ("format", *_FP8_ONLY) if self.format == "int" else _INT_ONLY
         for key in drop:
             data.pop(key, None)
@@ -169,10 +218,16 @@ class RTNConfig(PassConfig):
         """The integer format of ``format: int`` (its keys also have defaults otherwise)."""
         return IntFormat(self.bits, self.group_size, self.symmetric, self.scale_dtype)
 
+    def fp4_format(self) -> FP4Format:
+        """The 4-bit table format of ``format: nf4 | fp4 | mxfp4 | nvfp4``."""
+        return FP4Format(typing.cast(FP4Variant, self.format), self.scale_block)
+
     def weight_format(self) -> Format:
         """The format this pass quantizes weights to."""
         if self.format == "int":
             return self.int_format()
+        if self.format in _FP4_FORMATS:
+            return self.fp4_format()
         block = (self.scale_block or DEFAULT_FP8_BLOCK) if self.scaling == "block" else None
         return FP8Format("e4m3" if self.format == "fp8_e4m3" else "e5m2", self.scaling, block)
 
@@ -190,7 +245,7 @@ def quantization_error(weight: torch.Tensor, record: QuantizedWeight) -> float:
 
 @register_pass("rtn", RTNConfig)
 def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport:
-    """Round-to-nearest quantization of Linear weights (integer or FP8)."""
+    """Round-to-nearest quantization of Linear weights (integer, FP8 or a 4-bit table format)."""
     fmt = config.weight_format()
     modules, skipped = select_weights(model, config.targets, config.ignore)
     if not modules:

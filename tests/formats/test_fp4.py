@@ -1,0 +1,366 @@
+"""The 4-bit table formats (NF4, bitsandbytes FP4, MXFP4, NVFP4): tables, rounding, scales,
+packing, the packed modules against the reference, rtn recipes, export and reload."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import compress  # noqa: F401  (registers the transformers quantizer)
+from compress.errors import FormatError, RecipeError
+from compress.formats import format_from_dict, format_kinds, runtime_for
+from compress.formats.fp4 import NF4, VARIANTS, FP4Format, dequantize_fp4, quantize_fp4
+from compress.formats.fp4 import kernels as fp4_kernels
+from compress.formats.fp4.linear import FP4Embedding, FP4Linear
+from compress.formats.fp4.packed import pack_fp4_codes, unpack_fp4_codes
+from compress.ir import QuantizedWeight, get_quantized
+from compress.pipeline import Pipeline
+from compress.quant.rtn import RTNConfig, rtn
+from compress.recipe import load_recipe, parse_recipe
+from compress.registry import PassContext
+
+RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
+FORMATS = [FP4Format(v) for v in VARIANTS] + [FP4Format("nf4", 32), FP4Format("fp4", 48)]
+SHAPES = [(1, 1), (7, 5), (37, 70), (64, 128), (96, 33), (3, 17)]
+E2M1_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def seeded(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------ the tables
+
+
+def test_the_kind_is_registered_and_round_trips():
+    assert "fp4" in format_kinds()
+    for fmt in FORMATS:
+        assert format_from_dict(fmt.to_dict()) == fmt
+    assert FP4Format("nf4") == FP4Format("nf4", 64)  # the default block, spelled out
+
+
+def test_nf4_table_is_bitsandbytes():
+    table = FP4Format("nf4").table
+    assert table.tolist() == [float(torch.tensor(v, dtype=torch.float32)) for v in NF4]
+    assert table[0] == -1 and table[7] == 0 and table[15] == 1
+    assert float(table[8]) == pytest.approx(0.0795803, abs=1e-7)
+    assert float(table[1]) == pytest.approx(-0.6961928, abs=1e-7)
+    assert bool((table[1:] > table[:-1]).all())
+
+
+def test_bnb_fp4_table_is_bitsandbytes():
+    """bitsandbytes' kernel: sign bit 0b1000, magnitudes 0, 1/192, 2/3, 1, 1/3, 1/2, 1/6, 1/4."""
+    table = FP4Format("fp4").table
+    expected = [0.0, 0.005208333333, 0.6666667, 1.0, 0.3333333, 0.5, 0.1666667, 0.25]
+    assert table[:8].tolist() == pytest.approx(expected, abs=1e-7)
+    assert table[8:].tolist() == pytest.approx([-v for v in expected], abs=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["mxfp4", "nvfp4"])
+def test_e2m1_table(variant):
+    table = FP4Format(variant).table
+    assert table[:8].tolist() == E2M1_VALUES
+    assert table[8:].tolist() == [-v for v in E2M1_VALUES]
+
+
+def test_labels_and_nominal_bits():
+    assert [f.label() for f in FORMATS[:4]] == ["nf4 b64", "fp4 b64", "mxfp4 b32", "nvfp4 b16"]
+    assert FP4Format("nf4").bits_per_weight(576) == 4.5
+    assert FP4Format("mxfp4").bits_per_weight(576) == 4.25
+    assert FP4Format("nvfp4").bits_per_weight(576) == 4.5
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"variant": "nf5"}, "did you mean 'nf4'"),
+        ({"variant": "mxfp4", "block_size": 64}, "32 wide by definition"),
+        ({"variant": "nvfp4", "block_size": 32}, "16 wide by definition"),
+        ({"variant": "nf4", "block_size": 0}, "positive integer"),
+    ],
+)
+def test_bad_formats_are_refused_clearly(fields, words):
+    with pytest.raises(FormatError, match=words):
+        FP4Format(**fields)
+
+
+def test_unknown_keys_in_a_stored_format_are_refused():
+    with pytest.raises(FormatError, match="unknown keys"):
+        format_from_dict({"kind": "fp4", "variant": "nf4", "block_size": 64, "double": True})
+
+
+# ----------------------------------------------------------------------- rounding and scales
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_rounding_is_nearest_against_a_float64_oracle(fmt):
+    weight = seeded(37, 70) * 0.05
+    codes, scales, tensor_scale = quantize_fp4(weight, fmt)
+    effective = fmt.effective_scales(scales, tensor_scale).double()
+    per_column = effective.repeat_interleave(fmt.block, dim=1)[:, :70]
+    scaled = weight.double() / per_column
+    table = fmt.table.double()
+    got = table[codes.long()]
+    best = (scaled.clamp(-fmt.max_value, fmt.max_value)[..., None] - table).abs().amin(-1)
+    assert torch.allclose((scaled.clamp(-fmt.max_value, fmt.max_value) - got).abs(), best)
+
+
+def test_e2m1_ties_go_to_even_and_saturate():
+    fmt = FP4Format("mxfp4")
+    # amax 7 -> shared exponent floor(log2 7) - 2 = 0: the scale is exactly 1
+    row = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.25, -2.5, -5.0, 6.0]
+    weight = torch.tensor([row + [0.0] * 20])
+    codes, scales, _ = quantize_fp4(weight, fmt)
+    assert scales.tolist() == [[127]]
+    values = fmt.dequantize(codes, scales, None)[0, :12].tolist()
+    assert values == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -0.0, -2.0, -4.0, 6.0]
+
+
+def test_bitsandbytes_ties_go_to_the_lower_value():
+    nf4 = FP4Format("nf4", 2)
+    mid = (NF4[8] + NF4[9]) / 2  # between codes 8 and 9; absmax 1 from the second column
+    codes, _, _ = quantize_fp4(torch.tensor([[mid, 1.0]]), nf4)
+    assert codes[0].tolist() == [8, 15]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_e8m0_scales_are_powers_of_two_that_keep_the_block_in_range(seed):
+    fmt = FP4Format("mxfp4")
+    weight = seeded(16, 96, seed=seed) * torch.logspace(-6, 3, 96)  # blocks of very mixed range
+    _, scales, _ = quantize_fp4(weight, fmt)
+    assert scales.dtype == torch.uint8
+    effective = fmt.effective_scales(scales, None)
+    mantissa, _ = torch.frexp(effective)
+    assert bool((mantissa == 0.5).all())  # exactly 2**k
+    assert torch.equal(effective, torch.exp2(scales.double() - 127).float())
+    amax = weight.abs().view(16, 3, 32).amax(-1)
+    # the OCP choice: the block's largest value lands in [4, 8) before saturation at 6
+    assert bool(((amax / effective >= 4) & (amax / effective < 8)).all())
+
+
+def test_e8m0_covers_its_extremes():
+    fmt = FP4Format("mxfp4")
+    extremes = fmt.effective_scales(torch.tensor([0, 1, 127, 254], dtype=torch.uint8), None)
+    assert extremes.tolist() == [2.0**-127, 2.0**-126, 1.0, 2.0**127]
+    _, scales, _ = quantize_fp4(torch.zeros(2, 32), fmt)
+    assert scales.tolist() == [[0], [0]]  # an all-zero block: the smallest scale
+
+
+def test_nvfp4_scales_are_e4m3_under_a_tensor_scale():
+    fmt = FP4Format("nvfp4")
+    weight = seeded(8, 48) * 0.02
+    _, scales, tensor_scale = quantize_fp4(weight, fmt)
+    assert tensor_scale is not None and tensor_scale.shape == (1,)
+    assert float(tensor_scale) == pytest.approx(float(weight.abs().max()) / (6 * 448))
+    block_scales = scales.view(torch.float8_e4m3fn).float()
+    assert float(block_scales.max()) <= 448
+    wanted = weight.abs().view(8, 3, 16).amax(-1) / 6 / tensor_scale
+    assert torch.equal(block_scales, wanted.to(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_representable_weights_round_trip_exactly(fmt):
+    codes = torch.randint(0, 16, (9, 70), generator=torch.Generator().manual_seed(3))
+    codes = codes.to(torch.uint8)
+    # make each block's largest magnitude the table's, so requantizing picks the same scale
+    top = 15 if fmt.variant == "nf4" else (3 if fmt.variant == "fp4" else 7)
+    codes[:, :: fmt.block] = top
+    if fmt.variant in ("nf4", "fp4"):
+        scales = torch.rand(9, -(-70 // fmt.block)) + 0.5
+        ts = None
+    elif fmt.variant == "mxfp4":
+        scales = torch.randint(120, 130, (9, 3), dtype=torch.uint8)
+        ts = None
+    else:
+        scales = (torch.rand(9, 5) * 100 + 1).to(torch.float8_e4m3fn).view(torch.uint8)
+        scales[0, 0] = torch.tensor(448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+        ts = torch.tensor([0.5])  # = amax / (6 * 448): requantizing finds it again
+    weight = dequantize_fp4(codes, scales, ts, fmt)
+    again = dequantize_fp4(*quantize_fp4(weight, fmt), fmt)
+    assert torch.equal(again, weight)
+
+
+def test_non_finite_weights_and_mismatched_scales_are_refused():
+    fmt = FP4Format("nf4")
+    with pytest.raises(FormatError, match="NaN or inf"):
+        quantize_fp4(torch.tensor([[1.0, float("nan")]]), fmt)
+    codes, scales, _ = quantize_fp4(seeded(4, 128), fmt)
+    with pytest.raises(FormatError, match="scales of shape"):
+        dequantize_fp4(codes, scales[:, :1], None, fmt)
+    nvfp4 = FP4Format("nvfp4")
+    codes, scales, _ = quantize_fp4(seeded(4, 128), nvfp4)
+    with pytest.raises(FormatError, match="tensor scale"):
+        dequantize_fp4(codes, scales, None, nvfp4)
+
+
+# ------------------------------------------------------------------------------------ packing
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pack_unpack_round_trip_is_bit_exact(shape):
+    codes = torch.randint(0, 16, shape, generator=torch.Generator().manual_seed(0))
+    codes = codes.to(torch.uint8)
+    packed = pack_fp4_codes(codes)
+    assert packed.shape == (shape[0], (shape[1] + 1) // 2) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_fp4_codes(packed, shape[1]), codes)
+    assert torch.equal(packed[:, 0] & 0x0F, codes[:, 0])  # low nibble first
+
+
+# ----------------------------------------------------------------------------- packed modules
+
+
+def packed_linear(fmt: FP4Format, out_features: int, in_features: int, *, bias: bool = True):
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(seeded(out_features, in_features, seed=5) * 0.1)
+    codes, scales, zeros = quantize_fp4(linear.weight, fmt)
+    record = QuantizedWeight(codes, scales, zeros, fmt)
+    return linear, record, FP4Linear.from_record(linear, record)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+def test_buffers_are_exactly_the_stored_tensors(fmt, out_features, in_features):
+    _, _, module = packed_linear(fmt, out_features, in_features)
+    declared = fmt.stored_tensors(out_features, in_features)
+    buffers = dict(module.named_buffers())
+    assert list(buffers) == [t.name for t in declared]
+    for tensor in declared:
+        assert buffers[tensor.name].shape == tensor.shape
+        assert buffers[tensor.name].dtype == tensor.dtype
+    assert not any(name == "weight" for name, _ in module.named_parameters())
+
+
+@pytest.mark.parametrize("kernel", sorted(fp4_kernels.KERNELS))
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize(("out_features", "in_features"), [*SHAPES, (300, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_match_the_reference(kernel, fmt, out_features, in_features, dtype, monkeypatch):
+    monkeypatch.setattr(fp4_kernels, "_SLAB_BYTES", 4 * in_features * 7)  # slabs of 7 rows
+    _, record, module = packed_linear(fmt, out_features, in_features)
+    x = seeded(3, in_features, seed=2).to(dtype)
+    expected = F.linear(x, record.dequantize(dtype), module.bias.to(dtype))
+    got = fp4_kernels.KERNELS[kernel](x, module.packed())
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+    monkeypatch.setenv("COMPRESS_KERNEL", kernel)
+    torch.testing.assert_close(module(x), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_unknown_forced_kernel_falls_back_to_the_default(monkeypatch):
+    monkeypatch.setenv("COMPRESS_KERNEL", "cpu_gemv")
+    assert fp4_kernels.select(FP4Format(), 64, rows=1, dtype=torch.float32) == "cpu_tiled"
+
+
+@pytest.mark.parametrize("fmt", FORMATS[:4], ids=str)
+def test_embedding_gathers_the_dequantized_rows(fmt):
+    embedding = torch.nn.Embedding(50, 40)
+    codes, scales, zeros = quantize_fp4(embedding.weight, fmt)
+    record = QuantizedWeight(codes, scales, zeros, fmt)
+    module = FP4Embedding.from_record(embedding, record)
+    ids = torch.tensor([[0, 49, 7], [7, 7, 3]])
+    assert torch.equal(module(ids), F.embedding(ids, record.dequantize()))
+
+
+def test_runtime_is_registered():
+    runtime = runtime_for(FP4Format("mxfp4"))
+    assert runtime.linear_from_record == FP4Linear.from_record
+    assert runtime.describe_kernels is not None
+    assert "cpu_tiled" in runtime.describe_kernels(FP4Format("mxfp4"), 64)
+
+
+# -------------------------------------------------------------------------------- rtn recipes
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"format": "nf4"}, FP4Format("nf4", 64)),
+        ({"format": "nf4", "scale_block": 128}, FP4Format("nf4", 128)),
+        ({"format": "fp4", "scale_block": 32}, FP4Format("fp4", 32)),
+        ({"format": "mxfp4"}, FP4Format("mxfp4")),
+        ({"format": "nvfp4"}, FP4Format("nvfp4")),
+    ],
+)
+def test_rtn_recipes_name_fp4_formats(entry, expected):
+    recipe = parse_recipe({"model": "smollm2-135m", "passes": [{"pass": "rtn", **entry}]})
+    config = recipe.passes[0]
+    assert config.formats() == [expected]
+    dumped = config.model_dump(mode="json")
+    assert not {"bits", "group_size", "symmetric", "scale_dtype", "scaling"} & set(dumped)
+    assert RTNConfig.model_validate(dumped).formats() == [expected]
+
+
+@pytest.mark.parametrize(
+    ("entry", "key", "value", "words"),
+    [
+        ({"format": "nf4", "bits": 4}, "bits", "4", "applies to format: int"),
+        ({"format": "nf4", "group_size": 64}, "group_size", "64", "set scale_block"),
+        ({"format": "mxfp4", "group_size": 64}, "group_size", "64", "32 wide by definition"),
+        ({"format": "mxfp4", "scale_block": 64}, "scale_block", "64", "blocks of 32"),
+        ({"format": "nvfp4", "scale_block": 16}, "scale_block", "16", "blocks of 16"),
+        ({"format": "nvfp4", "scaling": "block"}, "scaling", "'block'", "fp8 formats"),
+        ({"format": "fp4", "observer": "mse"}, "observer", "'mse'", "observer: minmax"),
+        ({"format": "nf4", "symmetric": False}, "symmetric", "false", ""),
+        ({"format": "mxfp8"}, "format", "'mxfp8'", ""),
+    ],
+)
+def test_bad_rtn_combinations_name_key_and_value(entry, key, value, words):
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe({"model": "smollm2-135m", "passes": [{"pass": "rtn", **entry}]})
+    message = str(caught.value)
+    assert f"passes[0].{key}: {value} is not valid" in message, message
+    assert words in message, message
+    assert "more error" not in message, message
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rtn_leaves_fp4_records_and_dequantized_weights(tiny_llama, variant):
+    model = copy.deepcopy(tiny_llama)
+    config = RTNConfig(format=variant)
+    report = rtn(model, config, PassContext())
+    assert len(report.touched) == 14
+    assert report.metrics["max_relative_error"] < 0.2
+    module = model.model.layers[0].mlp.down_proj
+    record = get_quantized(module)
+    assert record is not None and record.fmt == config.formats()[0]
+    assert torch.equal(module.weight, record.dequantize(module.weight.dtype))
+
+
+@pytest.mark.parametrize("variant", ["nf4", "mxfp4", "nvfp4"])
+def test_shipped_gptq_recipes(variant):
+    recipe = load_recipe(RECIPES / f"smollm2-{variant}-gptq.yaml")
+    (config,) = recipe.passes
+    assert config.formats() == [FP4Format(variant)]
+    assert recipe.calibration is not None and recipe.evaluate is not None
+    assert recipe.evaluate.max_windows == 32 and recipe.evaluate.seq_len == 512
+
+
+# ------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_export_reloads_with_equal_logits(tiny_llama_copy, byte_tokenizer, tmp_path, variant):
+    targets = ["model.layers.*", "model.embed_tokens", "lm_head"]
+    result = Pipeline(
+        model=tiny_llama_copy,
+        passes=[RTNConfig(format=variant, targets=targets)],
+        tokenizer=byte_tokenizer,
+        export=tmp_path / "export",
+    ).run()
+    loaded = AutoModelForCausalLM.from_pretrained(result.export_dir).eval()
+    linears = [m for m in loaded.modules() if isinstance(m, FP4Linear)]
+    assert len(linears) == 7 * 2 + 1  # the projections and lm_head
+    assert isinstance(loaded.model.embed_tokens, FP4Embedding)
+    assert not any(k.endswith("_proj.weight") for k in loaded.state_dict())
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+    generated = loaded.generate(ids[:1, :5], max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 8)
