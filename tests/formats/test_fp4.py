@@ -4,6 +4,7 @@ packing, the packed modules against the reference, rtn recipes, export and reloa
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,17 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import compress  # noqa: F401  (registers the transformers quantizer)
+from compress import cli
 from compress.errors import FormatError, RecipeError
+from compress.export.summary import summarize_export
+from compress.export.writer import export_model
 from compress.formats import format_from_dict, format_kinds, runtime_for
 from compress.formats.fp4 import NF4, VARIANTS, FP4Format, dequantize_fp4, quantize_fp4
 from compress.formats.fp4 import kernels as fp4_kernels
 from compress.formats.fp4.linear import FP4Embedding, FP4Linear
 from compress.formats.fp4.packed import pack_fp4_codes, unpack_fp4_codes
 from compress.ir import QuantizedWeight, get_quantized
+from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import load_recipe, parse_recipe
@@ -364,3 +369,50 @@ def test_export_reloads_with_equal_logits(tiny_llama_copy, byte_tokenizer, tmp_p
         assert torch.equal(loaded(ids).logits, result.model(ids).logits)
     generated = loaded.generate(ids[:1, :5], max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 8)
+
+
+def test_tied_pair_is_stored_once_and_reloads(tiny_llama, byte_tokenizer, tmp_path):
+    model = copy.deepcopy(tiny_llama)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    rtn(model, RTNConfig(format="nvfp4", targets=["model.embed_tokens", "lm_head"]), PassContext())
+    export_model(model, byte_tokenizer, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["quantization_config"]["tied"] == {"lm_head": "model.embed_tokens"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert loaded.lm_head.qweight is loaded.model.embed_tokens.qweight
+    assert loaded.lm_head.tensor_scale is loaded.model.embed_tokens.tensor_scale
+    ids = torch.arange(30).reshape(2, 15)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_entropy_coded_export_reloads(tiny_llama_copy, byte_tokenizer, tmp_path):
+    result = Pipeline(
+        model=tiny_llama_copy,
+        passes=[RTNConfig(format="nf4"), EntropyCodeConfig(floats=False, min_numel=1)],
+        tokenizer=byte_tokenizer,
+        export=tmp_path / "export",
+    ).run()
+    manifest = json.loads((result.export_dir / "compress_manifest.json").read_text())
+    assert manifest["entropy"]["tensors"], "no 4-bit codes were entropy-coded"
+    loaded = AutoModelForCausalLM.from_pretrained(result.export_dir).eval()
+    ids = torch.arange(24).reshape(2, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+
+
+def test_inspect_reads_an_fp4_export(tiny_llama_copy, byte_tokenizer, tmp_path, capsys):
+    Pipeline(
+        model=tiny_llama_copy,
+        passes=[RTNConfig(format="mxfp4")],
+        tokenizer=byte_tokenizer,
+        export=tmp_path / "export",
+    ).run()
+    summary = summarize_export(tmp_path / "export", verify=True)
+    for entry in summary.per_module.values():
+        assert entry["bits_per_weight"] == pytest.approx(entry["nominal_bits_per_weight"], rel=0.05)
+    capsys.readouterr()
+    assert cli.run(["inspect", str(tmp_path / "export")]) == 0
+    out = capsys.readouterr().out
+    assert "mxfp4 b32" in out and "cpu_tiled" in out
