@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from compress.distill import distill as _distill
 from compress.lossless import entropy_code as _entropy
+from compress.prune import contextual as _contextual
 from compress.prune import prune as _prune
 from compress.quant import awq as _awq
 from compress.quant import gptq as _gptq
@@ -12,4 +13,4 @@ from compress.quant import rtn as _rtn
 
 __all__ = ["BUILTIN_PASS_MODULES"]
 
-BUILTIN_PASS_MODULES = (_rotate, _rtn, _gptq, _awq, _prune, _distill, _entropy)
+BUILTIN_PASS_MODULES = (_rotate, _rtn, _gptq, _awq, _prune, _contextual, _distill, _entropy)

@@ -9,6 +9,7 @@ ever made.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,10 @@ class CompressHfQuantizer(HfQuantizer):
             if share is None:
                 raise ExportError(f"module {name!r} cannot share the packed tensors of {source!r}")
             share(model.get_submodule(source))
+        if getattr(model.config, "contextual_sparsity", None):
+            # the contextual runtime is a plugin reached by name, as compress reaches this module
+            runtime = importlib.import_module("compress.prune.contextual_runtime")
+            runtime.install_(model)
         kernels = {str(m.kernel) for m in model.modules() if hasattr(m, "kernel")}
         log.info("compress export loaded; CPU kernels: %s", ", ".join(sorted(kernels)))
 

@@ -269,7 +269,11 @@ class CompressLayout:
 
     def finish_config(self, config: dict[str, Any]) -> dict[str, Any]:
         qconfig = config.get("quantization_config")
-        if isinstance(qconfig, dict) and qconfig.get("quant_method") == QUANT_METHOD:
+        if (
+            isinstance(qconfig, dict)
+            and qconfig.get("quant_method") == QUANT_METHOD
+            and (qconfig.get("modules") or qconfig.get("entropy"))  # not: plain + contextual
+        ):
             return guard_config_dict(config)  # stock transformers must not load it half-way
         return config
 
@@ -358,6 +362,11 @@ def export_model(
             config.tie_word_embeddings = False
         if coder is not None:
             qconfig = coder.quantization_config(qconfig)
+        contextual = getattr(config, "contextual_sparsity", None)
+        if qconfig is None and contextual and layout.name == QUANT_METHOD:
+            # plain weights with contextual sparsity: our loader makes them sparse, while stock
+            # transformers skips the unknown quant_method and loads them dense (not guarded)
+            qconfig = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
         if qconfig is not None:
             config.quantization_config = qconfig
         elif hasattr(config, "quantization_config"):

@@ -1,0 +1,283 @@
+"""Contextual sparsity (TEAL) and Sirius correction on SmolLM2-135M: quality, decode speed, and
+agreement of greedy continuations with the dense model.
+
+1. KL: the ``contextual`` pass through the Pipeline API (the path of ``compress apply``) at each
+   sparsity, scored teacher-forced on 32 windows x 512 tokens of the builtin:wiki evaluation
+   split against the original model (perplexity, KL(original || sparse), top-1).
+2. Speed: batch-1 greedy decode, one thread, of the dense bf16 model (stock ``nn.Linear``), the
+   sparse model (the 50% thresholds on the same bf16 weights; the native decode kernel) and the
+   sparse model with Sirius correction; each a plain loop over a ``DynamicCache`` (the same loop
+   for dense and sparse), runs interleaved, medians reported as tokens/s and ratios.
+3. Generation: 64-token greedy continuations of prompts cut from the evaluation windows; the
+   fraction of positions equal to the dense model's tokens for sparse and Sirius, the share of
+   the sparse model's loss that Sirius recovers, and Sirius's cost relative to the sparse model
+   (measured time, and its full-model checks).
+
+    OMP_NUM_THREADS=1 python scripts/bench_contextual.py      # -> benchmarks/contextual.{json,md}
+    python scripts/bench_contextual.py --table                # the markdown of the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+from benchrows import BENCHMARKS, cpu_flags, machine
+from transformers import DynamicCache
+
+MODEL = "smollm2-135m"
+CALIBRATION = {"dataset": "builtin:wiki", "samples": 32, "seq_len": 512, "seed": 0}
+EVALUATE = {"perplexity": ["builtin:wiki"], "seq_len": 512, "max_windows": 32, "kl": True}
+
+
+def run_kl(sparsity: float) -> tuple[dict[str, Any], Any]:
+    from compress.pipeline import Pipeline
+    from compress.recipe import parse_recipe
+
+    recipe = parse_recipe(
+        {
+            "model": MODEL,
+            "calibration": CALIBRATION,
+            "passes": [{"pass": "contextual", "sparsity": sparsity}],
+            "evaluate": {**EVALUATE, "batch_size": 4},
+        },
+        source=f"contextual-{sparsity}",
+    )
+    start = time.perf_counter()
+    result = Pipeline.from_recipe(recipe).run()
+    quality = result.report["quality"]
+    entry = quality[0] if isinstance(quality, list) else quality
+    report = result.report["passes"][0]
+    row = {
+        "sparsity": sparsity,
+        "calibration_sparsity": report["metrics"]["calibration_sparsity"],
+        "quality": entry,
+        "run_seconds": time.perf_counter() - start,
+    }
+    return row, result
+
+
+@torch.no_grad()
+def greedy(model: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """Plain greedy decode over a DynamicCache: ``new`` tokens after ``ids`` (1, prompt)."""
+    cache = DynamicCache()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    while len(tokens) < new:
+        step = torch.tensor([[tokens[-1]]])
+        out = model(input_ids=step, past_key_values=cache, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return torch.tensor(tokens)
+
+
+def timed(fn: Any) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sparsities", nargs="*", type=float, default=[0.3, 0.4, 0.5])
+    parser.add_argument("--prompts", type=int, default=50)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--speed-runs", type=int, default=5)
+    parser.add_argument("--periods", nargs="*", type=int, default=[4, 8])
+    parser.add_argument("--min-prob", type=float, default=0.1, help="the lenient Sirius variant")
+    parser.add_argument("--table", action="store_true", help="print the JSON's table, run nothing")
+    args = parser.parse_args()
+    out = BENCHMARKS / "contextual.json"
+    if args.table:
+        print(render(json.loads(out.read_text())), end="")
+        return
+
+    from compress.data.corpora import load_texts, token_windows
+    from compress.models import load_model
+    from compress.prune.contextual import CONFIG_KEY, install_from_config_
+    from compress.prune.contextual_kernel import native
+    from compress.prune.sirius import sirius_generate
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    data: dict[str, Any] = {
+        "meta": {
+            "model": MODEL,
+            "calibration": CALIBRATION,
+            "evaluate": EVALUATE,
+            "machine": machine(),
+            "cpu_flags": cpu_flags(),
+            "threads": torch.get_num_threads(),
+            "native_kernel": native() is not None,
+            "date": datetime.date.today().isoformat(),
+            "command": "OMP_NUM_THREADS=1 python scripts/bench_contextual.py "
+            + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "table"
+            ),
+        },
+        "kl": [],
+    }
+    spec = None
+    for sparsity in args.sparsities:
+        print(f"== KL at {sparsity}", flush=True)
+        row, result = run_kl(sparsity)
+        data["kl"].append(row)
+        print(json.dumps(row, default=str), flush=True)
+        if sparsity == max(args.sparsities):
+            spec = getattr(result.model.config, CONFIG_KEY)
+            data["meta"]["speed_sparsity"] = sparsity
+        del result
+        write(out, data)
+    assert spec is not None
+
+    dense, tokenizer = load_model(MODEL, dtype="bfloat16")
+    sparse = copy.deepcopy(dense)
+    install_from_config_(sparse, spec)
+    windows = token_windows(tokenizer, load_texts("builtin:wiki", "evaluation"), 512, 64)
+    prompts = [w[: args.prompt_len][None] for w in windows[: args.prompts]]
+
+    # --- speed: interleaved runs on one prompt, medians
+    print("== speed", flush=True)
+    ids = prompts[0]
+    cases: dict[str, Any] = {
+        "dense": lambda: greedy(dense, ids, args.new),
+        "sparse": lambda: greedy(sparse, ids, args.new),
+    }
+    for period in args.periods:
+        cases[f"sirius-p{period}"] = lambda p=period: sirius_generate(
+            sparse, ids, max_new_tokens=args.new, period=p
+        )
+    for fn in cases.values():
+        fn()  # warm-up (and the kernel build)
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.speed_runs):
+        for name, fn in cases.items():
+            seconds[name].append(timed(fn)[0])
+    speed = {
+        name: {"tokens_per_s": args.new / statistics.median(s), "seconds": s}
+        for name, s in seconds.items()
+    }
+    for name in speed:
+        speed[name]["vs_dense"] = speed[name]["tokens_per_s"] / speed["dense"]["tokens_per_s"]
+    data["speed"] = speed
+    print(json.dumps(speed, indent=1), flush=True)
+    write(out, data)
+
+    # --- generation agreement over the prompts
+    print("== generation", flush=True)
+    variants: dict[str, dict[str, Any]] = {"sparse": {}}
+    for period in args.periods:
+        variants[f"sirius-p{period}"] = {"period": period}
+        variants[f"sirius-p{period}-lenient"] = {"period": period, "min_prob": args.min_prob}
+    totals = {name: {"agree": 0, "seconds": 0.0, "checks": 0, "steps": 0} for name in variants}
+    dense_seconds = 0.0
+    for index, prompt in enumerate(prompts):
+        took, reference = timed(lambda prompt=prompt: greedy(dense, prompt, args.new))
+        dense_seconds += took
+        for name, settings in variants.items():
+            if name == "sparse":
+                took, tokens = timed(lambda prompt=prompt: greedy(sparse, prompt, args.new))
+            else:
+                took, (sequence, stats) = timed(
+                    lambda prompt=prompt, s=settings: sirius_generate(
+                        sparse, prompt, max_new_tokens=args.new, **s
+                    )
+                )
+                tokens = sequence[0, prompt.shape[1] :]
+                totals[name]["checks"] += stats.dense_checks
+                totals[name]["steps"] += stats.sparse_steps
+            totals[name]["agree"] += int((tokens == reference).sum())
+            totals[name]["seconds"] += took
+        print(f"prompt {index + 1}/{len(prompts)}", flush=True)
+    count = len(prompts) * args.new
+    generation: dict[str, Any] = {"prompts": len(prompts), "new_tokens": args.new}
+    base = totals["sparse"]
+    lost = 1 - base["agree"] / count
+    for name, total in totals.items():
+        agreement = total["agree"] / count
+        generation[name] = {
+            "agreement": agreement,
+            "recovered": None if name == "sparse" or lost == 0 else (agreement - (1 - lost)) / lost,
+            "cost_vs_sparse": total["seconds"] / base["seconds"],
+            "cost_vs_dense": total["seconds"] / dense_seconds,
+            "dense_checks_per_token": total["checks"] / count,
+            "sparse_steps_per_token": total["steps"] / count,
+            **variants[name],
+        }
+    data["generation"] = generation
+    print(json.dumps(generation, indent=1), flush=True)
+    write(out, data)
+
+
+def write(out: Any, data: dict[str, Any]) -> None:
+    out.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    (out.parent / "contextual.md").write_text(render(data))
+
+
+def render(data: dict[str, Any]) -> str:
+    meta = data["meta"]
+    lines = [
+        "# Contextual sparsity (TEAL) and Sirius correction: SmolLM2-135M",
+        "",
+        f"Machine: {meta['machine']} ({meta['cpu_flags']}), {meta['threads']} thread(s); "
+        f"native decode kernel: {'built' if meta.get('native_kernel') else 'unavailable'}.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "## Quality (teacher-forced, 32 x 512 tokens of builtin:wiki evaluation split)",
+        "",
+        "| sparsity | calibration sparsity | ppl | KL | top-1 |",
+        "|---|---|---|---|---|",
+    ]
+    reference = None
+    for row in data["kl"]:
+        q = next(iter(row["quality"].values()))
+        reference = q.get("reference_perplexity", reference)
+        lines.append(
+            f"| {row['sparsity']:.2f} | {row['calibration_sparsity']:.3f} | "
+            f"{q['perplexity']:.2f} | {q['kl_mean']:.3f} | {100 * q['top1_agreement']:.1f}% |"
+        )
+    if reference is not None:
+        lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
+    if "speed" in data:
+        lines += [
+            "",
+            f"## Decode speed (batch 1, bf16 weights, greedy, sparsity "
+            f"{meta.get('speed_sparsity')}, medians of interleaved runs)",
+            "",
+            "| model | tokens/s | vs dense |",
+            "|---|---|---|",
+        ]
+        for name, row in data["speed"].items():
+            lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row['vs_dense']:.2f}x |")
+    if "generation" in data:
+        gen = data["generation"]
+        lines += [
+            "",
+            f"## Greedy continuations ({gen['prompts']} prompts x {gen['new_tokens']} tokens): "
+            "agreement with the dense model",
+            "",
+            "| variant | agreement | loss recovered | time vs sparse | time vs dense | "
+            "full checks / token |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, row in gen.items():
+            if not isinstance(row, dict):
+                continue
+            recovered = "" if row["recovered"] is None else f"{100 * row['recovered']:.0f}%"
+            lines.append(
+                f"| {name} | {100 * row['agreement']:.1f}% | {recovered} | "
+                f"{row['cost_vs_sparse']:.2f}x | {row['cost_vs_dense']:.2f}x | "
+                f"{row['dense_checks_per_token']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

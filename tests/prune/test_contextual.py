@@ -1,0 +1,343 @@
+"""The ``contextual`` pass and Sirius on tiny models: thresholds hit the target sparsity, the
+decode kernel equals the masked dense product, Sirius reproduces dense greedy output (and fails
+without rollback), export reload runs sparse (and loads dense in stock transformers), recipes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import AutoModelForCausalLM
+
+from compress.errors import PassError
+from compress.export.writer import export_model
+from compress.pipeline import Pipeline
+from compress.prune import sirius as sirius_module
+from compress.prune.contextual import (
+    CONFIG_KEY,
+    ContextualConfig,
+    ContextualLinear,
+    contextual,
+    dense_mode,
+    magnitude_threshold,
+)
+from compress.prune.contextual_kernel import (
+    masked_linear_reference,
+    native,
+    sparse_gemv,
+    sparse_gemv_torch,
+)
+from compress.prune.sirius import sirius_decoding, sirius_generate
+from compress.recipe import CalibrationSpec, ModelSpec, load_recipe
+from compress.registry import PassContext, get_pass
+from compress.utils.hooks import capture_inputs
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-contextual50.yaml"
+
+
+def calibration(samples: int = 8, length: int = 32, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (samples, length), generator=generator)
+
+
+def sparse_copy(model, sparsity: float, **settings):
+    model = copy.deepcopy(model)
+    report = contextual(
+        model,
+        ContextualConfig(sparsity=sparsity, **settings),
+        PassContext(calibration=calibration()),
+    )
+    return model, report
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                          pad_token_id=0)  # fmt: skip
+
+
+# --- thresholds ---------------------------------------------------------------------------------
+
+
+def test_registered_as_calibrated_pass():
+    entry = get_pass("contextual")
+    assert entry.config_cls is ContextualConfig and entry.calibrated
+
+
+def test_magnitude_threshold_is_the_quantile():
+    values = torch.arange(1, 101, dtype=torch.float32) * torch.tensor([1.0, -1.0]).repeat(50)
+    assert magnitude_threshold(values, 0.3) == 30.0
+    assert int((values.abs() <= 30.0).sum()) == 30
+    assert magnitude_threshold(values, 0.0) is None
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_thresholds_hit_the_target_on_calibration_data(tiny_llama, sparsity):
+    model, report = sparse_copy(tiny_llama, sparsity)
+    assert report.metrics["calibration_sparsity"] == pytest.approx(sparsity, abs=0.01)
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, ContextualLinear)}
+    assert len(modules) == 2 * 7
+    zeroed: dict[str, list[float]] = {name: [] for name in modules}
+
+    def seen(name: str, x: torch.Tensor) -> None:
+        threshold = modules[name].threshold
+        zeroed[name].append(float((x.abs() <= threshold).float().mean()))
+
+    with capture_inputs(modules, seen), torch.no_grad():
+        model(calibration())  # the calibration text, through the sparse model
+    for name, fractions in zeroed.items():
+        # every site was calibrated on exactly these inputs (the sparse sites before it)
+        assert sum(fractions) / len(fractions) == pytest.approx(sparsity, abs=0.01), name
+
+
+def test_sparsity_zero_leaves_the_model_dense(tiny_llama):
+    model, _ = sparse_copy(tiny_llama, 0.0)
+    ids = calibration(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tiny_llama(ids).logits, rtol=0, atol=0)
+
+
+def test_sparse_model_changes_logits_and_dense_mode_restores_them(tiny_llama):
+    model, _ = sparse_copy(tiny_llama, 0.5)
+    ids = calibration(2, 16)
+    with torch.no_grad():
+        dense = tiny_llama(ids).logits
+        assert not torch.allclose(model(ids).logits, dense, atol=1e-3)
+        with dense_mode(model):
+            torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(ids).logits, dense, atol=1e-3)
+
+
+def test_one_token_decode_equals_the_masked_forward(tiny_llama):
+    """The kernel path (one token) and the masked dense path (several tokens) agree."""
+    model, _ = sparse_copy(tiny_llama, 0.5)
+    ids = calibration(1, 12)
+    with torch.no_grad():
+        whole = model(ids).logits[0, -1]
+        out = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=out.past_key_values).logits[0, -1]
+    torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-4)
+
+
+# --- the kernel ---------------------------------------------------------------------------------
+
+SHAPES = [(1, 1), (7, 5), (64, 128), (128, 64), (576, 192), (33, 300), (1000, 17)]
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("path", ["dispatch", "torch"])
+def test_kernel_equals_masked_dense_matmul(in_features, out_features, sparsity, path):
+    generator = torch.Generator().manual_seed(in_features * 31 + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    x = torch.randn(in_features, generator=generator)
+    threshold = float(x.abs().quantile(sparsity)) if sparsity < 1 else float("inf")
+    kernel = sparse_gemv if path == "dispatch" else sparse_gemv_torch
+    got = kernel(x, weight.t().contiguous(), threshold)
+    expected = masked_linear_reference(x, weight, threshold)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(576, 1536), (1536, 576), (65, 130)])
+def test_kernel_in_bf16_is_within_bf16_rounding(in_features, out_features):
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    x = torch.randn(in_features, generator=generator).bfloat16()
+    threshold = float(x.float().abs().median())
+    got = sparse_gemv(x, weight.t().contiguous(), threshold)
+    assert got.dtype == torch.bfloat16
+    expected = masked_linear_reference(x, weight, threshold)
+    scale = expected.abs().max()
+    assert float((got.float() - expected).abs().max()) <= 0.01 * float(scale)
+
+
+def test_native_kernel_builds_here():
+    """The machine running the tests has a compiler (the int kernels need one too)."""
+    assert native() is not None
+
+
+# --- Sirius -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("period", [1, 3, 8])
+def test_sirius_with_a_dense_draft_model_is_the_dense_output(tiny_llama, period):
+    model, _ = sparse_copy(tiny_llama, 0.0)
+    ids = calibration(1, 6)
+    expected = greedy(tiny_llama, ids, 24)
+    tokens, stats = sirius_generate(model, ids, max_new_tokens=24, period=period)
+    assert torch.equal(tokens, expected)
+    assert stats.corrections == 0 and stats.rejected == 0
+
+
+@pytest.mark.parametrize("period", [1, 2, 5])
+def test_sirius_with_sparsity_is_the_dense_greedy_output(tiny_llama, period):
+    model, _ = sparse_copy(tiny_llama, 0.7)
+    expected_tokens = 0
+    for seed in range(3):
+        ids = calibration(1, 6, seed=seed)
+        expected = greedy(tiny_llama, ids, 24)
+        assert not torch.equal(greedy(model, ids, 24), expected)  # sparsity alone diverges
+        tokens, stats = sirius_generate(model, ids, max_new_tokens=24, period=period)
+        assert torch.equal(tokens, expected)
+        assert stats.corrections > 0
+        expected_tokens += 1
+    assert expected_tokens == 3
+
+
+def test_sirius_without_rollback_of_the_cache_goes_wrong(tiny_llama, monkeypatch):
+    """The check above fails when the cache keeps the sparse entries of rejected drafts."""
+    model, _ = sparse_copy(tiny_llama, 0.7)
+    ids = calibration(1, 6)
+    expected = greedy(tiny_llama, ids, 24)
+
+    def no_rollback(cache, length):
+        return None
+
+    monkeypatch.setattr(sirius_module, "_crop_to", no_rollback)
+    tokens, _ = sirius_generate(model, ids, max_new_tokens=24, period=1)
+    assert not torch.equal(tokens, expected)
+
+
+def test_sirius_lenient_acceptance_checks_less(tiny_llama):
+    model, _ = sparse_copy(tiny_llama, 0.5)
+    ids = calibration(1, 6)
+    _, strict = sirius_generate(model, ids, max_new_tokens=24, period=4)
+    _, lenient = sirius_generate(model, ids, max_new_tokens=24, period=4, min_prob=1e-9)
+    assert lenient.rejected == 0 and lenient.accepted >= strict.accepted
+
+
+def test_sirius_through_generate(tiny_llama):
+    model, _ = sparse_copy(tiny_llama, 0.7, sirius_period=3)
+    ids = calibration(1, 6)
+    produced = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                              custom_generate=sirius_decoding)  # fmt: skip
+    assert torch.equal(produced, greedy(tiny_llama, ids, 20))
+
+
+def test_sirius_refuses_batches_and_sampling(tiny_llama):
+    model, _ = sparse_copy(tiny_llama, 0.5)
+    with pytest.raises(PassError, match="one non-empty sequence"):
+        sirius_generate(model, calibration(2, 6), max_new_tokens=4, period=2)
+    with pytest.raises(PassError, match="greedy"):
+        model.generate(calibration(1, 6), max_new_tokens=4, do_sample=True, pad_token_id=0,
+                       custom_generate=sirius_decoding)  # fmt: skip
+
+
+# --- export -------------------------------------------------------------------------------------
+
+PLAIN = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from transformers import AutoModelForCausalLM
+    folder, ids_path, out = sys.argv[1:]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.load(ids_path)).logits
+    assert not any(name == "compress" or name.startswith("compress.") for name in sys.modules)
+    torch.save(logits, out)
+    """
+)
+
+
+def test_export_reloads_sparse_with_sirius_and_plain_transformers_loads_it_dense(
+    tiny_llama, tmp_path
+):
+    model, _ = sparse_copy(tiny_llama, 0.7, sirius_period=4)
+    folder = export_model(model, None, tmp_path / "export")
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["model_type"] == "llama"  # not guarded: the weights are plain
+    assert saved[CONFIG_KEY]["sparsity"] == 0.7 and saved[CONFIG_KEY]["sirius"] == {"period": 4}
+    assert len(saved[CONFIG_KEY]["thresholds"]) == 2
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert sum(isinstance(m, ContextualLinear) for m in loaded.modules()) == 14
+    ids = calibration(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    prompt = ids[:1, :6]
+    sparse_only = greedy(model, prompt, 20)
+    produced = loaded.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(produced, greedy(tiny_llama, prompt, 20))  # Sirius, from the config
+    assert not torch.equal(produced, sparse_only)
+
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN)
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.load(tmp_path / "o"), tiny_llama(ids).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_export_without_sirius_generates_sparse(tiny_llama, tmp_path):
+    model, _ = sparse_copy(tiny_llama, 0.7)
+    folder = export_model(model, None, tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = calibration(1, 6)
+    assert torch.equal(
+        loaded.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0),
+        greedy(model, prompt, 20),
+    )
+
+
+# --- pipeline and recipes -----------------------------------------------------------------------
+
+
+def test_pipeline_runs_contextual_and_evaluates_the_reloaded_export(model_dir, text_file, tmp_path):
+    out = tmp_path / "export"
+    result = Pipeline(
+        ModelSpec(name=str(model_dir)),
+        [ContextualConfig(sparsity=0.5, sirius_period=4)],
+        calibration=CalibrationSpec(dataset=str(text_file), samples=8, seq_len=32),
+        export=out,
+    ).run()
+    passes = result.report["passes"]
+    assert passes[0]["metrics"]["calibration_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert len(passes[0]["touched"]) == 3
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(isinstance(m, ContextualLinear) for m in loaded.modules()) == 3 * 7
+
+
+def test_shipped_recipe_validates():
+    recipe = load_recipe(RECIPE)
+    assert recipe.model.name == "smollm2-135m"
+    (entry,) = recipe.passes
+    assert isinstance(entry, ContextualConfig)
+    assert (entry.sparsity, entry.sirius_period) == (0.5, 8)
+    assert recipe.evaluate is not None and recipe.evaluate.kl
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"sparsity": -0.1}, "sparsity"),
+        ({"sirius_period": 0}, "sirius_period"),
+        ({"sites": ["mlp"]}, "sites"),
+        ({"sparsty": 0.5}, "sparsty"),
+    ],
+)
+def test_config_errors_name_the_key(settings, key):
+    with pytest.raises(ValidationError, match=key):
+        ContextualConfig(**settings)
+
+
+def test_needs_calibration(tiny_llama):
+    with pytest.raises(PassError, match="calibration"):
+        contextual(copy.deepcopy(tiny_llama), ContextualConfig(), PassContext())
