@@ -9,6 +9,11 @@ model: perplexity, KL(original || quantized), top-1 agreement.
     python scripts/bench_fp4.py                        # all -> benchmarks/fp4.{json,md}
     python scripts/bench_fp4.py --cases nf4-gptq --merge
     python scripts/bench_fp4.py --table                # the markdown table of the JSON
+    python scripts/bench_fp4.py --speed                # + batch-1 GEMV at 4096^2, one thread
+
+``--speed`` times one activation row against a 4096 x 4096 weight, one thread: the bf16
+``F.linear`` of the dense weight beside each variant's kernels (:mod:`compress.formats.fp4.kernels`)
+in the same run, and stores the milliseconds in the JSON's ``meta.speed``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import resource
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchrows import BENCHMARKS, cpu_flags, load_rows, machine, write_rows
@@ -72,6 +78,38 @@ def run_one(name: str) -> dict[str, Any]:
     }
 
 
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Milliseconds per call, after one warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def measure_speed(size: int = 4096, repeats: int = 5) -> dict[str, Any]:
+    """Batch-1 GEMV milliseconds: bf16 dense against every variant's kernels, one thread."""
+    import torch
+    import torch.nn.functional as F
+
+    from compress.formats.fp4 import FP4Format, quantize_fp4
+    from compress.formats.fp4 import kernels as fp4_kernels
+    from compress.formats.fp4.packed import PackedFP4, pack_fp4_codes
+
+    torch.set_num_threads(1)
+    weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)) * 0.02
+    x = torch.randn(1, size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    dense = weight.to(torch.bfloat16)
+    ms: dict[str, float] = {"bf16 F.linear": timed(lambda: F.linear(x, dense), repeats)}
+    for variant in ("nf4", "mxfp4", "nvfp4"):
+        fmt = FP4Format(variant)
+        codes, scales, tensor_scale = quantize_fp4(weight, fmt)
+        packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, None, fmt, size)
+        for name, kernel in fp4_kernels.KERNELS.items():
+            ms[f"{variant} {name}"] = timed(lambda k=kernel, p=packed: k(x, p), repeats)
+    return {"size": size, "threads": 1, "activation": "bfloat16", "rows": 1, "ms": ms}
+
+
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The markdown of ``rows``: the command, the machine, the table."""
     lines = [
@@ -108,6 +146,23 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     reference = next(iter(rows[0]["quality"].values()))["reference_perplexity"] if rows else None
     if reference is not None:
         lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
+    speed = meta.get("speed")
+    if speed:
+        bf16 = speed["ms"]["bf16 F.linear"]
+        lines += [
+            "",
+            f"## Batch-1 GEMV, {speed['size']}x{speed['size']} weight, one thread, "
+            f"{speed['activation']} activations",
+            "",
+            f"Command: `{speed['command']}`. Ratios are against the bf16 dense GEMV of the same "
+            "run (above 1: slower than bf16). Every kernel so far decodes the 4-bit codes with "
+            "torch ops into a dense slab and multiplies it, so it is memory- and decode-bound; "
+            "a fused native kernel is future work.",
+            "",
+            "| kernel | ms | x bf16 time |",
+            "|---|---|---|",
+            *(f"| {name} | {ms:.1f} | {ms / bf16:.1f} |" for name, ms in speed["ms"].items()),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -116,17 +171,28 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES))
     parser.add_argument("--merge", action="store_true", help="keep rows of cases not rerun")
     parser.add_argument("--table", action="store_true", help="write the table of the JSON only")
+    parser.add_argument(
+        "--speed", action="store_true", help="time the kernels (kept in the JSON), run no case"
+    )
     args = parser.parse_args()
     out = BENCHMARKS / "fp4.json"
-    if args.table:
-        saved = json.loads(out.read_text())
+    command = shlex.join(["python", "scripts/bench_fp4.py", *sys.argv[1:]])
+    saved = json.loads(out.read_text()) if out.exists() else None
+    if args.table or args.speed:
+        if saved is None:
+            raise SystemExit(f"{out} does not exist yet: run the cases first")
+        if args.speed:
+            saved["meta"]["speed"] = {**measure_speed(), "command": command}
+            saved["meta"]["speed"]["machine"] = machine()
+            saved["meta"]["speed"]["cpu_flags"] = cpu_flags()
+            out.write_text(json.dumps(saved, indent=1, default=str) + "\n")
         (BENCHMARKS / "fp4.md").write_text(render(saved["meta"], saved["rows"]))
         return
     rows = load_rows(out, "case", args.merge)
     commands: list[str] = []
-    if args.merge and out.exists():
-        commands = json.loads(out.read_text())["meta"].get("commands", [])
-    commands.append(shlex.join(["python", "scripts/bench_fp4.py", *sys.argv[1:]]))
+    if args.merge and saved is not None:
+        commands = saved["meta"].get("commands", [])
+    commands.append(command)
     meta = {
         "model": MODEL,
         "calibration": CALIBRATION,
@@ -135,6 +201,8 @@ def main() -> None:
         "cpu_flags": cpu_flags(),
         "commands": commands,
     }
+    if args.merge and saved is not None and "speed" in saved["meta"]:
+        meta["speed"] = saved["meta"]["speed"]
     for name in args.cases:
         print(f"== {name}", flush=True)
         rows[name] = {**run_one(name), "date": datetime.date.today().isoformat()}

@@ -416,3 +416,11 @@ def test_inspect_reads_an_fp4_export(tiny_llama_copy, byte_tokenizer, tmp_path, 
     assert cli.run(["inspect", str(tmp_path / "export")]) == 0
     out = capsys.readouterr().out
     assert "mxfp4 b32" in out and "cpu_tiled" in out
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+def test_packed_dequantize_is_the_reference_bit_for_bit(fmt, out_features, in_features):
+    _, record, module = packed_linear(fmt, out_features, in_features)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(module.dequantize(dtype), record.dequantize(dtype))
