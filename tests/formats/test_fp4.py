@@ -19,6 +19,7 @@ from compress.export.summary import summarize_export
 from compress.export.writer import export_model
 from compress.formats import format_from_dict, format_kinds, runtime_for
 from compress.formats.fp4 import NF4, VARIANTS, FP4Format, dequantize_fp4, quantize_fp4
+from compress.formats.fp4 import cpu as fp4_cpu
 from compress.formats.fp4 import kernels as fp4_kernels
 from compress.formats.fp4.linear import FP4Embedding, FP4Linear
 from compress.formats.fp4.packed import pack_fp4_codes, unpack_fp4_codes
@@ -258,9 +259,29 @@ def test_kernels_match_the_reference(kernel, fmt, out_features, in_features, dty
     torch.testing.assert_close(module(x), expected, rtol=tolerance, atol=tolerance)
 
 
-def test_unknown_forced_kernel_falls_back_to_the_default(monkeypatch):
-    monkeypatch.setenv("COMPRESS_KERNEL", "cpu_gemv")
-    assert fp4_kernels.select(FP4Format(), 64, rows=1, dtype=torch.float32) == "cpu_tiled"
+def test_decode_takes_the_native_gemv_and_prefill_the_tiles(monkeypatch):
+    assert fp4_cpu.native() is not None, "the native fp4 GEMV did not build here"
+    fmt = FP4Format("nvfp4")
+    assert fp4_kernels.select(fmt, 64, rows=1, dtype=torch.bfloat16) == "cpu_gemv"
+    assert fp4_kernels.select(fmt, 64, rows=100, dtype=torch.bfloat16) == "cpu_tiled"
+    assert "cpu_gemv" in fp4_kernels.describe(fmt, 64)
+    monkeypatch.setenv("COMPRESS_KERNEL", "cpu_gemv_int")
+    assert fp4_kernels.select(fmt, 64, rows=1, dtype=torch.float32) == "cpu_gemv"
+    _, record, module = packed_linear(fmt, 24, 40)
+    for rows in (1, 20):  # the module's choice follows the row count
+        x = seeded(rows, 40)
+        expected = F.linear(x, record.dequantize(), module.bias)
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_native_gemv_takes_any_row_count(fmt):
+    _, record, module = packed_linear(fmt, 19, 70)
+    x = seeded(2, 11, 70, seed=3).to(torch.bfloat16)  # 22 rows: three calls of at most 8
+    got = fp4_kernels.KERNELS["cpu_gemv"](x, module.packed())
+    expected = F.linear(x.float(), record.dequantize(), module.bias).to(torch.bfloat16)
+    assert got.shape == (2, 11, 19) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("fmt", FORMATS[:4], ids=str)
@@ -278,6 +299,7 @@ def test_runtime_is_registered():
     assert runtime.linear_from_record == FP4Linear.from_record
     assert runtime.describe_kernels is not None
     assert "cpu_tiled" in runtime.describe_kernels(FP4Format("mxfp4"), 64)
+    assert runtime.prepare is not None
 
 
 # -------------------------------------------------------------------------------- rtn recipes
@@ -415,7 +437,7 @@ def test_inspect_reads_an_fp4_export(tiny_llama_copy, byte_tokenizer, tmp_path, 
     capsys.readouterr()
     assert cli.run(["inspect", str(tmp_path / "export")]) == 0
     out = capsys.readouterr().out
-    assert "mxfp4 b32" in out and "cpu_tiled" in out
+    assert "mxfp4 b32" in out and "cpu_gemv" in out
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)

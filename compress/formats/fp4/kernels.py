@@ -11,8 +11,13 @@ it is decoded, so a forward holds one slab of dense weight (at most ``_SLAB_BYTE
 packed codes instead of the whole dense matrix. The same products as the reference (each output
 column is the dot product with one row of the weight); only the BLAS blocking may differ.
 
-``COMPRESS_KERNEL`` names a kernel; one this format does not have is logged once and the default
-(``cpu_tiled``) is used.
+``cpu_gemv``: the native fused GEMV of :mod:`compress.formats.fp4.cpu` (codes decoded in AVX2
+registers, products and sums in fp32, one pass over the packed bytes), chosen for up to
+:data:`~compress.formats.fp4.cpu.MAX_ROWS` activation rows on the CPU when the extension builds
+here. Prefill (more rows) stays on ``cpu_tiled``, whose slabs feed torch's GEMM.
+
+``COMPRESS_KERNEL`` names a kernel; one this format does not have (or ``cpu_gemv`` where the
+native build is unavailable) is logged once and the default is used.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from compress.formats.fp4 import cpu
 from compress.formats.fp4.packed import PackedFP4
 from compress.formats.fp4.spec import FP4Format
 
@@ -59,32 +65,47 @@ def _cpu_tiled(x: torch.Tensor, w: PackedFP4) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-KERNELS: dict[str, Kernel] = {"reference": _reference, "cpu_tiled": _cpu_tiled}
+def _cpu_gemv(x: torch.Tensor, w: PackedFP4) -> torch.Tensor:
+    return cpu.gemv(x, w)
+
+
+KERNELS: dict[str, Kernel] = {
+    "reference": _reference,
+    "cpu_tiled": _cpu_tiled,
+    "cpu_gemv": _cpu_gemv,
+}
 
 
 def select(
     fmt: FP4Format, in_features: int, *, rows: int, dtype: torch.dtype, device: str = "cpu"
 ) -> str:
     """The kernel for a format, input width, activation dtype, row count and device."""
+    native = device == "cpu" and cpu.native() is not None
     forced = os.environ.get("COMPRESS_KERNEL", "")
-    if forced in KERNELS:
+    if forced in KERNELS and (forced != "cpu_gemv" or native):
         return forced
+    default = "cpu_gemv" if native and rows <= cpu.MAX_ROWS else "cpu_tiled"
     if forced:
         key = ("forced", forced)
         if key not in _LOGGED:
             _LOGGED.add(key)
             log.warning(
-                "COMPRESS_KERNEL=%s: the 4-bit table formats have no such kernel (they have "
-                "%s); their modules use cpu_tiled",
+                "COMPRESS_KERNEL=%s: the 4-bit table formats have no such kernel here (they "
+                "have %s; cpu_gemv needs the native build); their modules use %s",
                 forced,
                 ", ".join(sorted(KERNELS)),
+                default,
             )
-    return "cpu_tiled"
+    return default
 
 
 def describe(fmt: FP4Format, in_features: int, device: str = "cpu") -> str:
     """Human summary of the path a format takes, for ``compress inspect``."""
-    return "cpu_tiled (decode a slab of rows to the activation dtype, F.linear; no fused kernel)"
+    tiled = "cpu_tiled (decode a slab of rows to the activation dtype, F.linear)"
+    if device == "cpu" and cpu.native() is not None:
+        isa = "AVX2" if cpu.vectorized() else "portable"
+        return f"cpu_gemv (native fused, {isa}; ≤{cpu.MAX_ROWS} rows), {tiled}"
+    return tiled
 
 
 def log_choice(kernel: str, fmt: FP4Format) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from compress.formats.base import share_buffers
-from compress.formats.fp4 import kernels
+from compress.formats.fp4 import cpu, kernels
 from compress.formats.fp4.packed import PackedFP4, pack_fp4_codes
 from compress.formats.fp4.spec import FP4Format
 from compress.ir import QuantizedWeight
@@ -90,7 +90,7 @@ class FP4Linear(nn.Module):
         """``persistent=False``: the buffers are another module's (a tied ``lm_head`` reads the
         embedding's codes, see :meth:`share_buffers`), so they are not in the state dict."""
         super().__init__()
-        self._kernels: dict[tuple[torch.dtype, str, str | None], str] = {}
+        self._kernels: dict[tuple[torch.dtype, str, str | None, bool], str] = {}
         self.in_features = in_features
         self.out_features = out_features
         self.fmt = fmt
@@ -141,10 +141,10 @@ class FP4Linear(nn.Module):
         return kernels.select(self.fmt, self.in_features, rows=1, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.dtype, x.device.type, os.environ.get("COMPRESS_KERNEL"))
+        rows = x.numel() // x.shape[-1]  # decode (few rows) and prefill take different kernels
+        key = (x.dtype, x.device.type, os.environ.get("COMPRESS_KERNEL"), rows <= cpu.MAX_ROWS)
         kernel = self._kernels.get(key)
         if kernel is None:
-            rows = x.numel() // x.shape[-1]
             kernel = self._kernels[key] = kernels.select(
                 self.fmt, self.in_features, rows=rows, dtype=x.dtype, device=x.device.type
             )

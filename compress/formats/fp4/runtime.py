@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from compress.formats.base import FormatRuntime, register_runtime
-from compress.formats.fp4 import kernels
+from compress.formats.fp4 import cpu, kernels
 from compress.formats.fp4.linear import FP4Embedding, FP4Linear
 from compress.formats.fp4.spec import FP4Format
 
@@ -32,5 +32,6 @@ RUNTIME = FormatRuntime(
     embedding=_embedding,
     embedding_from_record=FP4Embedding.from_record,
     describe_kernels=_describe,
+    prepare=cpu.prebuild,
 )
 register_runtime(FP4Format.kind, RUNTIME)
