@@ -12,7 +12,7 @@ an ordinary model with other weights. The quantization pass that follows (``rtn`
 ``awq``) sees weights without outlier columns.
 
 ``method: hadamard`` (default) uses a Hadamard matrix with random signs (orders from
-:mod:`compress.quant.hadamard`: SmolLM2's 576 = 12·12·4); ``random_orthogonal`` a Haar-random
+:mod:`compress.utils.hadamard`: SmolLM2's 576 = 8·72); ``random_orthogonal`` a Haar-random
 one, for any width. Tied embeddings are untied (the output head folds the final norm's scale);
 the report says so. Families whose blocks normalise their output before the residual add (Gemma's
 post-norms) are not rotation-invariant without an online transform, and are refused.
@@ -35,8 +35,8 @@ from torch import nn
 from compress.errors import PassError
 from compress.ir import Rotation, attach, quantized_modules
 from compress.layouts import Layout, layout_of
-from compress.quant.hadamard import random_orthogonal, randomized_hadamard
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
+from compress.utils.hadamard import random_orthogonal, randomized_hadamard
 from compress.utils.modules import untie_
 
 __all__ = ["RotateConfig", "rotate", "rotation_matrix"]

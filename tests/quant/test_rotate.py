@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from compress.errors import PassError
 from compress.ir import Rotation, get
-from compress.quant.hadamard import hadamard, has_hadamard, random_orthogonal, randomized_hadamard
+from compress.utils.hadamard import hadamard, has_hadamard, random_orthogonal, randomized_hadamard
 from compress.quant.rotate import RotateConfig, rotate
 from compress.quant.rtn import RTNConfig, rtn
 from compress.registry import PassContext, get_pass
