@@ -48,6 +48,19 @@ CASES: dict[str, dict[str, Any]] = {
     "mxfp4-gptq": {"pass": "gptq", "format": "mxfp4", **GPTQ},
     "nvfp4-rtn": {"pass": "rtn", "format": "nvfp4"},
     "nvfp4-gptq": {"pass": "gptq", "format": "nvfp4", **GPTQ},
+    # observer: mse: each block's scale searched for the least rounding error
+    "nf4-rtn-mse": {"pass": "rtn", "format": "nf4", "scale_block": 64, "observer": "mse"},
+    "nf4-gptq-mse": {
+        "pass": "gptq",
+        "format": "nf4",
+        "scale_block": 64,
+        "observer": "mse",
+        **GPTQ,
+    },
+    "mxfp4-rtn-mse": {"pass": "rtn", "format": "mxfp4", "observer": "mse"},
+    "mxfp4-gptq-mse": {"pass": "gptq", "format": "mxfp4", "observer": "mse", **GPTQ},
+    "nvfp4-rtn-mse": {"pass": "rtn", "format": "nvfp4", "observer": "mse"},
+    "nvfp4-gptq-mse": {"pass": "gptq", "format": "nvfp4", "observer": "mse", **GPTQ},
 }
 
 
@@ -126,7 +139,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "Settings: every Linear of the 30 decoder layers (embeddings and the tied lm_head kept). "
         f"GPTQ calibration: {meta['calibration']['samples']} windows x "
         f"{meta['calibration']['seq_len']} tokens of builtin:wiki (calibration split), act-order "
-        "with static block scales, dampening 0.01. Evaluation: "
+        "with static block scales, dampening 0.01; `-mse` rows search each block's scale "
+        "(ratios 0.7-1.3 of its absmax) for the least rounding error. Evaluation: "
         f"{meta['evaluate']['max_windows']} windows x {meta['evaluate']['seq_len']} tokens of "
         "the builtin:wiki evaluation split, KL(original ‖ quantized) in nats/token. Bits per "
         "weight: 4 code bits + the block scale (fp32 absmax per 64 for NF4, E8M0 per 32 for "

@@ -136,7 +136,9 @@ def gptq_quantize(
     then it becomes the work matrix, which saves a copy of the largest buffer of a wide layer.
     """
     if isinstance(fmt, FP4Format):
-        return _gptq_table(weight, hessian, fmt, block_size, damp, act_order, consume_hessian, keep)
+        return _gptq_table(
+            weight, hessian, fmt, block_size, damp, act_order, observer, consume_hessian, keep
+        )
     _check_arguments(weight, hessian, block_size, damp)
     out_features, in_features = weight.shape
     groups = fmt.groups(in_features)  # FormatError when the group size does not divide
@@ -288,6 +290,7 @@ def _gptq_table(
     block_size: int,
     damp: float,
     act_order: bool,
+    observer: Observer,
     consume_hessian: bool,
     keep: torch.Tensor | None,
 ) -> GPTQResult:
@@ -297,6 +300,8 @@ def _gptq_table(
     Block scales come from the block's current (error-updated) weights when its first column is
     reached, as integer groups' do; under act_order they are static, from the original weight
     (:func:`quantize_fp4`). NVFP4's tensor scale is taken from the whole weight up front.
+    ``observer: mse`` picks each block's scale by :meth:`FP4Format.search_clip` (least squared
+    rounding error of the block's weights as they stand when the scale is chosen).
     """
     _check_arguments(weight, hessian, block_size, damp)
     out_features, in_features = weight.shape
@@ -308,7 +313,8 @@ def _gptq_table(
     stored = torch.empty(out_features, groups, dtype=fmt.scale_dtype, device=w.device)
     effective = torch.empty(out_features, groups, device=w.device)
     if act_order:
-        _, fixed, _ = quantize_fp4(w, fmt)
+        clip = fmt.search_clip(w) if observer == "mse" else 1.0
+        _, fixed, _ = quantize_fp4(w, fmt, clip_ratio=clip)
         stored.copy_(fixed)
         effective.copy_(fmt.effective_scales(fixed, tensor_scale))
 
@@ -336,9 +342,10 @@ def _gptq_table(
                 current = _current_group(w, block, errors, hinv, start, stop, column, size)
                 if keep is not None:  # pruned positions hold feedback, not weights
                     current = current * keep[:, column : column + size]
-                stored[:, group], effective[:, group] = fmt.block_scales(
-                    current.abs().amax(dim=1), tensor_scale
-                )
+                amax = current.abs().amax(dim=1)
+                if observer == "mse":
+                    amax = amax * fmt.search_clip(current, tensor_scale)[:, 0]
+                stored[:, group], effective[:, group] = fmt.block_scales(amax, tensor_scale)
             scale = effective[:, group]
             x = block[:, i]
             code = fmt.encode(x, scale)

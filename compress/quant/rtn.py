@@ -16,7 +16,8 @@ Example recipe entries::
 ``format`` names the number format (``int``, the default; ``fp8_e4m3`` / ``fp8_e5m2``; or a
 4-bit table format, :mod:`compress.formats.fp4`: ``nf4`` / ``fp4`` as bitsandbytes defines them,
 ``mxfp4``, ``nvfp4``); the keys after it belong to some formats only: ``bits``, ``group_size``,
-``symmetric``, ``scale_dtype`` and ``observer: mse`` to ``int``; ``scaling`` (``tensor``,
+``symmetric`` and ``scale_dtype`` to ``int``; ``observer: mse`` to ``int`` and the 4-bit table
+formats (each block's scale searched for the least rounding error); ``scaling`` (``tensor``,
 ``channel``, the default, or ``block``) to FP8; ``scale_block`` to FP8 with ``scaling: block``
 (the side of a square 2-D block, default 128; edge blocks may be partial) and to ``nf4`` /
 ``fp4`` (columns per absmax block, default 64). ``mxfp4`` and ``nvfp4`` fix their blocks (32 and
@@ -125,12 +126,6 @@ def _refuse_fp4_key(chosen: str, key: str, value: Any, refuse: Callable[[str, st
             f"{key} applies to format: int, not {what}; "
             + (fix if key == "group_size" else "drop it"),
         )
-    elif key == "observer" and value not in ("minmax", None):
-        refuse(
-            key,
-            f"observer {value} searches clip ratios on integer grids; {what} takes "
-            "observer: minmax",
-        )
     elif key == "scaling" and value is not None:
         refuse(key, f"scaling applies to the fp8 formats, not {what}; drop it")
     elif key == "scale_block" and value is not None and chosen not in _FREE_BLOCKS:
@@ -155,7 +150,8 @@ class RTNConfig(PassConfig):
     observer: Literal["minmax", "mse"] = Field(
         default="minmax",
         description="range of each group: minmax = full range; mse = clip ratio searched per "
-        "group to minimise the weight reconstruction error",
+        "group (int) or block (nf4, fp4, mxfp4, nvfp4) to minimise the weight reconstruction "
+        "error",
     )
     format: WeightFormat = Field(
         default="int",
@@ -280,7 +276,11 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
             set_quantized(module, tied[1], update_weight=False)
             report.touched.append(name)
             return
-        clip = choose_clip(weight, fmt, config.observer) if isinstance(fmt, IntFormat) else 1.0
+        clip: torch.Tensor | float = 1.0
+        if isinstance(fmt, IntFormat):
+            clip = choose_clip(weight, fmt, config.observer)
+        elif isinstance(fmt, FP4Format) and config.observer == "mse":
+            clip = fmt.search_clip(weight)
         codes, scales, zeros = fmt.quantize(weight, clip_ratio=clip)
         record = QuantizedWeight(codes, scales, zeros, fmt)
         report.per_module[name] = {"relative_error": quantization_error(weight, record)}

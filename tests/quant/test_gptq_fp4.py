@@ -34,23 +34,28 @@ def rtn_weight(weight: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
     return dequantize_fp4(*quantize_fp4(weight, fmt), fmt)
 
 
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
 @pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
-def test_output_error_beats_rtn(layer, fmt, act_order):
-    result = gptq_quantize(layer.weight, layer.hessian, fmt, act_order=act_order)
+def test_output_error_beats_rtn(layer, fmt, act_order, observer):
+    result = gptq_quantize(layer.weight, layer.hessian, fmt, act_order=act_order, observer=observer)
     gptq_error = layer.output_error(dequantized(result, fmt))
     rtn_error = layer.output_error(rtn_weight(layer.weight, fmt))
     assert gptq_error < 0.6 * rtn_error
 
 
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
 @pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
-def test_diagonal_hessian_is_exactly_rtn_on_the_grid(layer, fmt, act_order):
+def test_diagonal_hessian_is_exactly_rtn_on_the_grid(layer, fmt, act_order, observer):
     """Nothing to compensate: codes and scales are the reference's, so GPTQ rounds with the
     format's own grid and scales (an integer grid, or a scale chosen otherwise, would not)."""
     diagonal = torch.linspace(3.0, 0.5, IN)[torch.randperm(IN, generator=torch.Generator())]
-    result = gptq_quantize(layer.weight, torch.diag(diagonal), fmt, act_order=act_order)
-    codes, scales, tensor_scale = quantize_fp4(layer.weight, fmt)
+    result = gptq_quantize(
+        layer.weight, torch.diag(diagonal), fmt, act_order=act_order, observer=observer
+    )
+    clip = fmt.search_clip(layer.weight) if observer == "mse" else 1.0
+    codes, scales, tensor_scale = quantize_fp4(layer.weight, fmt, clip_ratio=clip)
     assert torch.equal(result.codes, codes)
     assert torch.equal(result.scales, scales) and result.scales.dtype == fmt.scale_dtype
     assert (result.zeros is None and tensor_scale is None) or torch.equal(

@@ -60,6 +60,7 @@ from compress.formats.base import StoredTensor, register_format
 
 __all__ = [
     "BNB_FP4",
+    "CLIP_CANDIDATES",
     "DEFAULT_BLOCKS",
     "E2M1",
     "NF4",
@@ -101,6 +102,9 @@ Variant = Literal["nf4", "fp4", "mxfp4", "nvfp4"]
 
 DEFAULT_BLOCKS: dict[str, int] = {"nf4": 64, "fp4": 64, "mxfp4": 32, "nvfp4": 16}
 """Block sizes; only the bitsandbytes variants take another (MX and NVFP4 fix theirs)."""
+
+CLIP_CANDIDATES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 1.05, 1.1, 1.2, 1.3)
+"""Ratios of a block's absmax that :meth:`FP4Format.search_clip` tries for its scale."""
 
 _E4M3_MAX = 448.0
 _E2M1_MAX = 6.0
@@ -322,6 +326,32 @@ class FP4Format:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Table values (float32) of ``codes``."""
         return self.table.to(codes.device)[codes.long()]
+
+    def search_clip(
+        self, weight: torch.Tensor, tensor_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, G) float32 clip ratio per block of ``weight`` (N, K): the one of
+        :data:`CLIP_CANDIDATES` whose scale (``ratio * absmax``, as this variant stores it)
+        rounds the block with the least squared error (the first candidate on a tie). Ratios
+        below 1 clip the block's largest values; above 1 they leave the table's ends unused,
+        which can pay where a scale's rounding (E8M0's powers of two, E4M3's 3 bits) would
+        saturate them. ``tensor_scale`` (NVFP4): the whole weight's, when ``weight`` is a part of
+        it; by default ``weight``'s own."""
+        w = weight.detach().to(torch.float32)
+        blocks = _blocks(w, self.block)  # (N, G, B)
+        amax = blocks.abs().amax(dim=2)
+        if tensor_scale is None:
+            tensor_scale = self.tensor_scale(w)
+        best = torch.ones_like(amax)
+        best_error = torch.full_like(amax, float("inf"))
+        for ratio in CLIP_CANDIDATES:
+            _, effective = self.block_scales(amax * ratio, tensor_scale)
+            scale = effective.unsqueeze(-1)
+            error = (blocks - self.decode(self.encode(blocks, scale)) * scale).square().sum(2)
+            better = error < best_error
+            best = torch.where(better, torch.full_like(best, ratio), best)
+            best_error = torch.where(better, error, best_error)
+        return best
 
     # ----------------------------------------------------------------------- the Format API
 
