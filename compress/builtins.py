@@ -7,10 +7,21 @@ from compress.lossless import entropy_code as _entropy
 from compress.prune import contextual as _contextual
 from compress.prune import prune as _prune
 from compress.quant import awq as _awq
+from compress.quant import correct as _correct
 from compress.quant import gptq as _gptq
 from compress.quant import rotate as _rotate
 from compress.quant import rtn as _rtn
 
 __all__ = ["BUILTIN_PASS_MODULES"]
 
-BUILTIN_PASS_MODULES = (_rotate, _rtn, _gptq, _awq, _prune, _contextual, _distill, _entropy)
+BUILTIN_PASS_MODULES = (
+    _rotate,
+    _rtn,
+    _gptq,
+    _awq,
+    _correct,
+    _prune,
+    _contextual,
+    _distill,
+    _entropy,
+)

@@ -30,6 +30,8 @@ LAYERS: list[list[str]] = [
     ["compress.ir", "compress.registry"],
     # one folder per format kind
     ["compress.formats.int", "compress.formats.fp8", "compress.formats.entropy"],
+    # adapters that correct a layer's output (PEFT methods and the in-pipeline hooks)
+    ["compress.adapters"],
     [
         "compress.data",
         "compress.models",

@@ -76,6 +76,9 @@ class DistillConfig(PassConfig):
     gradient_accumulation: int = Field(default=8, gt=0, description="forwards per step")
     lr: float = Field(default=1e-4, gt=0, description="learning rate of float weights")
     scale_lr: float = Field(default=1e-4, gt=0, description="learning rate of quantization scales")
+    adapter_lr: float = Field(
+        default=2e-4, gt=0, description="learning rate of adapters (lora_correct, qwha)"
+    )
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
     decay: Literal["cosine", "linear", "constant"] = "cosine"
@@ -130,6 +133,7 @@ def _settings(config: DistillConfig) -> TrainSettings:
         accumulation=config.gradient_accumulation,
         lr=config.lr,
         scale_lr=config.scale_lr,
+        adapter_lr=config.adapter_lr,
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps,
         decay=config.decay,

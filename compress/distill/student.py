@@ -9,7 +9,12 @@ What the earlier passes left decides what trains:
   so bits per weight are unchanged and the export writes the same codes with new scales;
 * pruned weights keep their masks: gradients of pruned positions are zeroed and the weights are
   re-masked after every optimizer step, so the sparsity pattern survives training exactly;
-* ``train`` / ``freeze`` glob patterns (on parameter names) narrow the selection further.
+* adapters an earlier pass attached (``lora_correct``, ``qwha``) train beside their frozen
+  base layers: they become parameters named ``<module>.adapter_*`` with a forward hook
+  (:mod:`compress.adapters.runtime`), and :meth:`Student.finish` writes them back into the
+  :class:`~compress.ir.Adapter` records;
+* ``train`` / ``freeze`` glob patterns (on parameter names) narrow the selection further
+  (``train: ["*.adapter_*"]`` trains the adapters alone).
 
 :meth:`Student.finish` writes the trained scales back into the
 :class:`~compress.ir.QuantizedWeight` records, restores every tensor's original dtype and the
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.adapters.runtime import ADAPTER_PREFIX, AdapterHooks
 from compress.ir import QuantizedWeight, SparsityMask, get, get_quantized, set_quantized
 
 __all__ = ["Student", "prepare_student"]
@@ -49,22 +55,35 @@ class Student:
     scales: dict[str, _TrainedScales] = field(default_factory=dict)
     masks: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
     frozen_notes: list[str] = field(default_factory=list)
+    adapters: AdapterHooks = field(default_factory=AdapterHooks)
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
         """Every parameter the optimizer updates, by qualified name (stable across runs)."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def parameter_groups(self, lr: float, scale_lr: float) -> list[dict[str, Any]]:
-        """Optimizer groups: float weights at ``lr``, quantization scales at ``scale_lr``."""
+    def parameter_groups(
+        self, lr: float, scale_lr: float, adapter_lr: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Optimizer groups: float weights at ``lr``, quantization scales at ``scale_lr``,
+        adapters at ``adapter_lr`` (default ``lr``)."""
         weights: list[nn.Parameter] = []
         scales: list[nn.Parameter] = []
+        adapters: list[nn.Parameter] = []
         for name, parameter in self.named_trainable().items():
-            (scales if name.endswith("." + _SCALES) else weights).append(parameter)
+            if name.endswith("." + _SCALES):
+                scales.append(parameter)
+            elif name.rpartition(".")[2].startswith(ADAPTER_PREFIX):
+                adapters.append(parameter)
+            else:
+                weights.append(parameter)
         groups = []
         if weights:
             groups.append({"params": weights, "lr": lr, "name": "weights"})
         if scales:
             groups.append({"params": scales, "lr": scale_lr, "name": "scales", "weight_decay": 0.0})
+        if adapters:
+            rate = lr if adapter_lr is None else adapter_lr
+            groups.append({"params": adapters, "lr": rate, "name": "adapters", "weight_decay": 0.0})
         return groups
 
     @torch.no_grad()
@@ -77,9 +96,11 @@ class Student:
             parameter.mul_(mask)
 
     def finish(self) -> None:
-        """Write trained scales into their records; restore dtypes and plain weights."""
+        """Write trained scales and adapters into their records; restore dtypes and plain
+        weights."""
         for module in self.model.modules():
             module.train(False)
+        self.adapters.close()
         for trained in self.scales.values():
             module, record = trained.module, trained.record
             trained.hook.remove()
@@ -140,6 +161,7 @@ def prepare_student(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.float()
+    student.adapters.attach_all(model)  # trainable below, where train/freeze allow
 
     def wanted(name: str) -> bool:
         return (train is None or _matches(name, train)) and not _matches(name, freeze)

@@ -48,6 +48,7 @@ class TrainSettings:
     accumulation: int = 8
     lr: float = 1e-4
     scale_lr: float = 1e-4
+    adapter_lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
     decay: Literal["cosine", "linear", "constant"] = "cosine"
@@ -270,7 +271,7 @@ def train_student(
         if _width(student.model) == _width(teacher):
             nn.init.eye_(projection.weight)
     distillee = _Distillee(student.model, projection).to(device)
-    groups = student.parameter_groups(settings.lr, settings.scale_lr)
+    groups = student.parameter_groups(settings.lr, settings.scale_lr, settings.adapter_lr)
     if projection is not None:
         groups.append({"params": list(projection.parameters()), "lr": settings.lr, "name": "proj"})
     if not groups:

@@ -111,6 +111,11 @@ class CompressHfQuantizer(HfQuantizer):
             if share is None:
                 raise ExportError(f"module {name!r} cannot share the packed tensors of {source!r}")
             share(model.get_submodule(source))
+        adapter = getattr(model.config, "compress_adapter", None)
+        if adapter:  # error-correcting adapters (lora_correct, qwha), applied unmerged
+            from compress.adapters.files import load_adapter_folder
+
+            load_adapter_folder(model, Path(str(model.name_or_path)) / str(adapter["dir"]))
         if getattr(model.config, "contextual_sparsity", None):
             # the contextual runtime is a plugin reached by name, as compress reaches this module
             runtime = importlib.import_module("compress.prune.contextual_runtime")

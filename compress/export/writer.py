@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from compress.adapters.files import ADAPTER_DIR, write_adapter_folder
 from compress.errors import ExportError, PassError
 from compress.export import compressed_tensors, entropy
 from compress.export.manifest import (
@@ -358,6 +359,14 @@ def export_model(
             for key, value in patch.updates.items():
                 setattr(config, key, value)
         qconfig = layout.quantization_config(records, ties, model)
+        adapter = write_adapter_folder(model, tmp / ADAPTER_DIR, config.dtype)
+        if adapter is not None:  # a PEFT adapter folder our loader applies (compress.adapters)
+            if layout.name != QUANT_METHOD:
+                raise ExportError(
+                    f"the {layout.name} export does not carry adapters",
+                    hint="export with format: compress, or drop lora_correct / qwha",
+                )
+            config.compress_adapter = adapter
         if ties:  # our loader re-ties the packed tensors; transformers would look for .weight
             config.tie_word_embeddings = False
         if coder is not None:
@@ -384,8 +393,11 @@ def export_model(
             tokenizer.save_pretrained(tmp)
 
         files = {
-            path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-            for path in sorted(tmp.iterdir())
+            path.relative_to(tmp).as_posix(): {
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+            for path in sorted(tmp.iterdir()) + sorted((tmp / ADAPTER_DIR).glob("*"))
             if path.is_file()
         }
         manifest = {

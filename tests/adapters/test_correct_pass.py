@@ -1,0 +1,219 @@
+"""The ``lora_correct`` and ``qwha`` passes end to end on a tiny Llama: the error they win
+back, the PEFT adapter folder in the export, reloading, PEFT round trips, distillation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from compress.adapters.runtime import adapter_hooks
+from compress.errors import ExportError, PassError
+from compress.export.manifest import read_manifest, verify_files
+from compress.ir import Adapter, QuantizedWeight, records
+from compress.pipeline import Pipeline
+from tests.adapters.conftest import write_recipe
+
+METHODS = ["lora_correct", "qwha"]
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _run(tmp: Path, model_dir: Path, text: Path, passes: list[dict[str, Any]], **kw: Any) -> Any:
+    out = tmp / "out"
+    recipe = write_recipe(tmp / "recipe.yaml", model_dir, text, passes, out, **kw)
+    return Pipeline.from_yaml(recipe).run(), out
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def corrected(request: pytest.FixtureRequest, model_dir: Path, text_file: Path, tmp_path_factory):
+    """(method, pipeline result, export folder) of rtn int2 + the method at rank 4."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    result, out = _run(tmp, model_dir, text_file, [{"pass": request.param, "rank": 4}])
+    return request.param, result, out
+
+
+def test_adapters_cancel_most_of_the_weighted_error(corrected) -> None:
+    method, result, _ = corrected
+    report = next(p for p in result.report["passes"] if p["name"] == method)
+    assert len(report["touched"]) == 14  # every quantized decoder Linear of 2 layers
+    assert report["metrics"]["mean_error_ratio"] < 0.6
+    # rank 4: as many trainable numbers as a rank-4 LoRA, 4·(in+out) per Linear
+    sizes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    assert report["metrics"]["trainable_params"] == 2 * sum(4 * (o + i) for o, i in sizes)
+
+
+def test_export_holds_a_peft_folder_the_manifest_covers(corrected) -> None:
+    method, _, out = corrected
+    config = json.loads((out / "config.json").read_text())
+    assert config["compress_adapter"] == {
+        "dir": "adapter",
+        "method": method.split("_")[0],
+        "modules": 14,
+    }
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == ("LORA" if method == "lora_correct" else "QWHA")
+    manifest = read_manifest(out)
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(
+        manifest["files"]
+    )
+    verify_files(out, manifest)
+
+
+def test_reloaded_export_computes_the_corrected_model(corrected, model_dir: Path) -> None:
+    """The export (adapters applied on load, unmerged beside packed weights) matches the
+    in-memory model with its adapters, and is closer to the original than without them."""
+    _, result, out = corrected
+    with adapter_hooks() as hooks:
+        hooks.attach_all(result.model)
+        expected = _logits(result.model)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out))
+    assert torch.allclose(_logits(loaded), expected, atol=1e-4)
+
+    bare = AutoModelForCausalLM.from_pretrained(str(out), compress_adapter=None)
+    original = _logits(AutoModelForCausalLM.from_pretrained(str(model_dir)))
+    with_adapters = (_logits(loaded) - original).square().mean()
+    without = (_logits(bare) - original).square().mean()
+    assert with_adapters < 0.9 * without  # a wrong or missing adapter is not closer
+
+
+def test_peft_model_from_pretrained_loads_the_adapter_on_the_export(corrected) -> None:
+    from peft import PeftModel
+
+    _, _, out = corrected
+    applied = _logits(AutoModelForCausalLM.from_pretrained(str(out)))
+    base = AutoModelForCausalLM.from_pretrained(str(out))
+    peft_model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    assert torch.allclose(_logits(peft_model), applied, atol=1e-5)
+    with peft_model.disable_adapter():
+        plain = _logits(peft_model)
+    bare = _logits(AutoModelForCausalLM.from_pretrained(str(out), compress_adapter=None))
+    assert torch.allclose(plain, bare, atol=1e-5)
+    assert not torch.allclose(plain, applied, atol=1e-3)
+
+
+@pytest.mark.parametrize("corrected", ["qwha"], indirect=True)
+def test_qwha_on_a_bare_export_through_peft(corrected) -> None:
+    """QWHA is a PEFT method that takes packed Linears as base layers."""
+    from peft import PeftModel
+
+    _, _, out = corrected
+    applied = _logits(AutoModelForCausalLM.from_pretrained(str(out)))
+    bare = AutoModelForCausalLM.from_pretrained(str(out), compress_adapter=None)
+    peft_model = PeftModel.from_pretrained(bare, str(out / "adapter"))
+    assert torch.allclose(_logits(peft_model), applied, atol=1e-5)
+
+
+@pytest.mark.parametrize("corrected", ["lora_correct"], indirect=True)
+def test_lora_folder_is_an_ordinary_peft_lora(corrected, model_dir: Path) -> None:
+    """Stock PEFT loads it on the float model too: W + B·A·alpha/r, merged by hand, agrees."""
+    from peft import PeftModel
+
+    _, result, out = corrected
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(model_dir)), str(out / "adapter")
+    )
+    merged = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        for name, adapter in records(result.model, Adapter):
+            module = merged.get_submodule(name)
+            scaling = adapter.config["alpha"] / adapter.config["rank"]
+            module.weight += adapter.tensors["lora_B"] @ adapter.tensors["lora_A"] * scaling
+    assert torch.allclose(_logits(model), _logits(merged), atol=1e-4)
+
+
+def test_distill_trains_the_adapters_alone(
+    model_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    passes = [
+        {"pass": "qwha", "rank": 4},
+        {
+            "pass": "distill",
+            "dataset": str(text_file),
+            "samples": 16,
+            "seq_len": 32,
+            "held_out": 4,
+            "eval_every": 3,
+            "steps": 6,
+            "adapter_lr": 3e-3,
+            "train": ["*.adapter_*"],
+        },
+    ]
+    result, _ = _run(tmp_path, model_dir, text_file, passes)
+    report = result.report["passes"][-1]["metrics"]
+    assert report["trainable_parameters"] == 2 * sum(
+        4 * (o + i)
+        for o, i in [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    )
+    assert report["held_out_kl_after"] < report["held_out_kl_before"]
+    (tmp_path / "init").mkdir()
+    initial, _ = _run(tmp_path / "init", model_dir, text_file, passes[:1])
+    before = dict(records(initial.model, Adapter))
+    scales = dict(records(initial.model, QuantizedWeight))
+    for name, adapter in records(result.model, Adapter):
+        assert not torch.equal(adapter.tensors["values"], before[name].tensors["values"])
+        assert torch.equal(adapter.tensors["cols"], before[name].tensors["cols"])
+    for name, record in records(result.model, QuantizedWeight):
+        assert torch.equal(record.scales, scales[name].scales)  # frozen: only adapters train
+
+
+def test_a_correction_needs_a_quantizer(model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {json.dumps(str(model_dir))}\n"
+        f"calibration: {{dataset: {json.dumps(str(text_file))}, samples: 8, seq_len: 32}}\n"
+        "passes:\n  - {pass: qwha, rank: 2}\n"
+    )
+    with pytest.raises(PassError, match="no quantized Linear") as caught:
+        Pipeline.from_yaml(recipe).run()
+    assert "rtn, gptq or awq" in str(caught.value.hint)
+
+
+def test_a_correction_after_rotate_is_refused(
+    model_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {json.dumps(str(model_dir))}\n"
+        f"calibration: {{dataset: {json.dumps(str(text_file))}, samples: 8, seq_len: 32}}\n"
+        "passes:\n  - {pass: rotate}\n  - {pass: rtn, bits: 3, group_size: 32}\n"
+        "  - {pass: lora_correct, rank: 2}\n"
+    )
+    with pytest.raises(PassError, match="after rotate"):
+        Pipeline.from_yaml(recipe).run()
+
+
+def test_one_export_holds_one_adapter_method(
+    model_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    passes = [
+        {"pass": "qwha", "rank": 2, "targets": ["*.mlp.*"]},
+        {"pass": "lora_correct", "rank": 2, "targets": ["*.self_attn.*"]},
+    ]
+    with pytest.raises(ExportError, match="one method"):
+        _run(tmp_path, model_dir, text_file, passes)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_compressed_tensors_export_refuses_adapters(
+    model_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ct"
+    recipe = write_recipe(
+        tmp_path / "r.yaml", model_dir, text_file, [{"pass": "lora_correct", "rank": 2}], None
+    )
+    text = recipe.read_text().replace("bits: 2, group_size: 32", "bits: 4, group_size: 32")
+    recipe.write_text(
+        text + f"export: {{dir: {json.dumps(str(out))}, format: compressed-tensors}}\n"
+    )
+    with pytest.raises(ExportError, match="does not carry adapters"):
+        Pipeline.from_yaml(recipe).run()
+    assert not out.exists()
