@@ -67,7 +67,9 @@ __all__ = [
     "contextual",
     "contextual_",
     "dense_mode",
+    "error_curve",
     "export_spec",
+    "greedy_allocation",
     "install_from_config_",
     "magnitude_threshold",
     "site_linears",
@@ -90,6 +92,9 @@ class ContextualConfig(PassConfig):
     sirius_period: int | None = Field(
         None, ge=1, description="generate with Sirius correction every N tokens (export config)"
     )
+    allocation: Literal["uniform", "greedy"] = Field(
+        "uniform", description="one sparsity for every site, or per site by output error"
+    )
     batch_size: int = Field(4, ge=1)
     max_values: int = Field(4_000_000, ge=1000, description="sampled |x| entries per threshold")
 
@@ -105,6 +110,50 @@ def magnitude_threshold(values: torch.Tensor, sparsity: float) -> float | None:
     if k <= 0:
         return None
     return float(flat.kthvalue(min(k, flat.numel())).values)
+
+
+def error_curve(samples: torch.Tensor, column_energy: torch.Tensor, levels: int) -> torch.Tensor:
+    """Relative output error of a Linear when its smallest-``|x|`` entries are zeroed.
+
+    ``samples`` (tokens, in) inputs, ``column_energy`` (in,) the squared column norms of the
+    weight (summed over the Linears sharing the input). Zeroing entry ``x_ij`` adds about
+    ``x_ij**2 * |W[:, j]|**2`` to the output error energy (cross terms ignored); returns
+    (levels + 1,) the error at sparsity ``k / levels`` as a fraction of the output energy."""
+    energy = samples.to(torch.float32).square() * column_energy.to(torch.float32)[None, :]
+    order = samples.abs().reshape(-1).argsort()
+    cumulative = torch.cumsum(energy.reshape(-1)[order], 0)  # (entries,)
+    total = cumulative[-1].clamp_min(1e-30)
+    counts = (torch.arange(levels + 1) * order.numel()) // levels  # entries zeroed per level
+    at = torch.where(counts > 0, cumulative[(counts - 1).clamp_min(0)], torch.zeros(()))
+    return at / total
+
+
+def greedy_allocation(
+    curves: dict[str, torch.Tensor], weights: dict[str, float], sparsity: float
+) -> dict[str, float]:
+    """Per-site sparsities whose ``weights``-weighted mean reaches ``sparsity``, raised one level
+    at a time where the relative error grows least per weight made skippable (TEAL's greedy
+    allocation, on the error model of :func:`error_curve`). ``curves``: site -> (levels + 1,)."""
+    levels = len(next(iter(curves.values()))) - 1
+    step = {site: 0 for site in curves}
+    total = sum(weights.values())
+    while sum(weights[s] * step[s] / levels for s in curves) < sparsity * total - 1e-9:
+        open_sites = [s for s in curves if step[s] < levels - 1]
+        if not open_sites:
+            break
+        best = min(
+            open_sites,
+            key=lambda s: float(curves[s][step[s] + 1] - curves[s][step[s]]) / weights[s],
+        )
+        step[best] += 1
+    return {site: step[site] / levels for site in curves}
+
+
+def _weight(layer: nn.Module, name: str) -> torch.Tensor:
+    weight = layer.get_submodule(name).weight
+    if not isinstance(weight, torch.Tensor):
+        raise PassError(f"contextual: {name} has no weight tensor")
+    return weight.detach()
 
 
 def _sample(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -276,10 +325,36 @@ def contextual(model: nn.Module, config: ContextualConfig, context: PassContext)
     report = PassReport(name="contextual")
     thresholds: list[dict[str, float | None]] = []
 
+    def _allocate(layer: nn.Module, run: Callable[[], None]) -> dict[str, float]:
+        """Per-site sparsities of one layer from its dense inputs (one extra run)."""
+        readers: dict[str, nn.Module] = {s: layer.get_submodule(sites[s][0]) for s in config.sites}
+        rows: dict[str, list[torch.Tensor]] = {site: [] for site in config.sites}
+        budget = max(1, config.max_values // 4)
+
+        def collect(site: str, x: torch.Tensor) -> None:
+            flat = x.detach().reshape(-1, x.shape[-1])  # (tokens, in)
+            stride = max(1, math.ceil(calibration.numel() * flat.shape[1] / budget))
+            rows[site].append(flat[::stride].to(torch.float32))
+
+        with capture_inputs(readers, collect):
+            run()
+        curves: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        for site in config.sites:
+            linears = [_weight(layer, name) for name in sites[site]]
+            energy = torch.stack([w.to(torch.float32).square().sum(dim=0) for w in linears])
+            curves[site] = error_curve(torch.cat(rows[site]), energy.sum(dim=0), 40)
+            weights[site] = float(sum(w.numel() for w in linears))
+        return greedy_allocation(curves, weights, config.sparsity)
+
     def step(index: int, layer_name: str, layer: nn.Module, run: Callable[[], None]) -> None:
         found: dict[str, float | None] = dict.fromkeys(config.sites)
         skipped = contextual_(layer, layout, found)  # all dense until their turn
         metrics: dict[str, float] = {}
+        target: dict[str, float] = dict.fromkeys(config.sites, config.sparsity)
+        if config.allocation == "greedy":
+            target = _allocate(layer, run)
+            metrics.update({f"{site}_allocated": value for site, value in target.items()})
         for site in SITES:  # in the order a token meets them: each sees the sparse ones before
             if site not in config.sites:
                 continue
@@ -297,7 +372,7 @@ def contextual(model: nn.Module, config: ContextualConfig, context: PassContext)
             if not held:
                 raise PassError(f"contextual: layer {layer_name} saw no calibration input")
             values = torch.cat(held)
-            found[site] = threshold = magnitude_threshold(values, config.sparsity)
+            found[site] = threshold = magnitude_threshold(values, target[site])
             contextual_(layer, layout, {site: threshold})
             zeroed = float((values <= threshold).float().mean()) if threshold is not None else 0.0
             metrics[f"{site}_threshold"] = threshold if threshold is not None else 0.0

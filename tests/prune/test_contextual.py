@@ -26,6 +26,8 @@ from compress.prune.contextual import (
     ContextualLinear,
     contextual,
     dense_mode,
+    error_curve,
+    greedy_allocation,
     magnitude_threshold,
 )
 from compress.prune.contextual_kernel import (
@@ -95,6 +97,36 @@ def test_thresholds_hit_the_target_on_calibration_data(tiny_llama, sparsity):
     for name, fractions in zeroed.items():
         # every site was calibrated on exactly these inputs (the sparse sites before it)
         assert sum(fractions) / len(fractions) == pytest.approx(sparsity, abs=0.01), name
+
+
+def test_error_curve_grows_from_zero_to_one():
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.randn(50, 16, generator=generator)
+    curve = error_curve(samples, torch.rand(16, generator=generator) + 0.1, 10)
+    assert curve.shape == (11,) and float(curve[0]) == 0.0
+    assert float(curve[-1]) == pytest.approx(1.0)
+    assert torch.all(curve[1:] >= curve[:-1])
+
+
+def test_greedy_allocation_reaches_the_weighted_target_and_spares_the_sensitive_site():
+    levels = torch.linspace(0, 1, 41)
+    curves = {"flat": levels**4, "steep": levels.sqrt()}  # zeroing "steep" costs far more
+    allocated = greedy_allocation(curves, {"flat": 3.0, "steep": 1.0}, 0.5)
+    mean = (3 * allocated["flat"] + allocated["steep"]) / 4
+    assert 0.5 <= mean <= 0.5 + 1 / 40
+    assert allocated["flat"] > 0.5 > allocated["steep"]
+
+
+def test_greedy_allocation_pass_hits_the_mean_by_weight(tiny_llama):
+    _, report = sparse_copy(tiny_llama, 0.5, allocation="greedy")
+    for metrics in report.per_module.values():
+        allocated = {k.removesuffix("_allocated"): v for k, v in metrics.items() if "alloc" in k}
+        assert set(allocated) == {"qkv", "o", "gate_up", "down"}
+        weights = {"qkv": 64 * 128, "o": 64 * 64, "gate_up": 64 * 256, "down": 128 * 64}
+        mean = sum(weights[s] * allocated[s] for s in weights) / sum(weights.values())
+        assert 0.5 <= mean <= 0.53
+        for site, value in allocated.items():
+            assert metrics[f"{site}_calibration_sparsity"] == pytest.approx(value, abs=0.01)
 
 
 def test_sparsity_zero_leaves_the_model_dense(tiny_llama):
