@@ -302,6 +302,11 @@ def inspect(
         f"{summary.params:,} params, {summary.model_bits_per_weight:.3f} bits/weight overall, "
         f"{summary.quantized_bits_per_weight:.3f} in quantized layers"
     )
+    if summary.adapter_bytes:
+        out.print(
+            f"adapter/ {summary.adapter_bytes / 1e6:.2f} MB: "
+            f"{summary.corrected_bits_per_weight:.3f} bits/weight in quantized layers with it"
+        )
     for label, paths in sorted(_kernels(directory).items()):
         out.print(f"CPU kernels, {label}: {', '.join(sorted(paths))}", markup=False)
     if summary.recipe:

@@ -437,6 +437,14 @@ class Pipeline:
                 quantized_params=summary.quantized_params,
                 quantized_bits_per_weight=summary.quantized_bits_per_weight,
                 model_bits_per_weight=summary.model_bits_per_weight,
+                **(
+                    {
+                        "adapter_bytes": summary.adapter_bytes,
+                        "corrected_bits_per_weight": summary.corrected_bits_per_weight,
+                    }
+                    if summary.adapter_bytes
+                    else {}
+                ),
                 per_format={k: v for k, v in summary.to_dict()["per_format"].items()},
             )
         elif quantized_modules(model):

@@ -17,6 +17,7 @@ Shape of a run result (sections marked *optional* may be absent; renderers skip 
         "original_bytes": int, "export_bytes": int,
         "quantized_params": int, "quantized_bits_per_weight": float,
         "model_bits_per_weight": float,
+        "adapter_bytes": int, "corrected_bits_per_weight": float,  # optional: adapters
         "original_bits_per_weight": float,  # optional; else 8 * original_bytes / parameters
         "note": str,                        # optional: why sizes are missing (e.g. no export)
         "per_format": {"int4 g64 sym": {"modules": int, "params": int, "bits_per_weight": float}}
@@ -326,6 +327,14 @@ def summary_rows(result: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                 "bits/weight, quantized layers",
                 _bits(original_bits),
                 _bits(size["quantized_bits_per_weight"]),
+            )
+        )
+    if "corrected_bits_per_weight" in size:
+        rows.append(
+            (
+                "bits/weight, quantized layers + adapters",
+                _bits(original_bits),
+                _bits(size["corrected_bits_per_weight"]),
             )
         )
     quantized, parameters = (

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from compress.adapters.files import ADAPTER_DIR
 from compress.errors import CompressError, ExportError
 from compress.export import compressed_tensors
 from compress.export.manifest import (
@@ -83,10 +84,17 @@ class ExportSummary:
     per_format: dict[str, FormatGroup] = field(default_factory=dict)
     per_module: dict[str, dict[str, Any]] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)
+    adapter_bytes: int = 0  # the adapter/ folder's tensors (lora_correct, qwha)
 
     @property
     def quantized_bits_per_weight(self) -> float:
         return 8 * self.quantized_bytes / self.quantized_params if self.quantized_params else 0.0
+
+    @property
+    def corrected_bits_per_weight(self) -> float:
+        """Quantized modules' stored bits per weight with their adapters counted in."""
+        stored = self.quantized_bytes + self.adapter_bytes
+        return 8 * stored / self.quantized_params if self.quantized_params else 0.0
 
     @property
     def model_bits_per_weight(self) -> float:
@@ -96,6 +104,7 @@ class ExportSummary:
         data = asdict(self)
         data["quantized_bits_per_weight"] = self.quantized_bits_per_weight
         data["model_bits_per_weight"] = self.model_bits_per_weight
+        data["corrected_bits_per_weight"] = self.corrected_bits_per_weight
         data["per_format"] = {
             label: {
                 **asdict(group),
@@ -105,6 +114,20 @@ class ExportSummary:
             for label, group in self.per_format.items()
         }
         return data
+
+
+def _adapter_bytes(directory: Path, per_module: dict[str, dict[str, Any]]) -> int:
+    """Bytes of the adapter folder's tensors, also added to each module's entry."""
+    total = 0
+    for key, (shape, dtype) in _tensor_shapes(directory / ADAPTER_DIR).items():
+        size = _nbytes(shape, dtype)
+        total += size
+        module = key.removeprefix("base_model.model.").rpartition(".")[0]
+        if module.endswith((".lora_A", ".lora_B")):
+            module = module.rpartition(".")[0]
+        if module in per_module:
+            per_module[module]["adapter_bytes"] = per_module[module].get("adapter_bytes", 0) + size
+    return total
 
 
 def _tensor_shapes(directory: Path) -> dict[str, tuple[list[int], str]]:
@@ -167,7 +190,9 @@ def summarize_export(directory: Path, *, verify: bool = False) -> ExportSummary:
         if key not in quantized_keys:
             params += _numel(shape)
     params += quantized_params
-    files_bytes = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    adapter_bytes = _adapter_bytes(directory, per_module)
+    files = [*directory.iterdir(), *(directory / ADAPTER_DIR).glob("*")]
+    files_bytes = sum(p.stat().st_size for p in files if p.is_file())
     return ExportSummary(
         directory=str(directory),
         format_version=manifest["format_version"],
@@ -179,6 +204,7 @@ def summarize_export(directory: Path, *, verify: bool = False) -> ExportSummary:
         per_format=dict(per_format),
         per_module=per_module,
         recipe=manifest.get("recipe", {}),
+        adapter_bytes=adapter_bytes,
     )
 
 

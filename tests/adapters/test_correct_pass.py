@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from compress.adapters.runtime import adapter_hooks
 from compress.errors import ExportError, PassError
 from compress.export.manifest import read_manifest, verify_files
+from compress.export.summary import summarize_export
 from compress.ir import Adapter, QuantizedWeight, records
 from compress.pipeline import Pipeline
 from tests.adapters.conftest import write_recipe
@@ -66,6 +68,32 @@ def test_export_holds_a_peft_folder_the_manifest_covers(corrected) -> None:
         manifest["files"]
     )
     verify_files(out, manifest)
+    summary = summarize_export(out)
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert summary.adapter_bytes == sum(t.numel() * t.element_size() for t in weights.values())
+    per_module = sum(m.get("adapter_bytes", 0) for m in summary.per_module.values())
+    assert per_module == summary.adapter_bytes  # every adapter tensor is some module's
+    extra = 8 * summary.adapter_bytes / summary.quantized_params
+    assert summary.corrected_bits_per_weight == pytest.approx(
+        summary.quantized_bits_per_weight + extra
+    )
+
+
+def test_inspect_and_report_count_the_adapter(
+    corrected, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from compress.cli import run
+
+    _, result, out = corrected
+    capsys.readouterr()
+    assert run(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = summarize_export(out)
+    assert f"{summary.corrected_bits_per_weight:.3f} bits/weight" in printed
+    assert result.report["size"]["corrected_bits_per_weight"] == pytest.approx(
+        summary.corrected_bits_per_weight
+    )
+    assert "quantized layers + adapters" in (out / "report.md").read_text()
 
 
 def test_reloaded_export_computes_the_corrected_model(corrected, model_dir: Path) -> None:
