@@ -16,6 +16,7 @@ place). The maths is in :mod:`compress.adapters.corrections`:
   parameters, which makes the two comparable.
 
 A later ``distill`` pass trains the adapters (``train: ["*.adapter_*"]`` trains them alone).
+After ``rotate``, the original weights are rotated the same way before the error is taken.
 
 Example::
 
@@ -27,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Literal
 
@@ -43,6 +45,7 @@ from compress.adapters.runtime import AdapterHooks
 from compress.errors import PassError
 from compress.ir import Adapter, Rotation, attach, get_quantized, records
 from compress.quant.gptq_math import accumulate_hessian
+from compress.quant.rotate import RotateConfig, rotate
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
 from compress.utils.hooks import capture_inputs
@@ -99,12 +102,6 @@ def _run(
     fit: Callable[[str, torch.Tensor, torch.Tensor], Adapter],
 ) -> PassReport:
     calibration = context.require_calibration(name)
-    if any(True for _ in records(model, Rotation)):
-        raise PassError(
-            f"{name} after rotate is not supported yet: the original weights it corrects "
-            "towards are in the unrotated basis",
-            hint=f"put {name} after a quantizer without rotate",
-        )
     modules, skipped = select_decoder_linears(
         model, config.targets, config.ignore, pass_name=name, why=f"{name} works layer by layer"
     )
@@ -116,7 +113,7 @@ def _run(
             f"{name}: no quantized Linear to correct",
             hint=f"run rtn, gptq or awq before {name}",
         )
-    teacher = dict(context.teacher().named_modules())
+    teacher = dict(_original_in_the_models_basis(name, model, context).named_modules())
     report = PassReport(name=name, skipped=skipped)
     hooks = AdapterHooks()
 
@@ -148,6 +145,13 @@ def _run(
             # accumulate_hessian keeps 2·XᵀX/n (GPTQ's convention): halve it back to XᵀX/n
             covariance = hessian.to(torch.float64) / 2
             error = weight.detach().to(torch.float64) - module.weight.detach().to(torch.float64)
+            if error.norm() > weight.detach().to(torch.float64).norm():
+                raise PassError(
+                    f"{name}: {module_name}'s quantized weight is further from the original "
+                    "than the original is from zero: they are not the same weight",
+                    hint="a pass between the original and this one changed the weights in a "
+                    f"way {name} cannot reproduce; put {name} right after the quantizer",
+                )
             adapter = fit(module_name, error, covariance)
             attach(module, adapter)
             hooks.attach(module_name, module)
@@ -182,6 +186,26 @@ def _run(
         m["trainable_params"] for m in report.per_module.values()
     )
     return report
+
+
+def _original_in_the_models_basis(name: str, model: nn.Module, context: PassContext) -> nn.Module:
+    """The original model, rotated as ``model`` was when a ``rotate`` pass ran before: the
+    weights the quantizer rounded (a rotation is recorded by its method and seed, so it is
+    reproduced exactly; the per-head value rotation with it)."""
+    original = context.teacher()
+    applied = {(r.method, r.seed) for _, r in records(model, Rotation)}
+    if not applied:
+        return original
+    if len(applied) > 1 or None in {seed for _, seed in applied}:
+        raise PassError(
+            f"{name}: the model holds rotations it cannot reproduce: {sorted(map(str, applied))}",
+            hint="one rotate pass with a seed, before the quantizer",
+        )
+    ((method, seed),) = applied
+    rotated = copy.deepcopy(original)
+    config = RotateConfig(method=method, seed=seed)  # type: ignore[arg-type]
+    rotate(rotated, config, PassContext(progress=context.progress))
+    return rotated
 
 
 def _trained(adapter: Adapter) -> tuple[str, ...]:

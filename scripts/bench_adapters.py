@@ -1,0 +1,202 @@
+"""Error-correcting adapters on SmolLM2-135M: QWHA against LoRA on the same quantized base.
+
+GPTQ runs once per bit width; every variant then starts from a copy of that quantized model:
+the adapters' training-free initialisations (``lora_correct``: EoRA's activation-weighted SVD;
+``qwha``: adaptive coefficient selection with value refinement), then the same ``distill`` budget
+training the adapters alone (``train: ["*.adapter_*"]``), at the same number of trainable
+parameters (QWHA keeps rank·(in+out) coefficients per Linear, a rank-r LoRA's count). KL and
+top-1 against the original on 32 windows x 512 tokens of the builtin:wiki evaluation split.
+
+    python scripts/bench_adapters.py --bits 3          # -> benchmarks/adapters.{json,md}
+    python scripts/bench_adapters.py --bits 2 --merge
+    python scripts/bench_adapters.py --table
+    python scripts/bench_adapters.py --speed out/smollm2-w3-qwha   # decode overhead of an export
+
+``--speed`` loads an export twice, with its adapter (as ``from_pretrained`` applies it) and
+without (``compress_adapter=None``), and times greedy decoding of 64 tokens on one thread,
+alternating the two, five times each; medians go to ``benchmarks/adapters_speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchrows import BENCHMARKS, cpu_flags, load_rows, machine, write_rows
+
+EVAL_WINDOWS = 32
+SEQ_LEN = 512
+RANK = 8
+DISTILL = {
+    "samples": 512,
+    "held_out": 8,
+    "steps": 32,
+    "gradient_accumulation": 4,
+    "warmup_steps": 2,
+    "eval_every": 16,
+    "mixed_precision": "bf16",
+    "train": ["*.adapter_*"],
+}
+VARIANTS = {
+    "gptq": None,
+    "lora-eora": ("lora_correct", {}),
+    "qwha": ("qwha", {}),
+    "lora-eora+distill": ("lora_correct", {}),
+    "qwha+distill": ("qwha", {}),
+}
+
+
+def _quality(metrics: Any) -> dict[str, float]:
+    return {"kl": float(metrics.kl_mean), "top1": float(metrics.top1_agreement)}
+
+
+def run_bits(bits: int, variants: list[str], adapter_lr: float) -> list[dict[str, Any]]:
+    from compress.adapters.runtime import adapter_hooks
+    from compress.cli import RichProgress
+    from compress.data import calibration_batch, load_texts, token_windows
+    from compress.distill.distill import DistillConfig
+    from compress.evaluate.quality import compare_to_reference
+    from compress.models import load_model
+    from compress.quant.correct import LoraCorrectConfig, QWHAPassConfig
+    from compress.quant.gptq import GPTQConfig
+    from compress.registry import PassContext, config_for
+
+    model, tokenizer = load_model("smollm2-135m")
+    reference = copy.deepcopy(model)
+    windows = token_windows(
+        tokenizer, load_texts("builtin:wiki", "evaluation"), SEQ_LEN, EVAL_WINDOWS
+    )
+    rows = []
+    with RichProgress() as progress:
+        context = PassContext(
+            progress=progress, tokenizer=tokenizer, teacher_loader=lambda: reference
+        )
+        context.calibration = calibration_batch(tokenizer, "builtin:wiki", 64, 512, 0)
+        context.calibration_source = "builtin:wiki"
+        gptq = GPTQConfig(bits=bits, group_size=64, symmetric=False, act_order=True, observer="mse")
+        config_for(gptq).fn(model, gptq, context)
+        for variant in variants:
+            spec = VARIANTS[variant]
+            student = copy.deepcopy(model)
+            row: dict[str, Any] = {"case": f"w{bits}/{variant}", "bits": bits, "variant": variant}
+            start = time.perf_counter()
+            if spec is not None:
+                name, extra = spec
+                cls = LoraCorrectConfig if name == "lora_correct" else QWHAPassConfig
+                config = cls(rank=RANK, **extra)
+                report = config_for(config).fn(student, config, context)
+                row["trainable_params"] = report.metrics["trainable_params"]
+                row["init_error_ratio"] = report.metrics["mean_error_ratio"]
+            if variant.endswith("+distill"):
+                distill = DistillConfig(**DISTILL, adapter_lr=adapter_lr)
+                report = config_for(distill).fn(student, distill, context)
+                row["distill"] = {k: float(v) for k, v in report.metrics.items()}
+            row["seconds"] = time.perf_counter() - start
+            with adapter_hooks() as hooks:
+                hooks.attach_all(student)
+                row |= _quality(
+                    compare_to_reference(student, reference, windows, progress=progress)
+                )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def measure_speed(export: str, tokens: int = 64, repeats: int = 5) -> dict[str, Any]:
+    import statistics
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import compress  # noqa: F401  (registers the loader)
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    prompt = tokenizer("The history of the city begins", return_tensors="pt")
+    models = {
+        "with adapter": AutoModelForCausalLM.from_pretrained(export).eval(),
+        "without": AutoModelForCausalLM.from_pretrained(export, compress_adapter=None).eval(),
+    }
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up: kernels built, caches touched
+            model.generate(**prompt, max_new_tokens=4, do_sample=False)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.generate(
+                    **prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
+                )
+                times[name].append(time.perf_counter() - start)
+    rates = {name: tokens / statistics.median(t) for name, t in times.items()}
+    config = json.loads((Path(export) / "config.json").read_text())
+    return {
+        "export": export,
+        "adapter": config.get("compress_adapter"),
+        "tokens_per_s": rates,
+        "ratio": rates["with adapter"] / rates["without"],
+        "threads": 1,
+        "machine": f"{machine()} ({cpu_flags()})",
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| bits | variant | trainable params | weighted error after init | KL | top-1 | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        params = f"{row['trainable_params'] / 1e6:.2f}M" if "trainable_params" in row else "-"
+        ratio = f"{row['init_error_ratio']:.3f}" if "init_error_ratio" in row else "-"
+        lines.append(
+            f"| {row['bits']} | {row['variant']} | {params} | {ratio} | {row['kl']:.4f} | "
+            f"{100 * row['top1']:.1f}% | {row['seconds']:.0f} |"
+        )
+    lines += ["", f"Machine: {meta['machine']}. Distill budget: {meta['distill']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--adapter-lr", type=float, default=2e-4)
+    parser.add_argument("--merge", action="store_true", help="keep rows of other bit widths")
+    parser.add_argument("--table", action="store_true", help="print the table of the JSON")
+    parser.add_argument("--speed", metavar="EXPORT", help="decode speed with and without adapter")
+    args = parser.parse_args()
+    if args.speed:
+        speeds = BENCHMARKS / "adapters_speed.json"
+        saved = json.loads(speeds.read_text()) if speeds.exists() else {}
+        saved[Path(args.speed).name] = measure_speed(args.speed)
+        speeds.write_text(json.dumps(saved, indent=1) + "\n")
+        print(json.dumps(saved[Path(args.speed).name], indent=1))
+        return
+    out = BENCHMARKS / "adapters.json"
+    if args.table:
+        saved = json.loads(out.read_text())
+        print(render(saved["meta"], saved["rows"]), end="")
+        return
+    rows = load_rows(out, "case", args.merge)
+    for row in run_bits(args.bits, args.variants, args.adapter_lr):
+        rows[row["case"]] = {**row, "date": datetime.date.today().isoformat()}
+    meta = {
+        "eval": f"builtin:wiki evaluation, {EVAL_WINDOWS} x {SEQ_LEN}",
+        "machine": f"{machine()} ({cpu_flags()})",
+        "distill": {**DISTILL, "adapter_lr": args.adapter_lr},
+        "rank": RANK,
+    }
+    order = sorted(rows, key=lambda c: (rows[c]["bits"], list(VARIANTS).index(rows[c]["variant"])))
+    ordered = write_rows(out, meta, rows, order)
+    (BENCHMARKS / "adapters.md").write_text(render(meta, ordered))
+    print(render(meta, ordered), flush=True)
+
+
+if __name__ == "__main__":
+    main()
