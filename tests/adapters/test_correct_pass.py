@@ -263,3 +263,45 @@ def test_compressed_tensors_export_refuses_adapters(
     with pytest.raises(ExportError, match="does not carry adapters"):
         Pipeline.from_yaml(recipe).run()
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["smollm2-w3-qwha.yaml", "smollm2-w2-qwha.yaml"])
+def test_shipped_adapter_recipes_run_their_passes_on_a_tiny_model(
+    name: str, model_dir: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """The recipes' passes on a tiny Llama, data and steps shrunk: gptq, the adapters and
+    distill training scales, norms and adapters together; the export reloads with them."""
+    from compress.recipe import CalibrationSpec, ModelSpec, load_recipe
+    from compress.registry import config_for
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / name)
+    passes = []
+    for config in recipe.passes:
+        if config_for(config).name == "distill":
+            update = {"dataset": str(text_file), "samples": 8, "held_out": 2, "seq_len": 32}
+            update |= {"steps": 4, "gradient_accumulation": 2, "eval_every": 2, "max_minutes": 1}
+            config = config.model_copy(update=update)
+        elif hasattr(config, "group_size"):
+            config = config.model_copy(update={"group_size": 32})
+        passes.append(config)
+    assert [config_for(c).name for c in passes] == ["gptq", "qwha", "distill"]
+    result = Pipeline(
+        ModelSpec(name=str(model_dir)),
+        passes,
+        calibration=CalibrationSpec(dataset=str(text_file), samples=4, seq_len=32),
+        export=tmp_path / "out",
+    ).run()
+    metrics = result.report["passes"][-1]["metrics"]
+    original = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    decoder = [
+        p for n, p in original.named_parameters() if not n.startswith(("model.embed", "lm_"))
+    ]
+    norms = sum(p.numel() for p in decoder if p.dim() == 1)
+    linears = [p for p in decoder if p.dim() == 2]
+    scales = sum(p.shape[0] * p.shape[1] // 32 for p in linears)
+    rank = passes[1].rank  # type: ignore[attr-defined]
+    adapters = sum(rank * (p.shape[0] + p.shape[1]) for p in linears)
+    assert metrics["trainable_parameters"] == norms + scales + adapters
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    summary = summarize_export(tmp_path / "out")
+    assert summary.corrected_bits_per_weight > summary.quantized_bits_per_weight
