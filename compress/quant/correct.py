@@ -102,6 +102,12 @@ def _run(
     fit: Callable[[str, torch.Tensor, torch.Tensor], Adapter],
 ) -> PassReport:
     calibration = context.require_calibration(name)
+    if any(p.is_meta for p in model.parameters()):
+        raise PassError(
+            f"{name} keeps every layer's adapter computing in place while later layers "
+            "calibrate, and needs the whole model in memory",
+            hint="run without --offload (model.offload: false)",
+        )
     modules, skipped = select_decoder_linears(
         model, config.targets, config.ignore, pass_name=name, why=f"{name} works layer by layer"
     )

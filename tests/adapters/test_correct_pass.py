@@ -193,6 +193,19 @@ def test_distill_trains_the_adapters_alone(
         assert torch.equal(record.scales, scales[name].scales)  # frozen: only adapters train
 
 
+def test_a_correction_refuses_offload(model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path / "r.yaml", model_dir, text_file, [{"pass": "lora_correct", "rank": 2}], None
+    )
+    text = recipe.read_text().replace(
+        f"model: {json.dumps(str(model_dir))}",
+        f"model: {{name: {json.dumps(str(model_dir))}, offload: true}}",
+    )
+    recipe.write_text(text + f"export: {{dir: {json.dumps(str(tmp_path / 'out'))}}}\n")
+    with pytest.raises(PassError, match="whole model in memory"):
+        Pipeline.from_yaml(recipe).run()
+
+
 def test_a_correction_needs_a_quantizer(model_dir: Path, text_file: Path, tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
