@@ -351,7 +351,7 @@ def test_shipped_recipe_validates():
     assert recipe.model.name == "smollm2-135m"
     (entry,) = recipe.passes
     assert isinstance(entry, ContextualConfig)
-    assert (entry.sparsity, entry.sirius_period) == (0.5, 8)
+    assert (entry.sparsity, entry.sirius_period) == (0.5, 2)
     assert recipe.evaluate is not None and recipe.evaluate.kl
 
 
