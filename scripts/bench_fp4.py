@@ -65,6 +65,7 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def run_one(name: str) -> dict[str, Any]:
+    from compress.formats.fp4 import FP4Format
     from compress.pipeline import Pipeline
     from compress.recipe import parse_recipe
 
@@ -73,7 +74,7 @@ def run_one(name: str) -> dict[str, Any]:
     if entry["pass"] == "gptq":
         recipe["calibration"] = CALIBRATION
     parsed = parse_recipe(recipe, source=name)
-    bits = parsed.passes[0].formats()[0].bits_per_weight(576)
+    bits = FP4Format(entry["format"], entry.get("scale_block")).bits_per_weight(576)
     start = time.perf_counter()
     result = Pipeline.from_recipe(parsed).run()
     seconds = time.perf_counter() - start
@@ -119,7 +120,11 @@ def measure_speed(size: int = 4096, repeats: int = 5) -> dict[str, Any]:
         codes, scales, tensor_scale = quantize_fp4(weight, fmt)
         packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, None, fmt, size)
         for name, kernel in fp4_kernels.KERNELS.items():
-            ms[f"{variant} {name}"] = timed(lambda k=kernel, p=packed: k(x, p), repeats)
+
+            def call(k: fp4_kernels.Kernel = kernel, p: PackedFP4 = packed) -> object:
+                return k(x, p)
+
+            ms[f"{variant} {name}"] = timed(call, repeats)
     return {"size": size, "threads": 1, "activation": "bfloat16", "rows": 1, "ms": ms}
 
 
@@ -160,6 +165,29 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     reference = next(iter(rows[0]["quality"].values()))["reference_perplexity"] if rows else None
     if reference is not None:
         lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
+    kl = {row["case"]: next(iter(row["quality"].values()))["kl_mean"] for row in rows}
+
+    def pair(a: str, b: str) -> str:
+        return f"{kl[a]:.3f} -> {kl[b]:.3f}" if a in kl and b in kl else "not run"
+
+    lines += [
+        "",
+        "Notes:",
+        "",
+        "- GPTQ onto each grid against round-to-nearest (minmax scales, KL): NF4 "
+        f"{pair('nf4-rtn', 'nf4-gptq')}, MXFP4 {pair('mxfp4-rtn', 'mxfp4-gptq')}, NVFP4 "
+        f"{pair('nvfp4-rtn', 'nvfp4-gptq')}. MSE-searched block scales (`-mse`), RTN -> GPTQ: "
+        f"NF4 {pair('nf4-rtn-mse', 'nf4-gptq-mse')}, MXFP4 "
+        f"{pair('mxfp4-rtn-mse', 'mxfp4-gptq-mse')}, NVFP4 "
+        f"{pair('nvfp4-rtn-mse', 'nvfp4-gptq-mse')}. The search minimises each block's weight "
+        "error, which is not the output error: it lowers KL for RTN on MXFP4 and NVFP4 but "
+        "raises it for NF4; after GPTQ it helps NF4 and NVFP4 and not MXFP4, whose "
+        "power-of-two scales leave it little to choose.",
+        "- The peers of issue 15 (bitsandbytes NF4 at block 64, GGUF MXFP4, llm-compressor "
+        "NVFP4/MXFP4) were not run in this session: the half-of-peer targets are not checked.",
+        "- The builtin SmolLM2 weights went through GGUF Q4_1 (blocks of 32, asymmetric) before "
+        "we got them, which favours formats like it; compare these rows with each other.",
+    ]
     speed = meta.get("speed")
     if speed:
         bf16 = speed["ms"]["bf16 F.linear"]
@@ -169,9 +197,13 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"{speed['activation']} activations",
             "",
             f"Command: `{speed['command']}`. Ratios are against the bf16 dense GEMV of the same "
-            "run (above 1: slower than bf16). Every kernel so far decodes the 4-bit codes with "
-            "torch ops into a dense slab and multiplies it, so it is memory- and decode-bound; "
-            "a fused native kernel is future work.",
+            "run (above 1: slower than bf16). `reference` and `cpu_tiled` decode the codes with "
+            "torch ops into a dense weight (whole, or a slab of rows at a time) and multiply it; "
+            "`cpu_gemv` is the native fused kernel (codes decoded in AVX2 registers, fp32 "
+            "products and sums), what decode rows take. It reads a quarter of bf16's bytes but "
+            "spends more instructions per weight (two table permutes and a blend per 8 codes, "
+            "fp32 FMAs); the issue's 3x-faster-than-bf16 target needs integer dot products on "
+            "quantized activations (or AVX-512 16-entry permutes), not done yet.",
             "",
             "| kernel | ms | x bf16 time |",
             "|---|---|---|",
