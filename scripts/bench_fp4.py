@@ -199,10 +199,12 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"Command: `{speed['command']}`. Ratios are against the bf16 dense GEMV of the same "
             "run (above 1: slower than bf16). `reference` and `cpu_tiled` decode the codes with "
             "torch ops into a dense weight (whole, or a slab of rows at a time) and multiply it; "
-            "`cpu_gemv` is the native fused kernel (codes decoded in AVX2 registers, fp32 "
-            "products and sums), what decode rows take. It reads a quarter of bf16's bytes but "
-            "spends more instructions per weight (two table permutes and a blend per 8 codes, "
-            "fp32 FMAs); the issue's 3x-faster-than-bf16 target needs integer dot products on "
+            "`cpu_gemv` is the native fused kernel (codes decoded in AVX2 registers, each "
+            "weight rounded to the activation dtype as the reference casts it, fp32 products "
+            "and sums), what decode rows take: on SmolLM2 its logits equal the in-memory "
+            "model's. It reads a quarter of bf16's bytes but spends more instructions per "
+            "weight (two table permutes, a blend, a scale multiply and the bf16 rounding per 8 "
+            "codes); the issue's 3x-faster-than-bf16 target needs integer dot products on "
             "quantized activations (or AVX-512 16-entry permutes), not done yet.",
             "",
             "| kernel | ms | x bf16 time |",

@@ -22,7 +22,7 @@ from compress.formats.fp4 import NF4, VARIANTS, FP4Format, dequantize_fp4, quant
 from compress.formats.fp4 import cpu as fp4_cpu
 from compress.formats.fp4 import kernels as fp4_kernels
 from compress.formats.fp4.linear import FP4Embedding, FP4Linear
-from compress.formats.fp4.packed import pack_fp4_codes, unpack_fp4_codes
+from compress.formats.fp4.packed import PackedFP4, pack_fp4_codes, unpack_fp4_codes
 from compress.ir import QuantizedWeight, get_quantized
 from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline
@@ -461,3 +461,19 @@ def test_packed_dequantize_is_the_reference_bit_for_bit(fmt, out_features, in_fe
     _, record, module = packed_linear(fmt, out_features, in_features)
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(module.dequantize(dtype), record.dequantize(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["nf4", "mxfp4", "nvfp4"])
+def test_native_gemv_uses_the_weights_the_model_uses(variant, dtype):
+    """Each weight rounded to the activation dtype as the reference casts it: a decode step
+    computes what the in-memory model computes (only fp32 summation order may differ)."""
+    fmt = FP4Format(variant)
+    weight = seeded(300, 576, seed=8) * 0.05
+    codes, scales, tensor_scale = quantize_fp4(weight, fmt)
+    packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, None, fmt, 576)
+    x = seeded(1, 576, seed=9).to(dtype)
+    got = fp4_cpu.gemv(x, packed)
+    expected = F.linear(x, packed.dequantize(dtype))
+    assert float((got == expected).float().mean()) > 0.99
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=1e-3)

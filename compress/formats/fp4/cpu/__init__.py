@@ -25,6 +25,7 @@ MAX_ROWS = 8
 _FUNCTIONS = ["gemv", "vectorized"]
 _BYTES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(1, 256)  # every scale code
 _NONE = torch.empty(0)
+_ROUND_TO = {torch.bfloat16: 1, torch.float16: 2}
 
 
 @cache
@@ -51,27 +52,26 @@ def vectorized() -> bool:
 
 
 def gemv(x: torch.Tensor, w: PackedFP4) -> torch.Tensor:
-    """``x @ W.T + bias`` for at most :data:`MAX_ROWS` rows of ``x`` (..., K), in ``x``'s dtype;
-    the products and sums in float32."""
+    """``x @ W.T + bias`` for rows of ``x`` (..., K) (:data:`MAX_ROWS` a call), in ``x``'s
+    dtype. Each weight is the fp32 ``table[code] * scale`` rounded to ``x``'s dtype, as the
+    reference kernel casts it; the products and sums are float32."""
     ext = native()
     if ext is None:
         raise RuntimeError("the fp4 native extension is not available")
-    rows = x.reshape(-1, w.in_features).to(torch.float32).contiguous()
-    if rows.shape[0] > MAX_ROWS:  # a forced choice on a prefill: MAX_ROWS rows per call
-        parts = [gemv(chunk, w._replace(bias=None)) for chunk in rows.split(MAX_ROWS)]
-        out = torch.cat(parts)
-        if w.bias is not None:
-            out = out + w.bias.to(torch.float32)
-        return out.to(x.dtype).view(*x.shape[:-1], w.out_features)
     fmt = w.fmt
+    rows = x.reshape(-1, w.in_features).to(torch.float32).contiguous()
     scale_lut = (
         fmt.effective_scales(_BYTES, w.tensor_scale).reshape(256)
         if fmt.scale_dtype == torch.uint8
         else _NONE
     )
-    out = ext.gemv(
-        rows, w.qweight.contiguous(), w.scales.contiguous(), scale_lut, fmt.table, fmt.block
-    )
+    qweight, scales, table = w.qweight.contiguous(), w.scales.contiguous(), fmt.table
+    round_to = _ROUND_TO.get(x.dtype, 0)  # weights as the reference casts them
+    parts = [
+        ext.gemv(chunk, qweight, scales, scale_lut, table, fmt.block, round_to)
+        for chunk in rows.split(MAX_ROWS)  # a forced choice on a prefill: MAX_ROWS a call
+    ]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     if w.bias is not None:
         out = out + w.bias.to(torch.float32)
     return out.to(x.dtype).view(*x.shape[:-1], w.out_features)
