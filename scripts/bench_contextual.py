@@ -370,6 +370,10 @@ def render(data: dict[str, Any]) -> str:
             "model's greedy token. Loss recovered: (Sirius - sparse) / (100% - sparse). Time: "
             "wall time of the whole continuation, summed over prompts, in this run.",
         ]
+    if meta.get("summary"):
+        lines += ["", "## Reading", ""] + [f"- {line}" for line in meta["summary"]]
+    if meta.get("note"):
+        lines += ["", f"Note: {meta['note']}."]
     return "\n".join(lines) + "\n"
 
 
