@@ -180,6 +180,12 @@ def prepare_student(
         if id(module.weight) in shared:
             student.frozen_notes.append(f"{name}: its quantized weight is tied; kept frozen")
             continue
+        if not record.scales.is_floating_point():
+            student.frozen_notes.append(
+                f"{name}: format {record.fmt.label()} stores its scales as codes "
+                f"({record.scales.dtype}); kept frozen"
+            )
+            continue
         scales = nn.Parameter(record.scales.to(torch.float32).clone())
         if not _differentiable(record, scales):
             student.frozen_notes.append(

@@ -149,3 +149,19 @@ def test_two_passes_with_different_precision_in_one_process(tiny_llama) -> None:
         history = train_student(student, tiny_llama, WINDOWS[:2], WINDOWS[:0], settings)
         student.finish()
         assert history.step == [1]
+
+
+def test_scales_stored_as_codes_stay_frozen_with_a_note(tiny_llama) -> None:
+    """MXFP4 keeps E8M0 scale codes (uint8): training them as floats and casting back would
+    corrupt them, so they stay as they are and the report says why."""
+    student = copy.deepcopy(tiny_llama)
+    rtn(student, RTNConfig(format="mxfp4"), PassContext())
+    before = {n: r.scales.clone() for n, r in quantized_modules(student).items()}
+    prepared = prepare_student(student)
+    assert not any(n.endswith(".quant_scales") for n in prepared.named_trainable())
+    assert len(prepared.frozen_notes) == len(before)
+    assert "stores its scales as codes (torch.uint8)" in prepared.frozen_notes[0]
+    prepared.finish()
+    _train(student, tiny_llama)
+    for name, record in quantized_modules(student).items():
+        assert torch.equal(record.scales, before[name]), name
