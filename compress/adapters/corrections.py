@@ -38,6 +38,7 @@ from compress.utils.hadamard import hadamard, hadamard_transform
 __all__ = [
     "LowRankCorrection",
     "SpectrumCorrection",
+    "eigenbasis",
     "lora_delta",
     "low_rank_correction",
     "spectrum_correction",
@@ -72,17 +73,30 @@ class LowRankCorrection:
         return self.b @ self.a
 
 
+def eigenbasis(covariance: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Λ, Q)`` of the damped ``C = Q Λ Qᵀ`` (float64): :func:`low_rank_correction` takes it
+    precomputed, so Linears that read one input (q/k/v, gate/up) share one decomposition."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(_damped(covariance, damp))
+    return eigenvalues, eigenvectors
+
+
 def low_rank_correction(
-    error: torch.Tensor, covariance: torch.Tensor, rank: int, *, damp: float = 0.01
+    error: torch.Tensor,
+    covariance: torch.Tensor,
+    rank: int,
+    *,
+    damp: float = 0.01,
+    basis: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LowRankCorrection:
     """The rank-``rank`` ``ΔW`` that minimizes ``tr((E - ΔW) C (E - ΔW)ᵀ)`` (see module doc).
 
     The singular values are split evenly between the factors (``B = U√S``, ``A = √S Vᵀ…``), so
     neither starts orders of magnitude larger than the other when the factors are trained.
+    ``basis``: :func:`eigenbasis` of ``covariance`` if already known.
     """
     out_features, in_features = error.shape
     rank = min(rank, out_features, in_features)
-    eigenvalues, eigenvectors = torch.linalg.eigh(_damped(covariance, damp))
+    eigenvalues, eigenvectors = basis if basis is not None else eigenbasis(covariance, damp)
     root = eigenvalues.clamp_min(eigenvalues.max() * 1e-12).sqrt()
     projected = (error.to(torch.float64) @ eigenvectors) * root
     u, s, vh = torch.linalg.svd(projected, full_matrices=False)

@@ -37,6 +37,7 @@ from pydantic import Field
 from torch import nn
 
 from compress.adapters.corrections import (
+    eigenbasis,
     low_rank_correction,
     spectrum_correction,
     weighted_error,
@@ -237,6 +238,16 @@ def lora_correct(model: nn.Module, config: LoraCorrectConfig, context: PassConte
     alpha = config.alpha if config.alpha is not None else float(config.rank)
     scaling = alpha / config.rank
     generator = torch.Generator().manual_seed(0)
+    bases: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def basis_of(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q/k/v (and gate/up) read one input: one eigendecomposition for the three
+        for seen, basis in bases:
+            if torch.equal(seen, covariance):
+                return basis
+        basis = eigenbasis(covariance, config.damp)
+        bases[:] = [*bases[-3:], (covariance, basis)]
+        return basis
 
     def fit(name: str, error: torch.Tensor, covariance: torch.Tensor) -> Adapter:
         out_features, in_features = error.shape
@@ -246,7 +257,8 @@ def lora_correct(model: nn.Module, config: LoraCorrectConfig, context: PassConte
             a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
             b = torch.zeros(out_features, rank)
         else:
-            factors = low_rank_correction(error, covariance, rank, damp=config.damp)
+            basis = basis_of(covariance)
+            factors = low_rank_correction(error, covariance, rank, damp=config.damp, basis=basis)
             a, b = factors.a, factors.b / scaling
         return Adapter(
             "lora", {"lora_A": a, "lora_B": b}, {"rank": rank, "alpha": alpha * rank / config.rank}

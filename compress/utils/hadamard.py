@@ -132,7 +132,8 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     y = x.reshape(-1, *(len(b) for b in blocks))
     for axis, block in enumerate(blocks, start=1):
-        factor = block.to(device=x.device, dtype=x.dtype)
+        # each step in the dtype the last one gave (autocast may lower a contraction's output)
+        factor = block.to(device=y.device, dtype=y.dtype)
         y = torch.movedim(torch.tensordot(y, factor, dims=([axis], [1])), -1, axis)
     return (y.reshape(*lead, n) / n**0.5).to(x.dtype)
 

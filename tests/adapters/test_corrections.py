@@ -34,6 +34,17 @@ def test_fast_transform_keeps_dtype_and_gradient() -> None:
     assert x.grad is not None and torch.allclose(x.grad, 2 * x.detach(), atol=1e-4)
 
 
+def test_spectrum_delta_under_bf16_autocast() -> None:
+    """Autocast lowers a contraction's output to bf16 midway; the next factor follows it
+    (distill trains adapters under bf16 autocast)."""
+    x = torch.randn(2, 8, 576, dtype=torch.bfloat16)
+    values = torch.randn(10, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = spectrum_delta(x, torch.arange(10), torch.arange(10), values, 64)
+    y.float().sum().backward()
+    assert y.shape == (2, 8, 64) and values.grad is not None
+
+
 def test_fast_transform_refuses_orders_without_a_matrix() -> None:
     with pytest.raises(PassError, match="order 6"):
         hadamard_transform(torch.zeros(2, 6))
