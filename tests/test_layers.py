@@ -29,7 +29,12 @@ LAYERS: list[list[str]] = [
     ["compress.formats"],  # the format protocol, its registry, bit packing
     ["compress.ir", "compress.registry"],
     # one folder per format kind
-    ["compress.formats.int", "compress.formats.fp8", "compress.formats.entropy"],
+    [
+        "compress.formats.int",
+        "compress.formats.fp8",
+        "compress.formats.fp4",
+        "compress.formats.entropy",
+    ],
     # adapters that correct a layer's output (PEFT methods and the in-pipeline hooks)
     ["compress.adapters"],
     [
@@ -56,7 +61,11 @@ UNITS = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 PLUGIN_STRINGS = {
     "compress/__init__.py": {"compress.export.hf"},
     "compress/registry.py": {"compress.builtins"},
-    "compress/formats/base.py": {"compress.formats.int", "compress.formats.fp8"},
+    "compress/formats/base.py": {
+        "compress.formats.int",
+        "compress.formats.fp8",
+        "compress.formats.fp4",
+    },
 }
 
 
