@@ -64,9 +64,11 @@ class AdapterHooks:
         self._attached: dict[str, _Attached] = {}
 
     def attach(
-        self, name: str, module: nn.Module, *, trainable: bool = False
+        self, name: str, module: nn.Module, *, parameters: bool = False
     ) -> list[nn.Parameter]:
-        """Compute ``module``'s adapter in its forward; returns the adapter's parameters."""
+        """Compute ``module``'s adapter in its forward. ``parameters``: its trainable tensors
+        become parameters (frozen until the caller enables them; returned) for training, else
+        non-persistent buffers, which no state dict or layer checkpoint picks up."""
         record = get(module, Adapter)
         if record is None or name in self._attached:
             return []
@@ -75,16 +77,16 @@ class AdapterHooks:
                 f"{name}: adapter method {record.method!r} is not one compress runs",
                 hint=f"known methods: {', '.join(METHODS)}",
             )
-        dtype = torch.float32
         device = _device_of(module)
-        parameters = []
+        made = []
         for key in _TRAINED[record.method]:
-            parameter = nn.Parameter(
-                record.tensors[key].to(device=device, dtype=dtype).clone(),
-                requires_grad=trainable and record.trainable,
-            )
-            module.register_parameter(ADAPTER_PREFIX + key, parameter)
-            parameters.append(parameter)
+            value = record.tensors[key].to(device=device, dtype=torch.float32).clone()
+            if parameters and record.trainable:
+                parameter = nn.Parameter(value, requires_grad=False)
+                module.register_parameter(ADAPTER_PREFIX + key, parameter)
+                made.append(parameter)
+            else:
+                module.register_buffer(ADAPTER_PREFIX + key, value, persistent=False)
         names = [ADAPTER_PREFIX + key for key in _TRAINED[record.method]]
         if record.method == "qwha":
             counts = record.tensors["row_counts"].to(torch.int64)
@@ -104,15 +106,15 @@ class AdapterHooks:
 
         hook = module.register_forward_hook(add_adapter)
         self._attached[name] = _Attached(module, record, hook, tuple(names))
-        return parameters
+        return made
 
-    def attach_all(self, model: nn.Module, *, trainable: bool = False) -> list[nn.Parameter]:
-        """Attach every adapter record of ``model``."""
-        parameters = []
+    def attach_all(self, model: nn.Module, *, parameters: bool = False) -> list[nn.Parameter]:
+        """Attach every adapter record of ``model`` (see :meth:`attach`)."""
+        made = []
         for name, module in model.named_modules():
             if get(module, Adapter) is not None:
-                parameters += self.attach(name, module, trainable=trainable)
-        return parameters
+                made += self.attach(name, module, parameters=parameters)
+        return made
 
     def __len__(self) -> int:
         return len(self._attached)
@@ -123,9 +125,11 @@ class AdapterHooks:
             module, record = attached.module, attached.record
             attached.hook.remove()
             for key in _TRAINED[record.method]:
-                parameter = module._parameters.pop(ADAPTER_PREFIX + key)
-                assert parameter is not None
-                record.tensors[key] = parameter.detach().to("cpu", torch.float32).clone()
+                value: torch.Tensor | None = module._parameters.pop(ADAPTER_PREFIX + key, None)
+                if value is None:
+                    value = module._buffers.pop(ADAPTER_PREFIX + key)
+                assert value is not None
+                record.tensors[key] = value.detach().to("cpu", torch.float32).clone()
             for name in attached.names:
                 module._buffers.pop(name, None)
         self._attached.clear()

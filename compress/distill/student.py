@@ -161,7 +161,7 @@ def prepare_student(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.float()
-    student.adapters.attach_all(model)  # trainable below, where train/freeze allow
+    student.adapters.attach_all(model, parameters=True)  # trainable below, as train/freeze allow
 
     def wanted(name: str) -> bool:
         return (train is None or _matches(name, train)) and not _matches(name, freeze)
