@@ -30,8 +30,10 @@ calibration set rarely excites every input direction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from compress.utils.hadamard import hadamard, hadamard_transform
 
@@ -47,6 +49,12 @@ __all__ = [
     "spectrum_rows",
     "weighted_error",
 ]
+
+
+def _one_lapack_thread() -> Any:
+    """One BLAS/LAPACK thread for the small decompositions: OpenBLAS threads spin-wait, and on a
+    busy machine a threaded 1536² ``eigh`` took 3x longer than a single-threaded one."""
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _damped(covariance: torch.Tensor, damp: float) -> torch.Tensor:
@@ -76,7 +84,8 @@ class LowRankCorrection:
 def eigenbasis(covariance: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Λ, Q)`` of the damped ``C = Q Λ Qᵀ`` (float64): :func:`low_rank_correction` takes it
     precomputed, so Linears that read one input (q/k/v, gate/up) share one decomposition."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(_damped(covariance, damp))
+    with _one_lapack_thread():
+        eigenvalues, eigenvectors = torch.linalg.eigh(_damped(covariance, damp))
     return eigenvalues, eigenvectors
 
 
@@ -99,7 +108,8 @@ def low_rank_correction(
     eigenvalues, eigenvectors = basis if basis is not None else eigenbasis(covariance, damp)
     root = eigenvalues.clamp_min(eigenvalues.max() * 1e-12).sqrt()
     projected = (error.to(torch.float64) @ eigenvectors) * root
-    u, s, vh = torch.linalg.svd(projected, full_matrices=False)
+    with _one_lapack_thread():
+        u, s, vh = torch.linalg.svd(projected, full_matrices=False)
     half = s[:rank].sqrt()
     b = u[:, :rank] * half
     a = ((half[:, None] * vh[:rank]) / root) @ eigenvectors.T
@@ -163,7 +173,8 @@ def spectrum_correction(
         eye = torch.eye(width, dtype=torch.float64).expand_as(system)
         system = torch.where(both, system, eye)
         rhs = torch.where(present, gradient[first:last].gather(1, columns), 0.0)
-        solution = torch.linalg.solve(system, rhs)
+        with _one_lapack_thread():
+            solution = torch.linalg.solve(system, rhs)
         values[index[present]] = solution[present]
     return SpectrumCorrection(cols, row_counts, values.to(torch.float32))
 
