@@ -506,6 +506,9 @@ def load_model(
             trust_remote_code=trust_remote_code,
             dtype=torch_dtype,
             local_files_only=unreachable is not None,
+            # with peft installed, transformers also looks for an adapter_config.json on the hub
+            # and does not pass local_files_only on: 20+ s of retries when the hub is out of reach
+            adapter_kwargs={"local_files_only": unreachable is not None},
         )
     except (OSError, ValueError, KeyError) as error:
         raise _hub_error(spec, error, "model", unreachable) from error
