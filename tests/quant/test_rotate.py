@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from compress.errors import PassError
 from compress.ir import Rotation, get
-from compress.utils.hadamard import hadamard, has_hadamard, random_orthogonal, randomized_hadamard
 from compress.quant.rotate import RotateConfig, rotate
 from compress.quant.rtn import RTNConfig, rtn
 from compress.registry import PassContext, get_pass
+from compress.utils.hadamard import hadamard, has_hadamard, random_orthogonal, randomized_hadamard
 from tests.conftest import tiny_family_model
 
 ROTATABLE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
