@@ -115,7 +115,9 @@ class CompressHfQuantizer(HfQuantizer):
         if adapter:  # error-correcting adapters (lora_correct, qwha), applied unmerged
             from compress.adapters.files import load_adapter_folder
 
-            load_adapter_folder(model, Path(str(model.name_or_path)) / str(adapter["dir"]))
+            load_adapter_folder(
+                model, _adapter_folder(str(model.name_or_path), str(adapter["dir"]))
+            )
         if getattr(model.config, "contextual_sparsity", None):
             # the contextual runtime is a plugin reached by name, as compress reaches this module
             runtime = importlib.import_module("compress.prune.contextual_runtime")
@@ -129,6 +131,21 @@ class CompressHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _adapter_folder(source: str, subfolder: str) -> Path:
+    """The export's adapter folder: beside a local export, or fetched with a hub one (both
+    files into the hub cache, where they sit together)."""
+    if Path(source).is_dir():
+        return Path(source) / subfolder
+    from transformers.utils import cached_file
+
+    found = None
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        found = cached_file(source, name, subfolder=subfolder)
+    if found is None:
+        raise ExportError(f"{source}: no {subfolder}/ adapter folder", hint="re-run compress apply")
+    return Path(found).parent
 
 
 def replace_linears_(

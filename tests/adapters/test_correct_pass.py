@@ -318,3 +318,25 @@ def test_shipped_adapter_recipes_run_their_passes_on_a_tiny_model(
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     summary = summarize_export(tmp_path / "out")
     assert summary.corrected_bits_per_weight > summary.quantized_bits_per_weight
+
+
+def test_a_hub_export_fetches_its_adapter_folder(tmp_path: Path, monkeypatch) -> None:
+    """A hub id (not a local folder): both adapter files come from the hub cache, through
+    transformers' own ``cached_file``, with the export's subfolder."""
+    import transformers.utils
+
+    from compress.export.hf import _adapter_folder
+
+    asked = []
+
+    def cached_file(repo: str, name: str, subfolder: str = "") -> str:
+        asked.append((repo, subfolder, name))
+        return str(tmp_path / "snapshot" / subfolder / name)
+
+    monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
+    assert _adapter_folder("org/model-w3", "adapter") == tmp_path / "snapshot" / "adapter"
+    assert asked == [
+        ("org/model-w3", "adapter", "adapter_config.json"),
+        ("org/model-w3", "adapter", "adapter_model.safetensors"),
+    ]
+    assert _adapter_folder(str(tmp_path), "adapter") == tmp_path / "adapter"  # local: as is
