@@ -45,7 +45,7 @@ from compress.adapters.corrections import (
 from compress.adapters.runtime import AdapterHooks
 from compress.errors import PassError
 from compress.ir import Adapter, Rotation, attach, get_quantized, records
-from compress.quant.gptq_math import accumulate_hessian
+from compress.quant.gptq import SharedHessians
 from compress.quant.rotate import RotateConfig, rotate
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
@@ -128,16 +128,13 @@ def _run(
         mine = {n: m for n, m in modules.items() if n.startswith(layer_name + ".")}
         if not mine:
             return
-        sums: dict[str, tuple[torch.Tensor | None, int]] = {}
-
-        def collect(module_name: str, inputs: torch.Tensor) -> None:
-            hessian, count = sums.get(module_name, (None, 0))
-            sums[module_name] = accumulate_hessian(hessian, inputs, count)
-
-        with capture_inputs(mine, collect):
+        hessians = SharedHessians()  # one XᵀX for the Linears that read one input (q/k/v ...)
+        with capture_inputs(mine, hessians.collect):
             run()
+        hessians.stop_collecting()
+        covariances: dict[int, torch.Tensor] = {}  # by Hessian: readers of one input share it
         for module_name, module in mine.items():
-            hessian, count = sums.pop(module_name, (None, 0))
+            hessian, count = hessians.get(module_name)
             if hessian is None or count == 0:
                 raise PassError(f"{name}: layer {module_name} saw no calibration input")
             original = teacher.get(module_name)
@@ -149,8 +146,10 @@ def _run(
                     hint="structural passes before the quantizer change the shapes; put "
                     f"{name} right after the quantizer of an unpruned model",
                 )
-            # accumulate_hessian keeps 2·XᵀX/n (GPTQ's convention): halve it back to XᵀX/n
-            covariance = hessian.to(torch.float64) / 2
+            # the Hessian is 2·XᵀX/n (GPTQ's convention): halve it back to XᵀX/n
+            if id(hessian) not in covariances:
+                covariances[id(hessian)] = hessian.to(torch.float64) / 2
+            covariance = covariances[id(hessian)]
             error = weight.detach().to(torch.float64) - module.weight.detach().to(torch.float64)
             if error.norm() > weight.detach().to(torch.float64).norm():
                 raise PassError(
@@ -241,9 +240,9 @@ def lora_correct(model: nn.Module, config: LoraCorrectConfig, context: PassConte
     bases: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
 
     def basis_of(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q/k/v (and gate/up) read one input: one eigendecomposition for the three
+        # q/k/v (and gate/up) read one input and get the same covariance object
         for seen, basis in bases:
-            if torch.equal(seen, covariance):
+            if seen is covariance:
                 return basis
         basis = eigenbasis(covariance, config.damp)
         bases[:] = [*bases[-3:], (covariance, basis)]

@@ -87,7 +87,7 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
         mine = {n: m for n, m in modules.items() if n.startswith(layer_name + ".")}
         if not mine:
             return
-        hessians = _SharedHessians()
+        hessians = SharedHessians()
         with capture_inputs(mine, hessians.collect):
             run()
         hessians.stop_collecting()
@@ -120,7 +120,7 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
     return report
 
 
-class _SharedHessians:
+class SharedHessians:
     """Hessian accumulators, one per distinct input: q/k/v (and gate/up) read the same tensor.
 
     Sharing is decided on the first batch, while every module's first input is held alive, so a

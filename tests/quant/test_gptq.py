@@ -111,7 +111,7 @@ def test_group_size_error_names_the_layer_before_any_work(tiny_llama):
 
 
 def test_modules_reading_one_input_share_a_hessian(tiny_llama):
-    from compress.quant.gptq import _SharedHessians
+    from compress.quant.gptq import SharedHessians
 
     layer = tiny_llama.model.layers[0]
     named = {
@@ -121,7 +121,7 @@ def test_modules_reading_one_input_share_a_hessian(tiny_llama):
         "up": layer.mlp.up_proj,
         "down": layer.mlp.down_proj,
     }
-    shared = _SharedHessians()
+    shared = SharedHessians()
     with capture_inputs(named, shared.collect), torch.no_grad():
         for seed in range(3):
             tiny_llama(calibration(samples=2, length=8, seed=seed))
