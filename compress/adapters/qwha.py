@@ -35,6 +35,7 @@ from peft.utils.peft_types import register_peft_method
 from torch import nn
 
 from compress.adapters.corrections import spectrum_delta, spectrum_rows
+from compress.adapters.runtime import device_of
 
 __all__ = ["QWHAConfig", "QWHALayer", "QWHAModel"]
 
@@ -119,7 +120,7 @@ class QWHALayer(BaseTunerLayer):
         generator = torch.Generator().manual_seed(config.seed)
         chosen = torch.randperm(total, generator=generator)[:count].sort().values
         rows, cols = chosen // self.in_features, chosen % self.in_features
-        device = _device_of(self.get_base_layer())
+        device = device_of(self.get_base_layer())
         self.qwha_cols[adapter_name] = cols.to(device)
         self.qwha_row_counts[adapter_name] = torch.bincount(rows, minlength=self.out_features).to(
             device
@@ -212,12 +213,6 @@ class QWHAModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             module.requires_grad_(False)
         self._replace_module(parent, target_name, module, target)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def register() -> None:

@@ -29,7 +29,14 @@ from compress.adapters.corrections import lora_delta, spectrum_delta, spectrum_r
 from compress.errors import PassError
 from compress.ir import Adapter, get
 
-__all__ = ["ADAPTER_PREFIX", "METHODS", "AdapterHooks", "adapter_hooks", "adapter_output"]
+__all__ = [
+    "ADAPTER_PREFIX",
+    "METHODS",
+    "AdapterHooks",
+    "adapter_hooks",
+    "adapter_output",
+    "device_of",
+]
 
 METHODS = ("lora", "qwha")
 ADAPTER_PREFIX = "adapter_"
@@ -77,7 +84,7 @@ class AdapterHooks:
                 f"{name}: adapter method {record.method!r} is not one compress runs",
                 hint=f"known methods: {', '.join(METHODS)}",
             )
-        device = _device_of(module)
+        device = device_of(module)
         made = []
         for key in _TRAINED[record.method]:
             value = record.tensors[key].to(device=device, dtype=torch.float32).clone()
@@ -145,7 +152,8 @@ def adapter_hooks() -> Iterator[AdapterHooks]:
         hooks.close()
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
+def device_of(module: nn.Module) -> torch.device:
+    """Where ``module`` keeps its tensors (a packed Linear has buffers only); CPU if none."""
+    for tensor in [*module.parameters(), *module.buffers()]:
         return tensor.device
     return torch.device("cpu")

@@ -30,7 +30,7 @@ from compress.export.manifest import (
 )
 from compress.export.stream import StoredItem
 from compress.formats import runtime_for
-from compress.ir import ConfigPatch, QuantizedWeight, get_quantized
+from compress.ir import Adapter, ConfigPatch, QuantizedWeight, get_quantized
 from compress.ir import records as ir_records
 from compress.registry import LayerAccess
 from compress.utils.fs import atomic_directory, probe_writable, sha256_file
@@ -343,6 +343,11 @@ def export_model(
         raise ExportError(f"{type(model).__name__} has no Hugging Face config to export")
     layout = layout_for(format)
     layout.check(model)
+    if layout.name != QUANT_METHOD and any(True for _ in ir_records(model, Adapter)):
+        raise ExportError(  # refused before any shard is written
+            f"the {layout.name} export does not carry adapters",
+            hint="export with format: compress, or drop lora_correct / qwha",
+        )
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         records: dict[str, QuantizedWeight] = {}
         ties: dict[str, str] = {}
@@ -361,11 +366,6 @@ def export_model(
         qconfig = layout.quantization_config(records, ties, model)
         adapter = write_adapter_folder(model, tmp / ADAPTER_DIR, config.dtype)
         if adapter is not None:  # a PEFT adapter folder our loader applies (compress.adapters)
-            if layout.name != QUANT_METHOD:
-                raise ExportError(
-                    f"the {layout.name} export does not carry adapters",
-                    hint="export with format: compress, or drop lora_correct / qwha",
-                )
             config.compress_adapter = adapter
         if ties:  # our loader re-ties the packed tensors; transformers would look for .weight
             config.tie_word_embeddings = False
