@@ -31,6 +31,7 @@ from compress.export.manifest import (
     verify_files,
 )
 from compress.formats import Format, format_from_dict, runtime_for
+from compress.utils.hadamard import install_online_hadamards
 from compress.utils.modules import embed_scale_of
 
 __all__ = [
@@ -118,6 +119,8 @@ class CompressHfQuantizer(HfQuantizer):
             load_adapter_folder(
                 model, _adapter_folder(str(model.name_or_path), str(adapter["dir"]))
             )
+        # after the adapter: a down_proj wrapped by PEFT transforms the input of both
+        install_online_hadamards(model)  # rotate's online_down
         if getattr(model.config, "contextual_sparsity", None):
             # the contextual runtime is a plugin reached by name, as compress reaches this module
             runtime = importlib.import_module("compress.prune.contextual_runtime")

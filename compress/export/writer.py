@@ -34,6 +34,7 @@ from compress.ir import Adapter, ConfigPatch, QuantizedWeight, get_quantized
 from compress.ir import records as ir_records
 from compress.registry import LayerAccess
 from compress.utils.fs import atomic_directory, probe_writable, sha256_file
+from compress.utils.hadamard import ONLINE_HADAMARD_KEY
 from compress.utils.modules import decoder_layers
 from compress.utils.progress import NullProgress, Progress
 from compress.utils.safetensors_io import ShardWriter
@@ -348,6 +349,12 @@ def export_model(
             f"the {layout.name} export does not carry adapters",
             hint="export with format: compress, or drop lora_correct / qwha",
         )
+    if layout.name != QUANT_METHOD and getattr(config, ONLINE_HADAMARD_KEY, None):
+        raise ExportError(
+            f"the {layout.name} export cannot run the online Hadamard transform of rotate's "
+            "online_down: its loader would compute another function",
+            hint="export with format: compress, or set online_down: false",
+        )
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         records: dict[str, QuantizedWeight] = {}
         ties: dict[str, str] = {}
@@ -371,10 +378,13 @@ def export_model(
             config.tie_word_embeddings = False
         if coder is not None:
             qconfig = coder.quantization_config(qconfig)
-        contextual = getattr(config, "contextual_sparsity", None)
-        if qconfig is None and contextual and layout.name == QUANT_METHOD:
-            # plain weights with contextual sparsity: our loader makes them sparse, while stock
-            # transformers skips the unknown quant_method and loads them dense (not guarded)
+        runtime = getattr(config, "contextual_sparsity", None) or getattr(
+            config, ONLINE_HADAMARD_KEY, None
+        )
+        if qconfig is None and runtime and layout.name == QUANT_METHOD:
+            # plain weights with a run-time part (contextual sparsity, an online transform):
+            # our loader installs it, while stock transformers skips the unknown quant_method
+            # and loads the bare weights (not guarded)
             qconfig = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
         if qconfig is not None:
             config.quantization_config = qconfig

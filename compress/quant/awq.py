@@ -44,6 +44,7 @@ from compress.quant.awq_math import ScaleSearch, search_scales
 from compress.quant.checks import check_group_sizes
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
+from compress.utils.hadamard import transforms_input_online
 from compress.utils.hooks import capture_inputs
 from compress.utils.modules import match_any
 
@@ -224,6 +225,11 @@ def _check_group(
     in_features = readers[0].in_features
     if any(module.in_features != in_features for module in readers):
         raise PassError(f"awq: {', '.join(group.linears)} read inputs of different widths")
+    if any(transforms_input_online(module) for module in readers):
+        return (
+            f"{group.name} transforms its input online (rotate's online_down): a scale of the "
+            "channels before the transform cannot be folded into the weights after it"
+        )
     previous = modules[group.previous]
     if isinstance(previous, nn.Linear):
         start, end = group.rows or (0, previous.out_features)

@@ -49,6 +49,7 @@ from compress.quant.gptq import SharedHessians
 from compress.quant.rotate import RotateConfig, rotate
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
+from compress.utils.hadamard import ONLINE_HADAMARD_KEY
 from compress.utils.hooks import capture_inputs
 from compress.utils.modules import select_decoder_linears
 
@@ -209,7 +210,10 @@ def _original_in_the_models_basis(name: str, model: nn.Module, context: PassCont
         )
     ((method, seed),) = applied
     rotated = copy.deepcopy(original)
-    config = RotateConfig(method=method, seed=seed)  # type: ignore[arg-type]
+    online_down = bool(getattr(model.config, ONLINE_HADAMARD_KEY, None))
+    config = RotateConfig.model_validate(
+        {"method": method, "seed": seed, "online_down": online_down}
+    )
     rotate(rotated, config, PassContext(progress=context.progress))
     return rotated
 

@@ -11,6 +11,14 @@ the output head ``W Q``. Per head, the values may be rotated too: ``v_proj`` row
 an ordinary model with other weights. The quantization pass that follows (``rtn``, ``gptq``,
 ``awq``) sees weights without outlier columns.
 
+``online_down: true`` adds the one transform that cannot be fused: the MLP's intermediate
+activation (``act(gate x) * up x``) has outlier channels of its own, and no weight before
+``down_proj`` can rotate it (the product is elementwise). ``down_proj``'s weight becomes
+``W Hᵀ`` and a Hadamard transform of its input runs at inference time
+(:func:`~compress.utils.hadamard.hadamard_transform`, ``n·Σfᵢ`` multiply-adds: 215k per token for
+SmolLM2's 1536 = 128·12, against 885k for ``down_proj`` itself). The modules are listed in the
+model's config (``compress_online_hadamard``) and our export loader installs the transform.
+
 ``method: hadamard`` (default) uses a Hadamard matrix with random signs (orders from
 :mod:`compress.utils.hadamard`: SmolLM2's 576 = 8·72); ``random_orthogonal`` a Haar-random
 one, for any width. Tied embeddings are untied (the output head folds the final norm's scale);
@@ -33,10 +41,17 @@ from pydantic import Field
 from torch import nn
 
 from compress.errors import PassError
-from compress.ir import Rotation, attach, quantized_modules
+from compress.ir import ConfigPatch, Rotation, attach, get, quantized_modules
 from compress.layouts import Layout, layout_of
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
-from compress.utils.hadamard import random_orthogonal, randomized_hadamard
+from compress.utils.hadamard import (
+    ONLINE_HADAMARD_KEY,
+    hadamard_transform,
+    has_hadamard,
+    install_online_hadamard,
+    random_orthogonal,
+    randomized_hadamard,
+)
 from compress.utils.modules import untie_
 
 __all__ = ["RotateConfig", "rotate", "rotation_matrix"]
@@ -53,6 +68,11 @@ class RotateConfig(PassConfig):
     values: bool = Field(
         default=True, description="also rotate each head's values (v_proj rows, o_proj columns)"
     )
+    online_down: bool = Field(
+        default=False,
+        description="also a Hadamard transform of each down_proj's input, run online at "
+        "inference (its weight holds W Hᵀ): rotates the MLP activation's outliers",
+    )
 
 
 def rotation_matrix(method: str, size: int, seed: int) -> torch.Tensor:
@@ -62,7 +82,7 @@ def rotation_matrix(method: str, size: int, seed: int) -> torch.Tensor:
     return random_orthogonal(size, seed)
 
 
-def _check_supported(model: nn.Module, layout: Layout) -> None:
+def _check_supported(model: nn.Module, layout: Layout, config: RotateConfig) -> None:
     if layout.norm_kind != "rms" or layout.output_norms:
         raise PassError(
             f"rotate: {layout.family} normalises each block's output before the residual add "
@@ -76,6 +96,20 @@ def _check_supported(model: nn.Module, layout: Layout) -> None:
             f"rotate after a quantization pass: {next(iter(quantized))} (and "
             f"{len(quantized) - 1} more) already hold codes that a rotation would invalidate",
             hint="put rotate first in the recipe's passes",
+        )
+    width = layout.mlp.intermediate_size
+    if config.online_down and not has_hadamard(width):
+        raise PassError(
+            f"rotate: online_down needs a Hadamard matrix of the MLP width {width}, which "
+            "has no construction here (orders 1, 2, and multiples of 4 built from 2s and Paley "
+            "blocks)",
+            hint="set online_down: false for this model",
+        )
+    if config.online_down and getattr(model.config, ONLINE_HADAMARD_KEY, None):
+        raise PassError(
+            "rotate: the model already transforms its down_proj inputs online (an earlier "
+            "rotate pass with online_down)",
+            hint="keep one rotate pass in the recipe",
         )
     if any(p.is_meta for p in model.parameters()):
         raise PassError(
@@ -135,7 +169,7 @@ def rotate(model: nn.Module, config: RotateConfig, context: PassContext) -> Pass
     """Fuse an orthogonal rotation of the residual stream (and per-head values) into the
     weights: the same function, weights without outlier channels."""
     layout = layout_of(model)
-    _check_supported(model, layout)
+    _check_supported(model, layout, config)
     modules = dict(model.named_modules())
     attention, mlp = layout.attention, layout.mlp
     report = PassReport(name="rotate")
@@ -145,6 +179,7 @@ def rotate(model: nn.Module, config: RotateConfig, context: PassContext) -> Pass
         report.notes += untie_(model, {layout.lm_head: lm_head})
     q = rotation_matrix(config.method, layout.hidden_size, config.seed)
     touched: list[tuple[str, str]] = []  # (module, the axis the rotation is fused into)
+    online: list[str] = []  # down_proj modules whose input is transformed at run time
 
     def linear(name: str) -> nn.Linear:
         module = modules[name]
@@ -176,6 +211,11 @@ def rotate(model: nn.Module, config: RotateConfig, context: PassContext) -> Pass
                 r = rotation_matrix(config.method, attention.head_dim, config.seed + 1 + index)
                 v_proj, o_proj = linear(at(index, attention.v)), linear(at(index, attention.o))
                 _rotate_values(v_proj, o_proj, r, attention.num_heads)
+            if config.online_down:
+                down = linear(at(index, mlp.down))
+                _set(down.weight, hadamard_transform(down.weight.detach().double()))  # W Hᵀ
+                install_online_hadamard(down)
+                online.append(at(index, mlp.down))
         lm_head = linear(layout.lm_head)
         _fold_norm(modules[layout.final_norm], [lm_head])
         _read_rotated(lm_head, q)
@@ -183,6 +223,15 @@ def rotate(model: nn.Module, config: RotateConfig, context: PassContext) -> Pass
         touched += [(layout.lm_head, "in"), (layout.embedding, "out")]
     for name, axis in touched:
         attach(modules[name], Rotation(config.method, layout.hidden_size, axis, True, config.seed))
+    if online:
+        spec = {"method": "hadamard", "modules": online}
+        held = get(model, ConfigPatch)
+        attach(model, ConfigPatch({**(held.updates if held else {}), ONLINE_HADAMARD_KEY: spec}))
+        setattr(model.config, ONLINE_HADAMARD_KEY, spec)  # the in-memory config says it too
+        report.notes.append(
+            f"online Hadamard transform of {len(online)} down_proj inputs (order "
+            f"{mlp.intermediate_size}); the export's loader installs it"
+        )
     report.touched = [name for name, _ in touched]
     report.metrics = {"hidden_size": float(layout.hidden_size)}
     report.notes.append(

@@ -12,17 +12,23 @@ dimensions of 64/128/256. Orders it cannot build (a width of 6, say) get a clear
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import torch
+from torch import nn
 
 from compress.errors import PassError
 
 __all__ = [
+    "ONLINE_HADAMARD_KEY",
     "hadamard",
     "hadamard_transform",
     "has_hadamard",
+    "install_online_hadamard",
+    "install_online_hadamards",
     "random_orthogonal",
     "randomized_hadamard",
+    "transforms_input_online",
 ]
 
 
@@ -136,6 +142,41 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         factor = block.to(device=y.device, dtype=y.dtype)
         y = torch.movedim(torch.tensordot(y, factor, dims=([axis], [1])), -1, axis)
     return (y.reshape(*lead, n) / n**0.5).to(x.dtype)
+
+
+ONLINE_HADAMARD_KEY = "compress_online_hadamard"
+"""The ``config.json`` key listing the modules whose input is transformed online (``rotate``'s
+``online_down``); the export loader installs the transform on each."""
+
+
+def _transform_input(_: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (hadamard_transform(args[0]), *args[1:])
+
+
+def transforms_input_online(module: nn.Module) -> bool:
+    """Whether :func:`install_online_hadamard` put the transform on ``module``."""
+    return any(hook is _transform_input for hook in module._forward_pre_hooks.values())
+
+
+def install_online_hadamard(module: nn.Module) -> None:
+    """Transform ``module``'s input with :func:`hadamard_transform` before every forward (its
+    weight holds ``W Hᵀ``). Idempotent; the hook is a module-level function, so copies of the
+    module (a teacher, a checkpoint) carry it, and input capture hooks registered later see the
+    transformed input, which is what the weight multiplies."""
+    if not transforms_input_online(module):
+        module.register_forward_pre_hook(_transform_input)
+
+
+def install_online_hadamards(model: nn.Module) -> list[str]:
+    """Install the online transform on every module the model's config lists (see
+    :data:`ONLINE_HADAMARD_KEY`); the names installed."""
+    spec = getattr(getattr(model, "config", None), ONLINE_HADAMARD_KEY, None)
+    if not spec:
+        return []
+    names = [str(name) for name in spec.get("modules", [])]
+    for name in names:
+        install_online_hadamard(model.get_submodule(name))
+    return names
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -218,15 +218,19 @@ def test_a_correction_needs_a_quantizer(model_dir: Path, text_file: Path, tmp_pa
     assert "rtn, gptq or awq" in str(caught.value.hint)
 
 
+@pytest.mark.parametrize("online", [False, True], ids=["fused", "online_down"])
 @pytest.mark.parametrize("method", METHODS)
 def test_a_correction_after_rotate_corrects_towards_the_rotated_weights(
-    method: str, model_dir: Path, text_file: Path, tmp_path: Path
+    method: str, online: bool, model_dir: Path, text_file: Path, tmp_path: Path
 ) -> None:
-    """rotate → rtn → adapter: the original is rotated the same way (method, seed) before the
-    error is taken, so the adapters still bring the export closer to the original model."""
+    """rotate → rtn → adapter: the original is rotated the same way (method, seed, online
+    down_proj transform) before the error is taken, so the adapters still bring the export
+    closer to the original model; reloaded, the adapter on down_proj reads the transformed
+    input as the weight does."""
     passes = [{"pass": method, "rank": 4}]
     recipe = write_recipe(tmp_path / "r.yaml", model_dir, text_file, passes, tmp_path / "out")
-    text = recipe.read_text().replace("passes:\n", "passes:\n  - {pass: rotate, seed: 3}\n")
+    rotation = f"{{pass: rotate, seed: 3, online_down: {str(online).lower()}}}"
+    text = recipe.read_text().replace("passes:\n", f"passes:\n  - {rotation}\n")
     recipe.write_text(text)
     result = Pipeline.from_yaml(recipe).run()
     report = next(p for p in result.report["passes"] if p["name"] == method)
@@ -234,6 +238,9 @@ def test_a_correction_after_rotate_corrects_towards_the_rotated_weights(
     original = _logits(AutoModelForCausalLM.from_pretrained(str(model_dir)))
     out = tmp_path / "out"
     corrected = _logits(AutoModelForCausalLM.from_pretrained(str(out)))
+    with adapter_hooks() as hooks:
+        hooks.attach_all(result.model)
+        assert torch.allclose(corrected, _logits(result.model), atol=1e-4)
     bare = _logits(AutoModelForCausalLM.from_pretrained(str(out), compress_adapter=None))
     assert (corrected - original).square().mean() < 0.9 * (bare - original).square().mean()
 
