@@ -12,12 +12,15 @@ dimensions of 64/128/256. Orders it cannot build (a width of 6, say) get a clear
 from __future__ import annotations
 
 from functools import cache
+from importlib import resources
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
 from compress.errors import PassError
+from compress.utils.native import build_in_background, build_isa, is_built, load_native
 
 __all__ = [
     "ONLINE_HADAMARD_KEY",
@@ -26,6 +29,8 @@ __all__ = [
     "has_hadamard",
     "install_online_hadamard",
     "install_online_hadamards",
+    "native",
+    "prebuild",
     "random_orthogonal",
     "randomized_hadamard",
     "transforms_input_online",
@@ -122,6 +127,46 @@ def _transform_blocks(orders: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(blocks) or (torch.ones(1, 1, dtype=torch.int64),)
 
 
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_NATIVE_BLOCK = 256  # the dense part costs order² per group; larger ones stay with torch
+
+
+def _native_eligible(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _NATIVE_DTYPES
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and x.numel() > 0
+    )
+
+
+@cache
+def _native_block(orders: tuple[int, ...]) -> torch.Tensor | None:
+    """The dense factor after the leading factors of 2 (float32), or None when too large."""
+    twos = next((i for i, order in enumerate(orders) if order != 2), len(orders))
+    block = torch.ones(1, 1, dtype=torch.int64)
+    for order in orders[twos:]:
+        block = torch.kron(block, _factor_int(order))
+    return block.to(torch.float32).contiguous() if len(block) <= _MAX_NATIVE_BLOCK else None
+
+
+@cache
+def _source() -> str:
+    return resources.files(__package__).joinpath("hadamard.cpp").read_text(encoding="utf-8")
+
+
+def native() -> ModuleType | None:
+    """The native transform built for this CPU's instruction set, or None (no compiler,
+    ``COMPRESS_NATIVE=0``): callers then take the torch path."""
+    return load_native("hadamard", _source(), ["hadamard_rows"], isa=build_isa())
+
+
+def prebuild() -> None:
+    """Start the first-use build in a process of its own unless it is cached."""
+    if not is_built("hadamard", _source(), ["hadamard_rows"], isa=build_isa()):
+        build_in_background(__name__, "native")
+
+
 @cache
 def _blocks_as(
     orders: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -134,6 +179,10 @@ def _blocks_as(
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """``x @ hadamard(n).T`` along the last dimension, without the ``n × n`` matrix.
 
+    On CPU, without autograd, in float32/bfloat16/float16, a native kernel does it
+    (``hadamard.cpp``: butterflies for the factors of 2, the small dense block for the rest,
+    float32 sums); otherwise torch contractions as below.
+
     The matrix is a Kronecker product of small factors (2s and Paley blocks), so the transform
     contracts one axis of ``x.view(..., f1, f2, ...)`` with each factor (adjacent small factors
     merged up to order 128): ``n·Σfᵢ`` multiply-adds instead of ``n²`` (SmolLM2's 1536 = 128·12:
@@ -143,6 +192,11 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     orders = _factor_orders(n) if n >= 1 else None
     if orders is None:
         raise _unbuildable(n)
+    if _native_eligible(x):
+        ext, block = native(), _native_block(orders)
+        if ext is not None and block is not None:
+            rows = x.reshape(-1, n).contiguous()
+            return ext.hadamard_rows(rows, block).view(x.shape)
     lead = x.shape[:-1]
     y = x.reshape(-1, *(len(b) for b in _transform_blocks(orders)))
     for axis in range(1, y.dim()):
@@ -173,6 +227,7 @@ def install_online_hadamard(module: nn.Module) -> None:
     transformed input, which is what the weight multiplies."""
     if not transforms_input_online(module):
         module.register_forward_pre_hook(_transform_input)
+        prebuild()  # the native transform compiles while the model loads or calibrates
 
 
 def install_online_hadamards(model: nn.Module) -> list[str]:
