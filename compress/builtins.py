@@ -9,6 +9,7 @@ from compress.prune import prune as _prune
 from compress.quant import awq as _awq
 from compress.quant import correct as _correct
 from compress.quant import gptq as _gptq
+from compress.quant import rearrange as _rearrange
 from compress.quant import rotate as _rotate
 from compress.quant import rtn as _rtn
 
@@ -16,6 +17,7 @@ __all__ = ["BUILTIN_PASS_MODULES"]
 
 BUILTIN_PASS_MODULES = (
     _rotate,
+    _rearrange,
     _rtn,
     _gptq,
     _awq,

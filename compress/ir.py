@@ -169,25 +169,32 @@ class SparsityMask(Record):
 
 @dataclass
 class Permutation(Record):
-    """A channel order fused into the weights: ``order[i]`` is the old index of new channel i.
+    """A channel order fused into a module's weight: ``rows[i]`` is the old index of new row
+    ``i`` (output channels; a norm's or bias's only axis), ``columns[i]`` that of new column
+    ``i`` (input channels; an embedding's hidden axis). Either may be None (unchanged).
 
-    ``axis`` is ``"in"`` (input columns) or ``"out"`` (output rows) of the module it is attached
-    to; ``group`` names the set of modules permuted together (the function is unchanged only if
-    all of them are).
+    ``group`` names the set of modules permuted together (the function is unchanged only if all
+    of them are); a module in two sets (down_proj: its columns with the MLP, its rows with the
+    residual stream) names both, comma-separated.
     """
 
     kind: ClassVar[str] = "permutation"
 
-    order: torch.Tensor  # (channels,) int64
-    axis: str = "in"
+    rows: torch.Tensor | None = None  # (out channels,) int64
+    columns: torch.Tensor | None = None  # (in channels,) int64
     group: str = ""
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {"order": self.order}, {"axis": self.axis, "group": self.group}
+        tensors = {
+            name: order
+            for name, order in (("rows", self.rows), ("columns", self.columns))
+            if order is not None
+        }
+        return tensors, {"group": self.group}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Permutation:
-        return cls(tensors["order"], str(meta.get("axis", "in")), str(meta.get("group", "")))
+        return cls(tensors.get("rows"), tensors.get("columns"), str(meta.get("group", "")))
 
 
 @dataclass

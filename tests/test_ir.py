@@ -31,7 +31,8 @@ def examples():
     return [
         QuantizedWeight(*fmt.quantize(weight), fmt),
         SparsityMask(weight.abs() > 0.5, "unstructured"),
-        Permutation(torch.randperm(16), "in", "layer0.mlp"),
+        Permutation(columns=torch.randperm(16), group="layer0.mlp"),
+        Permutation(torch.randperm(6), torch.randperm(16), "layer0.mlp,residual"),
         Rotation("random_hadamard", 16, "in", fused=False, seed=3),
         Rotation("learned", 4, matrix=torch.linalg.qr(torch.randn(4, 4))[0]),
         Adapter("lora", {"A": torch.randn(2, 16), "B": torch.zeros(6, 2)}, {"rank": 2}),

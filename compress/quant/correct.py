@@ -44,8 +44,9 @@ from compress.adapters.corrections import (
 )
 from compress.adapters.runtime import AdapterHooks
 from compress.errors import PassError
-from compress.ir import Adapter, Rotation, attach, get_quantized, records
+from compress.ir import Adapter, Permutation, Rotation, attach, get_quantized, records
 from compress.quant.gptq import SharedHessians
+from compress.quant.rearrange import apply_permutation_records
 from compress.quant.rotate import RotateConfig, rotate
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
@@ -196,10 +197,15 @@ def _run(
 
 
 def _original_in_the_models_basis(name: str, model: nn.Module, context: PassContext) -> nn.Module:
-    """The original model, rotated as ``model`` was when a ``rotate`` pass ran before: the
-    weights the quantizer rounded (a rotation is recorded by its method and seed, so it is
-    reproduced exactly; the per-head value rotation with it)."""
+    """The original model, rotated or reordered as ``model`` was when a ``rotate`` or
+    ``rearrange`` pass ran before: the weights the quantizer rounded (a rotation is recorded by
+    its method and seed, so it is reproduced exactly, the per-head value rotation with it; a
+    rearrangement by its channel orders)."""
     original = context.teacher()
+    if next(records(model, Permutation), None) is not None:  # rearrange: the same channel order
+        reordered = copy.deepcopy(original)
+        apply_permutation_records(model, reordered)
+        return reordered
     applied = {(r.method, r.seed) for _, r in records(model, Rotation)}
     if not applied:
         return original

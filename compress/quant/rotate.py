@@ -41,7 +41,15 @@ from pydantic import Field
 from torch import nn
 
 from compress.errors import PassError
-from compress.ir import ConfigPatch, Rotation, attach, get, quantized_modules
+from compress.ir import (
+    ConfigPatch,
+    Permutation,
+    Rotation,
+    attach,
+    get,
+    quantized_modules,
+    records,
+)
 from compress.layouts import Layout, layout_of
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.utils.hadamard import (
@@ -96,6 +104,12 @@ def _check_supported(model: nn.Module, layout: Layout, config: RotateConfig) -> 
             f"rotate after a quantization pass: {next(iter(quantized))} (and "
             f"{len(quantized) - 1} more) already hold codes that a rotation would invalidate",
             hint="put rotate first in the recipe's passes",
+        )
+    if next(records(model, Permutation), None) is not None:
+        raise PassError(
+            "rotate after rearrange: the channels were sorted so outliers share blocks, and a "
+            "rotation would mix them over all channels again",
+            hint="use one of rotate and rearrange",
         )
     width = layout.mlp.intermediate_size
     if config.online_down and not has_hadamard(width):
