@@ -39,10 +39,27 @@ FORMATS: dict[str, tuple[dict[str, Any], int]] = {
     "nvfp4": ({"format": "nvfp4"}, 16),
 }
 GPTQ_FORMATS = ("mxfp4",)
+# llama.cpp's own quantizers (the gguf package's reference code) for the formats it has
+GGUF_TYPES = {"mxfp4": "MXFP4", "nvfp4": "NVFP4"}
 
 
 def case_name(method: str, fmt: str, sorted_: bool) -> str:
     return f"{method}/{fmt}/{'rearranged' if sorted_ else 'plain'}"
+
+
+def quantize_gguf(model: Any, type_name: str) -> None:
+    """Every decoder Linear through llama.cpp's quantizer and back (its rounding, its scales)."""
+    import gguf
+    import numpy as np
+    import torch
+    from gguf import quants
+
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            weight = module.weight.detach().float().numpy()
+            restored = quants.dequantize(quants.quantize(weight, qtype), qtype)
+            module.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(restored)))
 
 
 def run(methods: list[str], formats: list[str]) -> Iterator[dict[str, Any]]:
@@ -69,7 +86,9 @@ def run(methods: list[str], formats: list[str]) -> Iterator[dict[str, Any]]:
             context.calibration_source = "builtin:wiki"
         for method in methods:
             for fmt in formats:
-                if method == "gptq" and fmt not in GPTQ_FORMATS:
+                if (method == "gptq" and fmt not in GPTQ_FORMATS) or (
+                    method == "gguf" and fmt not in GGUF_TYPES
+                ):
                     continue
                 settings, block = FORMATS[fmt]
                 for sorted_ in (False, True):
@@ -79,12 +98,15 @@ def run(methods: list[str], formats: list[str]) -> Iterator[dict[str, Any]]:
                     if sorted_:
                         report = rearrange(student, RearrangeConfig(block_size=block), context)
                         metrics = dict(report.metrics)
-                    config: Any = (
-                        GPTQConfig(**settings, act_order=True)
-                        if method == "gptq"
-                        else RTNConfig(**settings)
-                    )
-                    config_for(config).fn(student, config, context)
+                    if method == "gguf":
+                        quantize_gguf(student, GGUF_TYPES[fmt])
+                    else:
+                        config: Any = (
+                            GPTQConfig(**settings, act_order=True)
+                            if method == "gptq"
+                            else RTNConfig(**settings)
+                        )
+                        config_for(config).fn(student, config, context)
                     seconds = time.perf_counter() - start
                     quality = compare_to_reference(student, original, windows, progress=progress)
                     row = {
@@ -110,7 +132,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "block crest mlp / values / residual, before → after |",
         "|---|---|---|---|---|---|---|",
     ]
-    for method in ("rtn", "gptq"):
+    for method in ("gguf", "rtn", "gptq"):
         for fmt in FORMATS:
             plain = by_case.get(case_name(method, fmt, False))
             ordered = by_case.get(case_name(method, fmt, True))
@@ -148,7 +170,7 @@ def main() -> None:
         saved = json.loads(out.read_text())
         print(render(saved["meta"], saved["rows"]), end="")
         return
-    methods = ([] if args.no_rtn else ["rtn"]) + (["gptq"] if args.gptq else [])
+    methods = ["gguf"] + ([] if args.no_rtn else ["rtn"]) + (["gptq"] if args.gptq else [])
     rows = load_rows(out, "case", args.merge)
     meta = {
         "machine": f"{machine()} ({cpu_flags()})",
@@ -156,7 +178,9 @@ def main() -> None:
         "evaluation": f"{EVAL_WINDOWS} x {SEQ_LEN}",
         "calibration (gptq)": f"{CALIBRATION} x {SEQ_LEN}",
     }
-    order = [case_name(m, f, s) for m in ("rtn", "gptq") for f in FORMATS for s in (False, True)]
+    order = [
+        case_name(m, f, s) for m in ("gguf", "rtn", "gptq") for f in FORMATS for s in (False, True)
+    ]
     for row in run(methods, args.formats):
         rows[row["case"]] = {**row, "date": meta["date"]}
         write_rows(out, meta, rows, order)
