@@ -4,7 +4,10 @@ Each block format is quantized twice with round-to-nearest, as loaded and after 
 (mlp, values and residual channels sorted, ``block_size`` the format's block), and scored
 against the original on 32 windows x 512 tokens of the builtin:wiki evaluation split (KL and
 top-1). ``--gptq`` adds MXFP4 through GPTQ with and without rearrangement (128 x 512 calibration
-windows of the calibration split, act order). Rows are written after every case.
+windows of the calibration split, act order). The peer rows ``gguf/mxfp4`` quantize every
+decoder Linear with llama.cpp's reference quantizer (the ``gguf`` package's ``quants``, which
+mirror ggml's C code) and score the dequantized weights the same way. Rows are written after
+every case.
 
     python scripts/bench_rearrange.py                  # -> benchmarks/rearrange.json
     python scripts/bench_rearrange.py --gptq --merge
@@ -39,8 +42,9 @@ FORMATS: dict[str, tuple[dict[str, Any], int]] = {
     "nvfp4": ({"format": "nvfp4"}, 16),
 }
 GPTQ_FORMATS = ("mxfp4",)
-# llama.cpp's own quantizers (the gguf package's reference code) for the formats it has
-GGUF_TYPES = {"mxfp4": "MXFP4", "nvfp4": "NVFP4"}
+# llama.cpp's own quantizers (the gguf package's reference code) for the formats it has; its
+# NVFP4 (gguf 0.19.0) dequantizes but does not quantize
+GGUF_TYPES = {"mxfp4": "MXFP4"}
 
 
 def case_name(method: str, fmt: str, sorted_: bool) -> str:
