@@ -195,7 +195,8 @@ def _mlp(m: _Model, index: int, block_size: int) -> tuple[float, float]:
     group = m.layout.qualified(index, "mlp")
     if mlp.gate_up:
         fused = torch.cat([order, order + mlp.intermediate_size])
-        _permute_(m.linear(index, mlp.gate_up), mlp.gate_up, fused, None, group)
+        name = m.layout.qualified(index, mlp.gate_up)
+        _permute_(m.linear(index, mlp.gate_up), name, fused, None, group)
     for relative in (mlp.gate, mlp.up):
         if relative:
             name = m.layout.qualified(index, relative)
