@@ -48,8 +48,9 @@ from pydantic import Field
 from torch import nn
 
 from compress.errors import PassError
-from compress.ir import Permutation, Rotation, attach, get, quantized_modules, records
+from compress.ir import Permutation, Rotation, attach, get, records
 from compress.layouts import Layout, layout_of
+from compress.quant.basis import decoder_linear, require_whole_float_model
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 
 __all__ = ["RearrangeConfig", "apply_permutation_records", "block_crest", "rearrange"]
@@ -147,9 +148,10 @@ def apply_permutation_records(source: nn.Module, target: nn.Module) -> list[str]
         module = targets.get(name)
         if module is None:
             raise PassError(f"rearrange: {name} is missing from the model to reorder")
-        if id(_weight(module, name)) in seen:
+        weight = _weight(module, name)
+        if id(weight) in seen:
             continue
-        seen.add(id(_weight(module, name)))
+        seen.add(id(weight))
         _reorder_(module, name, record.rows, record.columns)
         done.append(name)
     return done
@@ -159,21 +161,14 @@ def apply_permutation_records(source: nn.Module, target: nn.Module) -> list[str]
 
 
 class _Model:
-    """Name lookups and checks over one model's modules."""
+    """Name lookups over one model's modules."""
 
     def __init__(self, model: nn.Module, layout: Layout) -> None:
         self.modules = dict(model.named_modules())
         self.layout = layout
 
     def linear(self, index: int, relative: str) -> nn.Linear:
-        name = self.layout.qualified(index, relative)
-        module = self.modules[name]
-        if not isinstance(module, nn.Linear):
-            raise PassError(
-                f"rearrange: {name} is a {type(module).__name__}, expected nn.Linear",
-                hint="put rearrange before any quantization pass",
-            )
-        return module
+        return decoder_linear(self.modules, self.layout.qualified(index, relative), "rearrange")
 
 
 def _column_energy(weights: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -265,14 +260,7 @@ def _residual(m: _Model, block_size: int) -> tuple[float, float]:
 
 
 def _check(model: nn.Module) -> None:
-    quantized = quantized_modules(model)
-    if quantized:
-        raise PassError(
-            f"rearrange after a quantization pass: {next(iter(quantized))} (and "
-            f"{len(quantized) - 1} more) already hold codes that a new channel order would "
-            "invalidate",
-            hint="put rearrange first in the recipe's passes",
-        )
+    require_whole_float_model(model, "rearrange", "a new channel order", "reorders")
     if next(records(model, Rotation), None) is not None:
         raise PassError(
             "rearrange after rotate: the rotation already spread the outlier channels over all "
@@ -283,12 +271,6 @@ def _check(model: nn.Module) -> None:
         raise PassError(
             "rearrange twice: the model's channels are already sorted",
             hint="keep one rearrange pass, listing every site in it",
-        )
-    if any(p.is_meta for p in model.parameters()):
-        raise PassError(
-            "rearrange reorders the embedding, every layer and the output head together and "
-            "needs the whole model in memory",
-            hint="run without --offload (model.offload: false)",
         )
 
 

@@ -47,16 +47,17 @@ from compress.ir import (
     Rotation,
     attach,
     get,
-    quantized_modules,
     records,
 )
 from compress.layouts import Layout, layout_of
+from compress.quant.basis import decoder_linear, require_whole_float_model
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.utils.hadamard import (
     ONLINE_HADAMARD_KEY,
     hadamard_transform,
     has_hadamard,
     install_online_hadamard,
+    prebuild,
     random_orthogonal,
     randomized_hadamard,
 )
@@ -98,13 +99,7 @@ def _check_supported(model: nn.Module, layout: Layout, config: RotateConfig) -> 
             "residual stream does not commute with that",
             hint="leave rotate out for this family (Llama, Mistral, Qwen2/3 and Phi-3 work)",
         )
-    quantized = quantized_modules(model)
-    if quantized:
-        raise PassError(
-            f"rotate after a quantization pass: {next(iter(quantized))} (and "
-            f"{len(quantized) - 1} more) already hold codes that a rotation would invalidate",
-            hint="put rotate first in the recipe's passes",
-        )
+    require_whole_float_model(model, "rotate", "a rotation", "changes")
     if next(records(model, Permutation), None) is not None:
         raise PassError(
             "rotate after rearrange: the channels were sorted so outliers share blocks, and a "
@@ -124,12 +119,6 @@ def _check_supported(model: nn.Module, layout: Layout, config: RotateConfig) -> 
             "rotate: the model already transforms its down_proj inputs online (an earlier "
             "rotate pass with online_down)",
             hint="keep one rotate pass in the recipe",
-        )
-    if any(p.is_meta for p in model.parameters()):
-        raise PassError(
-            "rotate changes the embedding, every layer and the output head together and needs "
-            "the whole model in memory",
-            hint="run without --offload (model.offload: false)",
         )
 
 
@@ -196,13 +185,7 @@ def rotate(model: nn.Module, config: RotateConfig, context: PassContext) -> Pass
     online: list[str] = []  # down_proj modules whose input is transformed at run time
 
     def linear(name: str) -> nn.Linear:
-        module = modules[name]
-        if not isinstance(module, nn.Linear):
-            raise PassError(
-                f"rotate: {name} is a {type(module).__name__}, expected nn.Linear",
-                hint="put rotate before any quantization pass",
-            )
-        return module
+        return decoder_linear(modules, name, "rotate")
 
     with torch.no_grad():
         for index in context.progress.track(range(layout.num_layers), "rotate layers"):
@@ -238,6 +221,7 @@ def rotate(model: nn.Module, config: RotateConfig, context: PassContext) -> Pass
     for name, axis in touched:
         attach(modules[name], Rotation(config.method, layout.hidden_size, axis, True, config.seed))
     if online:
+        prebuild()  # the native transform compiles while the next pass calibrates
         spec = {"method": "hadamard", "modules": online}
         held = get(model, ConfigPatch)
         attach(model, ConfigPatch({**(held.updates if held else {}), ONLINE_HADAMARD_KEY: spec}))

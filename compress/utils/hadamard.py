@@ -227,7 +227,6 @@ def install_online_hadamard(module: nn.Module) -> None:
     transformed input, which is what the weight multiplies."""
     if not transforms_input_online(module):
         module.register_forward_pre_hook(_transform_input)
-        prebuild()  # the native transform compiles while the model loads or calibrates
 
 
 def install_online_hadamards(model: nn.Module) -> list[str]:
@@ -239,6 +238,7 @@ def install_online_hadamards(model: nn.Module) -> list[str]:
     names = [str(name) for name in spec.get("modules", [])]
     for name in names:
         install_online_hadamard(model.get_submodule(name))
+    prebuild()  # the native transform compiles while the model finishes loading
     return names
 
 
