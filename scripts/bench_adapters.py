@@ -27,7 +27,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchrows import BENCHMARKS, cpu_flags, load_rows, machine, write_rows
+from benchrows import (
+    BENCHMARKS,
+    cpu_flags,
+    load_rows,
+    machine,
+    save_keyed,
+    smollm2_and_eval_windows,
+    write_rows,
+)
 
 EVAL_WINDOWS = 32
 SEQ_LEN = 512
@@ -58,19 +66,15 @@ def _quality(metrics: Any) -> dict[str, float]:
 def run_bits(bits: int, variants: list[str], adapter_lr: float) -> list[dict[str, Any]]:
     from compress.adapters.runtime import adapter_hooks
     from compress.cli import RichProgress
-    from compress.data import calibration_batch, load_texts, token_windows
+    from compress.data import calibration_batch
     from compress.distill.distill import DistillConfig
     from compress.evaluate.quality import compare_to_reference
-    from compress.models import load_model
     from compress.quant.correct import LoraCorrectConfig, QWHAPassConfig
     from compress.quant.gptq import GPTQConfig
     from compress.registry import PassContext, config_for
 
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer, windows = smollm2_and_eval_windows(EVAL_WINDOWS, SEQ_LEN)
     reference = copy.deepcopy(model)
-    windows = token_windows(
-        tokenizer, load_texts("builtin:wiki", "evaluation"), SEQ_LEN, EVAL_WINDOWS
-    )
     rows = []
     with RichProgress() as progress:
         context = PassContext(
@@ -184,10 +188,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.speed:
         speeds = BENCHMARKS / "adapters_speed.json"
-        saved = json.loads(speeds.read_text()) if speeds.exists() else {}
-        saved[Path(args.speed).name] = measure_speed(args.speed)
-        speeds.write_text(json.dumps(saved, indent=1) + "\n")
-        print(json.dumps(saved[Path(args.speed).name], indent=1))
+        save_keyed(speeds, Path(args.speed).name, measure_speed(args.speed))
         return
     out = BENCHMARKS / "adapters.json"
     if args.table:

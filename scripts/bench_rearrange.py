@@ -24,7 +24,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from benchrows import BENCHMARKS, cpu_flags, load_rows, machine, write_rows
+from benchrows import (
+    BENCHMARKS,
+    cpu_flags,
+    load_rows,
+    machine,
+    smollm2_and_eval_windows,
+    write_rows,
+)
 
 EVAL_WINDOWS = 32
 SEQ_LEN = 512
@@ -69,18 +76,14 @@ def quantize_gguf(model: Any, type_name: str) -> None:
 def run(methods: list[str], formats: list[str]) -> Iterator[dict[str, Any]]:
     """One row per (method, format, with/without rearrangement), as each finishes."""
     from compress.cli import RichProgress
-    from compress.data import calibration_batch, load_texts, token_windows
+    from compress.data import calibration_batch
     from compress.evaluate.quality import compare_to_reference
-    from compress.models import load_model
     from compress.quant.gptq import GPTQConfig
     from compress.quant.rearrange import RearrangeConfig, rearrange
     from compress.quant.rtn import RTNConfig
     from compress.registry import PassContext, config_for
 
-    original, tokenizer = load_model("smollm2-135m")
-    windows = token_windows(
-        tokenizer, load_texts("builtin:wiki", "evaluation"), SEQ_LEN, EVAL_WINDOWS
-    )
+    original, tokenizer, windows = smollm2_and_eval_windows(EVAL_WINDOWS, SEQ_LEN)
     with RichProgress() as progress:
         context = PassContext(progress=progress, tokenizer=tokenizer)
         if "gptq" in methods:

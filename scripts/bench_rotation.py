@@ -32,7 +32,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchrows import BENCHMARKS, cpu_flags, load_rows, machine, write_rows
+from benchrows import (
+    BENCHMARKS,
+    cpu_flags,
+    load_rows,
+    machine,
+    save_keyed,
+    smollm2_and_eval_windows,
+    write_rows,
+)
 
 EVAL_WINDOWS = 32
 SEQ_LEN = 512
@@ -61,19 +69,15 @@ def run_quality(
     import torch
 
     from compress.cli import RichProgress
-    from compress.data import calibration_batch, load_texts, token_windows
+    from compress.data import calibration_batch
     from compress.evaluate.quality import compare_to_reference
-    from compress.models import load_model
     from compress.quant.gptq import GPTQConfig
     from compress.quant.rotate import RotateConfig, rotate
     from compress.quant.rtn import RTNConfig
     from compress.registry import PassContext, config_for
 
     torch.manual_seed(0)
-    original, tokenizer = load_model("smollm2-135m")
-    windows = token_windows(
-        tokenizer, load_texts("builtin:wiki", "evaluation"), SEQ_LEN, EVAL_WINDOWS
-    )
+    original, tokenizer, windows = smollm2_and_eval_windows(EVAL_WINDOWS, SEQ_LEN)
     with RichProgress() as progress:
         context = PassContext(progress=progress, tokenizer=tokenizer)
         context.calibration = calibration_batch(tokenizer, "builtin:wiki", CALIBRATION, SEQ_LEN, 0)
@@ -190,10 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.speed:
         speeds = BENCHMARKS / "rotation_speed.json"
-        saved = json.loads(speeds.read_text()) if speeds.exists() else {}
-        saved[Path(args.speed).name] = measure_speed(args.speed)
-        speeds.write_text(json.dumps(saved, indent=1) + "\n")
-        print(json.dumps(saved[Path(args.speed).name], indent=1))
+        save_keyed(speeds, Path(args.speed).name, measure_speed(args.speed))
         return
     out = BENCHMARKS / "rotation.json"
     if args.table:

@@ -43,3 +43,22 @@ def write_rows(
     ordered = [rows[name] for name in order if name in rows]
     out.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=1, default=str) + "\n")
     return ordered
+
+
+def smollm2_and_eval_windows(windows: int = 32, seq_len: int = 512) -> tuple[Any, Any, Any]:
+    """The builtin SmolLM2-135M, its tokenizer, and ``windows`` x ``seq_len`` token windows of
+    the builtin:wiki evaluation split: what the quality benchmarks score on."""
+    from compress.data import load_texts, token_windows
+    from compress.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    texts = load_texts("builtin:wiki", "evaluation")
+    return model, tokenizer, token_windows(tokenizer, texts, seq_len, windows)
+
+
+def save_keyed(out: Path, key: str, value: dict[str, Any]) -> None:
+    """Set ``key`` in the JSON object at ``out`` (created if missing) and print the value."""
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    saved[key] = value
+    out.write_text(json.dumps(saved, indent=1) + "\n")
+    print(json.dumps(value, indent=1))
