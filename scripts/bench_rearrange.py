@@ -3,8 +3,10 @@
 Each block format is quantized twice with round-to-nearest, as loaded and after ``rearrange``
 (mlp, values and residual channels sorted, ``block_size`` the format's block), and scored
 against the original on 32 windows x 512 tokens of the builtin:wiki evaluation split (KL and
-top-1). ``--gptq`` adds MXFP4 through GPTQ with and without rearrangement (128 x 512 calibration
-windows of the calibration split, act order). The peer rows ``gguf/mxfp4`` quantize every
+top-1). ``bfpB-bN`` is block floating point (``B``-bit mantissas, a power-of-two scale per
+``N`` weights; ``mxint8`` is OCP's 8-bit, blocks of 32). ``--gptq`` adds MXFP4 and BFP4 through
+GPTQ with and without rearrangement (128 x 512 calibration windows of the calibration split, act
+order). The peer rows ``gguf/mxfp4`` quantize every
 decoder Linear with llama.cpp's reference quantizer (the ``gguf`` package's ``quants``, which
 mirror ggml's C code) and score the dequantized weights the same way. Rows are written after
 every case.
@@ -47,8 +49,14 @@ FORMATS: dict[str, tuple[dict[str, Any], int]] = {
     "nf4-b64": ({"format": "nf4", "scale_block": 64}, 64),
     "mxfp4": ({"format": "mxfp4"}, 32),
     "nvfp4": ({"format": "nvfp4"}, 16),
+    # block floating point: a power-of-two (E8M0) scale per block, signed b-bit mantissas
+    "bfp4-b16": ({"bits": 4, "group_size": 16, "scale_dtype": "e8m0"}, 16),
+    "bfp4-b32": ({"bits": 4, "group_size": 32, "scale_dtype": "e8m0"}, 32),
+    "bfp4-b64": ({"bits": 4, "group_size": 64, "scale_dtype": "e8m0"}, 64),
+    "bfp6-b32": ({"bits": 6, "group_size": 32, "scale_dtype": "e8m0"}, 32),
+    "mxint8": ({"bits": 8, "group_size": 32, "scale_dtype": "e8m0"}, 32),
 }
-GPTQ_FORMATS = ("mxfp4",)
+GPTQ_FORMATS = ("mxfp4", "bfp4-b32")
 # llama.cpp's own quantizers (the gguf package's reference code) for the formats it has; its
 # NVFP4 (gguf 0.19.0) dequantizes but does not quantize
 GGUF_TYPES = {"mxfp4": "MXFP4"}

@@ -95,6 +95,8 @@ def check_representable(name: str, fmt: Format, in_features: int) -> IntFormat:
             "asymmetric (zero points): transformers' compressed-tensors loader cannot read "
             "packed zero points back (size mismatch on weight_zero_point)"
         )
+    elif fmt.power_of_two_scales:
+        reason = "E8M0 power-of-two scales (block floating point): the layout stores float scales"
     if reason is not None:
         raise ExportError(
             f"module {name!r} ({_describe(fmt)}) cannot be exported as {FORMAT_NAME}: {reason}",

@@ -153,7 +153,7 @@ def gptq_quantize(
         _, fixed_scales, fixed_zeros = quantize_int(
             w, fmt, clip_ratio=choose_clip(w, fmt, observer)
         )
-        scales.copy_(fixed_scales.to(torch.float32))
+        scales.copy_(fmt.scale_values(fixed_scales))
         if fixed_zeros is not None:
             zeros.copy_(fixed_zeros.to(torch.float32))
 
@@ -202,7 +202,7 @@ def gptq_quantize(
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    stored_scales = scales.to(fmt.torch_scale_dtype)
+    stored_scales = fmt.store_scales(scales)
     stored_zeros = None if fmt.symmetric else zeros.to(torch.uint8)
     return GPTQResult(codes, stored_scales, stored_zeros, float(losses.sum()))
 
@@ -519,7 +519,7 @@ def _group_params(
     """(out,) float32 scale and zero of one group from its current weights (out, size)."""
     clip = choose_clip(current, group_fmt, observer)
     _, scale, zero = quantize_int(current, group_fmt, clip_ratio=clip)
-    scale_f32 = scale[:, 0].to(torch.float32)
+    scale_f32 = group_fmt.scale_values(scale[:, 0])
     if zero is None:
         return scale_f32, torch.full_like(scale_f32, float(group_fmt.midpoint))
     return scale_f32, zero[:, 0].to(torch.float32)

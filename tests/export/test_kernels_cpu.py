@@ -215,7 +215,7 @@ def test_int16_activation_path_matches_reference(bits, symmetric, shape, isa):
         assert relative_error(got, want) < 1e-4, batch
 
 
-@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32", "e8m0"])
 def test_int16_path_reads_every_scale_dtype(scale_dtype, isa):
     """Scales of eight groups are loaded as one vector: K 1152 has a full octet and one more."""
     module = make(20, 1152, IntFormat(4, 128, True, scale_dtype=scale_dtype), bias=False)
@@ -261,7 +261,7 @@ def test_half_activations_take_the_int16_path_and_fp32_the_exact_one():
     )
 
 
-@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32", "e8m0"])
 def test_every_scale_dtype(scale_dtype, isa):
     module = make(40, 128, IntFormat(4, 64, True, scale_dtype=scale_dtype))
     x = torch.randn(3, 128)

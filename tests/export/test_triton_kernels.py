@@ -40,11 +40,12 @@ def packed_linear(
     *,
     bias: bool = False,
     seed: int = 0,
+    scale_dtype: str = "float16",
 ) -> QuantLinear:
     """A real QuantLinear packed from a random Linear quantized round-to-nearest."""
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, bias=bias)
-    fmt = IntFormat(bits=bits, group_size=group_size, symmetric=symmetric)
+    fmt = IntFormat(bits, group_size, symmetric, scale_dtype)  # type: ignore[arg-type]
     codes, scales, zeros = quantize_int(linear.weight, fmt)
     module = QuantLinear.from_record(linear, QuantizedWeight(codes, scales, zeros, fmt))
     return module.to(DEVICE)
@@ -63,6 +64,17 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 KERNELS = {"gemm": tk.dequant_gemm, "gemv": tk.splitk_gemv}
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_power_of_two_scales_are_decoded_in_the_kernel(bits: int) -> None:
+    """E8M0 exponent bytes (block floating point) become 2**(e-127) inside the tile decode."""
+    module = packed_linear(70, 96, bits, 32, True, seed=bits, scale_dtype="e8m0")
+    assert module.scales.dtype == torch.uint8
+    x = torch.randn(3, 96, device=DEVICE)
+    want = reference(module, x)
+    for name, kernel in KERNELS.items():
+        assert relative_error(kernel(module.packed(), x), want) < 1e-5, name
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])

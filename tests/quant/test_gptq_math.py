@@ -62,6 +62,22 @@ def test_output_error_beats_rtn(layer, bits, symmetric, group_size, act_order):
         assert gptq < 0.8 * rtn
 
 
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_block_floating_point_beats_rtn(layer, bits, observer, act_order):
+    """Power-of-two scales (E8M0) through GPTQ: every scale stays a power of two and the output
+    error is GPTQ's usual fraction of round-to-nearest's."""
+    fmt = IntFormat(bits, 32, True, "e8m0")
+    result = gptq_quantize(layer.weight, layer.hessian, fmt, act_order=act_order, observer=observer)
+    assert result.scales.dtype == torch.uint8 and result.zeros is None
+    values = fmt.scale_values(result.scales)
+    assert torch.equal(values, torch.exp2(torch.log2(values).round()))
+    gptq = layer.output_error(dequantized(result, fmt))
+    rtn = layer.output_error(rtn_weight(layer.weight, fmt))
+    assert gptq < (0.8 if bits < 8 else 1.0) * rtn
+
+
 @pytest.mark.parametrize("group_size", [32, None])
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_act_order_does_not_hurt_at_3_bits(symmetric, group_size):
@@ -113,7 +129,9 @@ def test_layout(layer, bits, group_size, symmetric, scale_dtype, act_order):
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("fmt", [IntFormat(3, 32), IntFormat(4, None, False)], ids=str)
+@pytest.mark.parametrize(
+    "fmt", [IntFormat(3, 32), IntFormat(4, None, False), IntFormat(3, 32, True, "e8m0")], ids=str
+)
 def test_error_is_the_quadratic_loss_of_the_result(layer, fmt, act_order):
     """The summed OBS losses equal ½ tr(ΔW H_damped ΔWᵀ) of the final weight: OBS is exact."""
     damp = 0.01
@@ -129,7 +147,12 @@ def test_error_is_the_quadratic_loss_of_the_result(layer, fmt, act_order):
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize(
     "fmt",
-    [IntFormat(3, 32), IntFormat(4, None, False), IntFormat(2, 64, False, "bfloat16")],
+    [
+        IntFormat(3, 32),
+        IntFormat(4, None, False),
+        IntFormat(2, 64, False, "bfloat16"),
+        IntFormat(4, 32, True, "e8m0"),
+    ],
     ids=str,
 )
 def test_diagonal_hessian_is_exactly_rtn(layer, fmt, act_order, observer):

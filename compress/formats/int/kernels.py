@@ -91,7 +91,7 @@ def _torch_int8(x: torch.Tensor, w: PackedInt) -> torch.Tensor:
         return _reference(x, w)
     # Offset-128 unsigned codes become two's-complement int8 by flipping the top bit.
     weight = (w.qweight ^ 0x80).view(torch.int8)
-    scales = w.scales[:, 0].to(x.dtype)
+    scales = w.fmt.scale_values(w.scales[:, 0]).to(x.dtype)
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.ops.aten._weight_int8pack_mm(flat, weight, scales)
     if w.bias is not None:

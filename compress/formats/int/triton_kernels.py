@@ -91,6 +91,7 @@ def _dequant_tile(
     zero_bytes,
     BITS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
+    E8M0: tl.constexpr,
 ):
     """(BLOCK_K, BLOCK_N) fp32 tile of ``W.T``: ``(code - zero) * scale``."""
     mask = mask_k[:, None] & mask_n[None, :]
@@ -99,6 +100,8 @@ def _dequant_tile(
     code = _extract(qw_ptr, start, offs_k[:, None], start + row_bytes, mask, BITS)
     group = row * groups + offs_k[:, None] // group_size
     scale = tl.load(scale_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    if E8M0:  # a power-of-two exponent byte: 2**(e - 127), exact in fp32
+        scale = tl.exp2(scale - 127.0)
     if SYMMETRIC:  # noqa: SIM108 (constexpr: the other branch is never compiled)
         zero = 1 << (BITS - 1)
     else:
@@ -124,6 +127,7 @@ def _dequant_gemm_kernel(
     zero_bytes,
     BITS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
+    E8M0: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -158,6 +162,7 @@ def _dequant_gemm_kernel(
             zero_bytes,
             BITS,
             SYMMETRIC,
+            E8M0,
         )
         acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
@@ -182,6 +187,7 @@ def _splitk_gemv_kernel(
     zero_bytes,
     BITS: tl.constexpr,
     SYMMETRIC: tl.constexpr,
+    E8M0: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -211,6 +217,7 @@ def _splitk_gemv_kernel(
                 zero_bytes,
                 BITS,
                 SYMMETRIC,
+                E8M0,
             )
             x = tl.load(x_ptr + m * stride_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             acc += w * x[:, None]
@@ -244,6 +251,7 @@ def _layout(w: PackedInt) -> dict[str, Any]:
         "zero_bytes": 0 if w.qzeros is None else w.qzeros.numel(),
         "BITS": w.fmt.bits,
         "SYMMETRIC": w.qzeros is None,
+        "E8M0": w.fmt.power_of_two_scales,
     }
 
 

@@ -52,7 +52,7 @@ struct Packed {
   const uint8_t* qzeros;  // nullptr when symmetric
   const uint8_t* zeros_end;  // one past the last zero-point byte
   const void* scales;
-  int scale_kind;  // 0 fp32, 1 fp16, 2 bf16
+  int scale_kind;  // 0 fp32, 1 fp16, 2 bf16, 3 E8M0 (uint8 biased exponent)
   int bits;
   int64_t N, K, row_bytes, group, groups;
 
@@ -66,8 +66,18 @@ struct Packed {
 #else
         return static_cast<float>(static_cast<const at::Half*>(scales)[i]);
 #endif
-      default: return static_cast<float>(static_cast<const at::BFloat16*>(scales)[i]);
+      case 2: return static_cast<float>(static_cast<const at::BFloat16*>(scales)[i]);
+      default: return e8m0(static_cast<const uint8_t*>(scales)[i]);
     }
+  }
+
+  // 2**(e - 127) by its bit pattern: e << 23 for e >= 1; e = 0 is the subnormal 2**-127
+  // (0x00400000, which exceeds no normal pattern, so a max picks it), 255 reads as infinity.
+  static float e8m0(uint8_t e) {
+    const uint32_t bits = std::max<uint32_t>(static_cast<uint32_t>(e) << 23, 0x00400000u);
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
   }
 
   float zero(int64_t n, int64_t g) const {
@@ -121,7 +131,8 @@ Packed make_packed(const torch::Tensor& qweight, const torch::Tensor& scales,
     case torch::kFloat: p.scale_kind = 0; break;
     case torch::kHalf: p.scale_kind = 1; break;
     case torch::kBFloat16: p.scale_kind = 2; break;
-    default: TORCH_CHECK(false, "scales must be fp32, fp16 or bf16");
+    case torch::kByte: p.scale_kind = 3; break;
+    default: TORCH_CHECK(false, "scales must be fp32, fp16, bf16 or uint8 (E8M0)");
   }
   return p;
 }
@@ -662,6 +673,12 @@ struct QuantActs {
 inline __m256 scales8(const Packed& p, int64_t n, int64_t g) {
   const int64_t i = n * p.groups + g;
   if (p.scale_kind == 0) return _mm256_loadu_ps(static_cast<const float*>(p.scales) + i);
+  if (p.scale_kind == 3) {  // E8M0: the exponent byte shifted into place (see Packed::e8m0)
+    const __m256i e = _mm256_cvtepu8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(p.scales) + i)));
+    return _mm256_castsi256_ps(
+        _mm256_max_epu32(_mm256_slli_epi32(e, 23), _mm256_set1_epi32(0x00400000)));
+  }
   const __m128i h = _mm_loadu_si128(
       reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p.scales) + i));
   if (p.scale_kind == 1) return _mm256_cvtph_ps(h);
