@@ -13,9 +13,11 @@ Example recipe entries::
     passes:
       - {pass: gptq, bits: 4, group_size: 64, act_order: true, observer: mse}
       - {pass: gptq, format: nvfp4}            # or nf4 (scale_block: 64), fp4, mxfp4
+      - {pass: gptq, format: fp8_e4m3, scaling: channel}
 
-``format`` takes ``int`` (the default) or a 4-bit table format (``nf4``, ``fp4``, ``mxfp4``,
-``nvfp4``), with the same keys as ``rtn``; GPTQ then rounds onto that format's grid.
+``format`` takes ``int`` (the default), a 4-bit table format (``nf4``, ``fp4``, ``mxfp4``,
+``nvfp4``) or FP8 (``fp8_e4m3``, ``fp8_e5m2``, any ``scaling``), with the same keys as ``rtn``;
+GPTQ then rounds onto that format's grid.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from compress.errors import PassError
 from compress.formats.fp4 import FP4Format
+from compress.formats.fp8 import FP8Format
 from compress.formats.int import IntFormat
 from compress.ir import QuantizedWeight, SparsityMask, get, set_quantized
 from compress.quant.checks import check_group_sizes
@@ -53,18 +56,11 @@ class GPTQConfig(RTNConfig):
     )
     batch_size: int = Field(default=8, gt=0, description="calibration samples per forward")
 
-    @model_validator(mode="after")
-    def _grid_it_rounds_onto(self) -> GPTQConfig:
-        if self.format.startswith("fp8"):
-            raise ValueError(
-                f"gptq rounds onto integer and 4-bit table grids, not format: {self.format}; "
-                "use pass: rtn for fp8, or format: int / nf4 / fp4 / mxfp4 / nvfp4"
-            )
-        return self
-
-    def gptq_format(self) -> IntFormat | FP4Format:
-        """The format GPTQ rounds onto."""
-        return self.fp4_format() if self.format != "int" else self.int_format()
+    def gptq_format(self) -> IntFormat | FP4Format | FP8Format:
+        """The format GPTQ rounds onto: integer, 4-bit table or FP8 grids."""
+        fmt = self.weight_format()
+        assert isinstance(fmt, IntFormat | FP4Format | FP8Format)
+        return fmt
 
 
 @register_pass("gptq", GPTQConfig, calibrated=True)
@@ -167,7 +163,7 @@ def _quantize_module(
     name: str,
     module: nn.Linear,
     hessian: torch.Tensor,
-    fmt: IntFormat | FP4Format,
+    fmt: IntFormat | FP4Format | FP8Format,
     config: GPTQConfig,
     report: PassReport,
     *,

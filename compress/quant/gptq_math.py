@@ -35,6 +35,13 @@ rounded to the nearest table value (a non-uniform grid: the rounding is the form
 :meth:`~compress.formats.fp4.FP4Format.encode`), block scales (absmax, E8M0 or E4M3 as the variant
 stores them) come from the error-updated weights at the block's first column, or from the original
 weight under act_order, and NVFP4's per-tensor scale from the whole weight up front.
+
+FP8 (:mod:`compress.formats.fp8`, E4M3 / E5M2 per tensor, channel or 2-D block) goes through the
+loop too: every scale is fixed up front from the original weight (a scale block spans many rows,
+so it cannot follow one row's updates), and a column is divided by its scales, saturated and
+cast to FP8 with round-to-nearest-even, exactly as :func:`~compress.formats.fp8.quantize_fp8`
+rounds. The grid is non-uniform (relative steps of 2**-3 for E4M3): GPTQ's error feedback is
+what takes a weight that sits off that grid (e.g. on a Q4_1 grid) closer than rounding can.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import torch
 
 from compress.errors import PassError
 from compress.formats.fp4 import FP4Format, quantize_fp4
+from compress.formats.fp8 import FP8Format, quantize_fp8
 from compress.formats.int import IntFormat, quantize_int
 from compress.quant.observers import Observer, choose_clip
 
@@ -111,7 +119,7 @@ class GPTQResult:
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    fmt: IntFormat | FP4Format,
+    fmt: IntFormat | FP4Format | FP8Format,
     *,
     block_size: int = 128,
     damp: float = 0.01,
@@ -139,6 +147,10 @@ def gptq_quantize(
         return _gptq_table(
             weight, hessian, fmt, block_size, damp, act_order, observer, consume_hessian, keep
         )
+    if isinstance(fmt, FP8Format):
+        if observer != "minmax":
+            raise ValueError(f"fp8 scales come from each block's range; observer {observer!r}")
+        return _gptq_fp8(weight, hessian, fmt, block_size, damp, act_order, consume_hessian, keep)
     _check_arguments(weight, hessian, block_size, damp)
     out_features, in_features = weight.shape
     groups = fmt.groups(in_features)  # FormatError when the group size does not divide
@@ -361,6 +373,56 @@ def _gptq_table(
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return GPTQResult(codes, stored, tensor_scale, float(losses.sum()))
+
+
+def _gptq_fp8(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: FP8Format,
+    block_size: int,
+    damp: float,
+    act_order: bool,
+    consume_hessian: bool,
+    keep: torch.Tensor | None,
+) -> GPTQResult:
+    """GPTQ onto the FP8 grid with the scales of :func:`quantize_fp8` on the original weight
+    (pruned positions excluded); each column is cast as the reference casts."""
+    _check_arguments(weight, hessian, block_size, damp)
+    out_features, in_features = weight.shape
+    w, keep, diagonal = _prepare_weight(weight, hessian, keep)
+    _, stored, _ = quantize_fp8(w, fmt)  # (blocks down, blocks across), fixed
+    scales = fmt.scale_values(stored)
+    rows_per_block, columns_per_block = fmt.block_shape(out_features, in_features)
+    row_block = torch.arange(out_features, device=w.device) // rows_per_block
+    w, keep, perm, hinv = _prepare_factor(
+        w, keep, hessian, diagonal, act_order, damp, consume_hessian
+    )
+    column_of = list(range(in_features)) if perm is None else perm.tolist()
+    limit = fmt.max_value
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
+    losses = torch.zeros(out_features, device=w.device)
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        block = w[:, start:stop].clone()  # (out, count): exact current weights of the block
+        errors = torch.zeros_like(block)  # scaled errors (w - q) / [H⁻¹]ᵢᵢ
+        hinv_block = hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            column = start + i
+            scale = scales[row_block, column_of[column] // columns_per_block]  # (out,)
+            x = block[:, i]
+            if keep is not None:  # a pruned position keeps the code of +0
+                x = x * keep[:, column]
+            code = (x / scale).clamp_(-limit, limit).to(fmt.torch_dtype)
+            error = (block[:, i] - code.to(torch.float32) * scale).div_(hinv_block[i, i])
+            codes[:, column] = code.view(torch.uint8)
+            errors[:, i] = error
+            block[:, i + 1 :].addr_(error, hinv_block[i, i + 1 :], alpha=-1.0)
+        losses += errors.square().sum(dim=1) / 2
+        w[:, stop:].sub_(errors @ hinv[start:stop, stop:])
+
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return GPTQResult(codes, stored, None, float(losses.sum()))
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:

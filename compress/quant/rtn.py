@@ -10,6 +10,7 @@ Example recipe entries::
       - {pass: rtn, bits: 4, group_size: 64, symmetric: true, observer: mse}
       - {pass: rtn, format: fp8_e4m3, scaling: channel}          # FP8 weights, fp32 scales
       - {pass: rtn, format: fp8_e4m3, scaling: block, scale_block: 64}
+      - {pass: rtn, format: fp8_e4m3, scaling: mx}               # OCP MXFP8: E8M0 per 32
       - {pass: rtn, format: nf4, scale_block: 64}                # bitsandbytes NF4, absmax/64
       - {pass: rtn, format: mxfp4}                               # OCP MXFP4: E2M1, E8M0 per 32
       - {pass: rtn, bits: 8, group_size: 32, scale_dtype: e8m0}  # OCP MXINT8
@@ -22,10 +23,10 @@ Example recipe entries::
 point: a power-of-two scale per group, stored as one exponent byte; see
 :mod:`compress.formats.int.spec`); ``observer: mse`` to ``int`` and the 4-bit table
 formats (each block's scale searched for the least rounding error); ``scaling`` (``tensor``,
-``channel``, the default, or ``block``) to FP8; ``scale_block`` to FP8 with ``scaling: block``
-(the side of a square 2-D block, default 128; edge blocks may be partial) and to ``nf4`` /
-``fp4`` (columns per absmax block, default 64). ``mxfp4`` and ``nvfp4`` fix their blocks (32 and
-16). A key the chosen format does not take is refused, naming it.
+``channel``, the default, ``block``, or ``mx`` for OCP MXFP8) to FP8; ``scale_block`` to FP8
+with ``scaling: block`` (the side of a square 2-D block, default 128; edge blocks may be
+partial) and to ``nf4`` / ``fp4`` (columns per absmax block, default 64). ``mxfp4`` and
+``nvfp4`` fix their blocks (32 and 16). A key the chosen format does not take is refused, naming it.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def _format_key_problems(data: Mapping[Any, Any]) -> list[InitErrorDetails]:
             )
         elif chosen != "int" and key == "scale_block" and data[key] is not None:
             scaling = data.get("scaling", "channel")
-            if scaling in ("tensor", "channel"):
+            if scaling in ("tensor", "channel", "mx"):
                 refuse(
                     key,
                     f"scale_block needs scaling: block (scaling is {scaling}); set scaling: "
@@ -168,10 +169,11 @@ class RTNConfig(PassConfig):
         description="number format of the weights: int (bits, group_size, symmetric), "
         "fp8_e4m3 / fp8_e5m2 (scaling, scale_block), nf4 / fp4 (scale_block), mxfp4, nvfp4",
     )
-    scaling: Literal["tensor", "channel", "block"] = Field(
+    scaling: Literal["tensor", "channel", "block", "mx"] = Field(
         default="channel",
-        description="fp8 only: one scale per tensor, per output channel (the default) or per "
-        "square block of scale_block",
+        description="fp8 only: one scale per tensor, per output channel (the default), per "
+        "square block of scale_block, or mx (MXFP8: a power-of-two E8M0 scale per 32 weights "
+        "of a row)",
     )
     scale_block: int | None = Field(
         default=None,

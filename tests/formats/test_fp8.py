@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -40,6 +41,8 @@ FORMATS = [
     FP8Format("e4m3", "block", 48),  # partial edge blocks on the tiny model (64, 128, 32)
     FP8Format("e5m2", "channel"),
     FP8Format("e5m2", "block", 64),
+    FP8Format("e4m3", "mx"),  # MXFP8: E8M0 exponent bytes per 32 weights of a row
+    FP8Format("e5m2", "mx"),
 ]
 SHAPES = [(1, 1), (7, 5), (37, 70), (64, 128), (96, 33)]
 
@@ -81,6 +84,8 @@ def test_labels_and_nominal_bits():
     assert FP8Format("e4m3", "channel").bits_per_weight(576) == pytest.approx(8 + 32 / 576)
     assert FP8Format("e4m3", "block", 64).bits_per_weight(576) == pytest.approx(8 + 32 / 4096)
     assert FP8Format("e4m3", "tensor").bits_per_weight(576) == 8.0
+    assert FP8Format("e5m2", "mx").label() == "mxfp8 e5m2"
+    assert FP8Format("e4m3", "mx").bits_per_weight(576) == 8.25
 
 
 @pytest.mark.parametrize(
@@ -91,6 +96,7 @@ def test_labels_and_nominal_bits():
         ({"scaling": "block"}, "block_size"),
         ({"scaling": "block", "block_size": 0}, "block_size"),
         ({"scaling": "channel", "block_size": 64}, "only used with scaling 'block'"),
+        ({"scaling": "mx", "block_size": 16}, "32 weights of a row by definition"),
     ],
 )
 def test_bad_formats_are_refused_clearly(fields, words):
@@ -164,6 +170,30 @@ def test_rounding_is_nearest_against_a_float64_oracle(variant, scaling, block):
     # and the reconstructed weight is within that bound of the weight itself
     error = (fmt.dequantize(codes, scales, None, torch.float64) - weight.double()).abs()
     assert bool((error <= (bound + slack) * scale64 * (1 + 2.0**-20)).all())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mxfp8_follows_the_ocp_definition(variant):
+    """Shared scale 2**(floor(log2 amax) - emax), emax 8 (E4M3) / 15 (E5M2), stored as its
+    biased exponent; elements cast with saturation. Written from the specification, in float64
+    for the scale, against the format bit for bit; 70 columns leave a partial last block."""
+    fmt = FP8Format(variant, "mx")
+    weight = seeded(9, 70, seed=3)
+    weight[2, 40] = 7.0  # an outlier: its block's scale follows it, the others do not move
+    codes, stored, zeros = quantize_fp8(weight, fmt)
+    assert zeros is None and stored.dtype == torch.uint8 and stored.shape == (9, 3)
+    emax = {"e4m3": 8, "e5m2": 15}[variant]
+    limit = torch.finfo(fmt.torch_dtype).max
+    for row in range(9):
+        for block in range(3):
+            values = weight[row, 32 * block : 32 * block + 32].double()
+            exponent = math.floor(math.log2(float(values.abs().max()))) - emax
+            assert int(stored[row, block]) == exponent + 127
+            expected = (values / 2.0**exponent).clamp(-limit, limit).float().to(fmt.torch_dtype)
+            got = codes[row, 32 * block : 32 * block + 32]
+            assert torch.equal(got, expected.view(torch.uint8)), (row, block)
+    decoded = dequantize_fp8(codes, stored, fmt, torch.float64)
+    assert decoded[2, 40] == 7.0  # 7 * 2**-2 = 1.75 * 2**0 is on both grids after scaling
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -353,6 +383,7 @@ def test_integer_rtn_recipes_are_unchanged():
         ({"format": "fp8_e4m3", "observer": "mse"}, "observer", "'mse'"),
         ({"format": "fp8_e4m3", "scale_block": 64}, "scale_block", "64"),
         ({"format": "fp8_e4m3", "scaling": "tensor", "scale_block": 64}, "scale_block", "64"),
+        ({"format": "fp8_e4m3", "scaling": "mx", "scale_block": 32}, "scale_block", "32"),
         ({"scaling": "block"}, "scaling", "'block'"),
         ({"bits": 8, "scale_block": 64}, "scale_block", "64"),
         ({"format": "fp8"}, "format", "'fp8'"),
@@ -391,6 +422,7 @@ def test_rtn_leaves_fp8_records_and_dequantized_weights(tiny_llama, fmt_entry):
     {"format": "fp8_e4m3", "scaling": "tensor"},
     {"format": "fp8_e4m3", "scaling": "block", "scale_block": 48},
     {"format": "fp8_e5m2", "scaling": "block", "scale_block": 64},
+    {"format": "fp8_e4m3", "scaling": "mx"},
 ], ids=lambda e: "-".join(str(v) for v in e.values()))  # fmt: skip
 def test_export_reloads_with_equal_logits(tiny_llama_copy, byte_tokenizer, tmp_path, fmt_entry):
     targets = ["model.layers.*", "model.embed_tokens", "lm_head"]

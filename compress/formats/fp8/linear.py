@@ -75,7 +75,7 @@ class FP8Linear(nn.Module):
         self.register_buffer(
             "scales",
             torch.empty(
-                fmt.scale_shape(out_features, in_features), dtype=torch.float32, device=device
+                fmt.scale_shape(out_features, in_features), dtype=fmt.scale_dtype, device=device
             ),
             persistent=persistent,
         )
@@ -169,7 +169,7 @@ class FP8Embedding(nn.Module):
             torch.empty(num_embeddings, embedding_dim, dtype=torch.uint8, device=device),
         )
         shape = fmt.scale_shape(num_embeddings, embedding_dim)
-        self.register_buffer("scales", torch.empty(shape, dtype=torch.float32, device=device))
+        self.register_buffer("scales", torch.empty(shape, dtype=fmt.scale_dtype, device=device))
 
     @classmethod
     def from_record(cls, embedding: nn.Embedding, record: QuantizedWeight) -> FP8Embedding:
@@ -199,7 +199,8 @@ class FP8Embedding(nn.Module):
         flat = input_ids.reshape(-1)
         values = self.qweight.index_select(0, flat).view(self.fmt.torch_dtype).to(torch.float32)
         bn, bk = self.fmt.block_shape(self.num_embeddings, self.embedding_dim)
-        scales = self.scales.index_select(0, torch.div(flat, bn, rounding_mode="floor"))
+        rows_of = torch.div(flat, bn, rounding_mode="floor")
+        scales = self.fmt.scale_values(self.scales.index_select(0, rows_of))
         if scales.shape[1] > 1:  # (M, K/bk) -> (M, K)
             scales = scales.repeat_interleave(bk, dim=1)[:, : self.embedding_dim]
         rows = (values * scales).to(self.dtype)

@@ -5,8 +5,8 @@ the kernels (which compute with them).
 
 FP8 format, weight ``W`` of shape ``(N, K)`` = ``(out_features, in_features)``, cut into scale
 blocks of ``(bn, bk)``: one block for the whole tensor (``scaling: tensor``, ``(N, K)``), one per
-output row (``channel``, ``(1, K)``) or square 2-D blocks (``block``, ``(b, b)``, DeepSeek-V3's
-128×128 weight blocks):
+output row (``channel``, ``(1, K)``), square 2-D blocks (``block``, ``(b, b)``, DeepSeek-V3's
+128×128 weight blocks) or OCP Microscaling's 32 weights of a row (``mx``, ``(1, 32)``: MXFP8):
 
 * a code is the bit pattern of a ``torch.float8_e4m3fn`` (E4M3, largest finite 448, no inf) or
   ``torch.float8_e5m2`` (E5M2, largest finite 57344) number, stored as uint8;
@@ -17,6 +17,11 @@ output row (``channel``, ``(1, K)``) or square 2-D blocks (``block``, ``(b, b)``
   round-to-nearest-even, so a code is never NaN or inf (torch 2.13 clamps an out-of-range E4M3
   cast but sends E5M2 past 57344 to inf; the saturation is ours, for both); a weight that is
   not finite is refused.
+* ``mx`` (MXFP8, OCP Microscaling Formats v1.0): the scale is a power of two, stored as its
+  E8M0 biased exponent (uint8, ``2**(e - 127)``), ``scale = 2**(floor(log2(amax)) - emax)`` with
+  ``emax`` the exponent of the element's largest normal (8 for E4M3, 15 for E5M2); the block's
+  largest weight then lands in ``[2**emax, 2**(emax+1))`` and saturates above the largest finite
+  value (448 / 57344), as the specification's conversion does.
 
 Block sizes that do not divide the weight give partial edge blocks, as DeepSeek-V3's checkpoints
 and vLLM's block-FP8 layout do (scales of shape ``(ceil(N/b), ceil(K/b))``): SmolLM2's widths
@@ -34,6 +39,7 @@ name          shape                                dtype    meaning
                                                             (``qweight.view(float8 dtype)``)
 ``scales``    (ceil(N/bn), ceil(K/bk))             float32  per-block scale: (1, 1) per-tensor,
                                                             (N, 1) per-channel
+                                                   uint8    ``mx``: E8M0 exponents, (N, K/32)
 ============  ===================================  =======  ===================================
 
 ``W[n, k] = fp8(qweight[n, k]) * scales[n // bn, k // bk]``. Codes are stored as uint8 (not as
@@ -54,6 +60,7 @@ from compress.formats.base import StoredTensor, register_format
 
 __all__ = [
     "FP8_DTYPES",
+    "MX_BLOCK",
     "SCALINGS",
     "FP8Format",
     "dequantize_fp8",
@@ -65,16 +72,20 @@ FP8_DTYPES: dict[str, torch.dtype] = {
     "e4m3": torch.float8_e4m3fn,
     "e5m2": torch.float8_e5m2,
 }
-SCALINGS = ("tensor", "channel", "block")
+SCALINGS = ("tensor", "channel", "block", "mx")
+MX_BLOCK = 32
+"""Weights of a row sharing one E8M0 scale in OCP Microscaling formats."""
+_E8M0_BIAS = 127
 
 Variant = Literal["e4m3", "e5m2"]
-Scaling = Literal["tensor", "channel", "block"]
+Scaling = Literal["tensor", "channel", "block", "mx"]
 
 
 @register_format(runtime="compress.formats.fp8.runtime")
 @dataclass(frozen=True)
 class FP8Format:
-    """FP8 weights (E4M3 or E5M2) with fp32 scales per tensor, per channel or per 2-D block."""
+    """FP8 weights (E4M3 or E5M2) with fp32 scales per tensor, per channel or per 2-D block, or
+    E8M0 scales per 32 weights of a row (MXFP8)."""
 
     variant: Variant = "e4m3"
     scaling: Scaling = "channel"
@@ -102,6 +113,12 @@ class FP8Format:
                     f"fp8 block scaling needs a positive integer block_size, got {size!r}",
                     hint="e.g. block_size: 128 (DeepSeek-V3) or 64",
                 )
+        elif self.block_size is not None and self.scaling == "mx":
+            raise FormatError(
+                f"mxfp8 blocks are {MX_BLOCK} weights of a row by definition, got block_size "
+                f"{self.block_size}",
+                hint="drop block_size, or use scaling: block for 2-D blocks of another size",
+            )
         elif self.block_size is not None:
             raise FormatError(
                 f"fp8 block_size {self.block_size} is only used with scaling 'block', "
@@ -119,6 +136,23 @@ class FP8Format:
         return FP8_DTYPES[self.variant]
 
     @property
+    def scale_dtype(self) -> torch.dtype:
+        """The dtype of the stored ``scales``: uint8 E8M0 exponents for ``mx``, else fp32."""
+        return torch.uint8 if self.scaling == "mx" else torch.float32
+
+    def scale_values(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored scales -> float32 values (``mx``: ``2**(e - 127)``, exact)."""
+        if self.scaling == "mx":
+            exponent = stored.to(torch.int32) - _E8M0_BIAS
+            return torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent)
+        return stored.to(torch.float32)
+
+    @property
+    def max_exponent(self) -> int:
+        """Exponent of the largest normal value (8 for E4M3, 15 for E5M2): MX's ``emax``."""
+        return int(torch.tensor(self.max_value).log2().floor())
+
+    @property
     def max_value(self) -> float:
         """Largest finite value of the variant (448 for E4M3, 57344 for E5M2)."""
         return float(torch.finfo(self.torch_dtype).max)
@@ -129,6 +163,8 @@ class FP8Format:
             return max(out_features, 1), max(in_features, 1)
         if self.scaling == "channel":
             return 1, max(in_features, 1)
+        if self.scaling == "mx":
+            return 1, MX_BLOCK
         assert self.block_size is not None  # __post_init__
         return self.block_size, self.block_size
 
@@ -149,6 +185,8 @@ class FP8Format:
             return 8.0
         if self.scaling == "channel":
             return 8 + 32 / in_features
+        if self.scaling == "mx":
+            return 8 + 8 / MX_BLOCK
         assert self.block_size is not None
         return 8 + 32 / self.block_size**2
 
@@ -162,13 +200,17 @@ class FP8Format:
             ),
             StoredTensor(
                 "scales",
-                torch.float32,
+                self.scale_dtype,
                 self.scale_shape(out_features, in_features),
-                f"per-{self.scaling} fp32 scale",
+                "E8M0 exponent per 32 weights"
+                if self.scaling == "mx"
+                else f"per-{self.scaling} fp32 scale",
             ),
         ]
 
     def label(self) -> str:
+        if self.scaling == "mx":
+            return f"mxfp8 {self.variant}"
         how = f"block {self.block_size}" if self.scaling == "block" else f"per-{self.scaling}"
         return f"fp8 {self.variant} {how}"
 
@@ -256,12 +298,18 @@ def quantize_fp8(
     amax = blocks.abs().amax(dim=(1, 3))  # (N/bn, K/bk)
     ratio = torch.as_tensor(clip_ratio, dtype=torch.float32, device=w.device)
     tiny = torch.finfo(torch.float32).tiny
-    scales = (amax * ratio / fmt.max_value).clamp_min(tiny)
+    if fmt.scaling == "mx":
+        exponent = torch.floor(torch.log2((amax * ratio).clamp_min(tiny))) - fmt.max_exponent
+        exponent = exponent.clamp_(1 - _E8M0_BIAS, 254 - _E8M0_BIAS)  # stored 1..254
+        stored = (exponent + _E8M0_BIAS).to(torch.uint8)
+        scales = fmt.scale_values(stored)
+    else:
+        scales = stored = (amax * ratio / fmt.max_value).clamp_min(tiny)
     limit = fmt.max_value
     scaled = (blocks / scales[:, None, :, None]).clamp_(-limit, limit)
     codes = scaled.to(fmt.torch_dtype).view(torch.uint8)
     codes = codes.reshape(scaled.shape[0] * bn, scaled.shape[2] * bk)
-    return codes[:out_features, :in_features].contiguous(), scales.contiguous(), None
+    return codes[:out_features, :in_features].contiguous(), stored.contiguous(), None
 
 
 def _check_stored(codes: torch.Tensor, scales: torch.Tensor, fmt: FP8Format) -> None:
@@ -286,5 +334,5 @@ def dequantize_fp8(
     """``fp8(code) * scale`` in fp32, then ``dtype``; codes (out, in) → weight (out, in)."""
     _check_stored(codes, scales, fmt)
     values = codes.view(fmt.torch_dtype).to(torch.float32)
-    expanded = expand_scales(scales.to(torch.float32), fmt, *codes.shape)
+    expanded = expand_scales(fmt.scale_values(scales), fmt, *codes.shape)
     return (values * expanded).to(dtype)
