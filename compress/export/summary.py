@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from compress.adapters.files import ADAPTER_DIR
 from compress.errors import CompressError, ExportError
-from compress.export import compressed_tensors
+from compress.export import bitsandbytes, compressed_tensors
 from compress.export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -272,15 +272,16 @@ def _check_layout(
     shapes: dict[str, tuple[list[int], str]],
 ) -> None:
     """Each quantized module's stored tensors have the shape and dtype its format implies."""
-    vllm = _quant_method(directory) == "compressed-tensors"
+    relaid = {
+        compressed_tensors.FORMAT_NAME: compressed_tensors.expected_tensors,
+        bitsandbytes.FORMAT_NAME: bitsandbytes.expected_tensors,
+    }.get(_quant_method(directory) or "")
     for name, (fmt, (out_features, in_features)) in modules.items():
         expected: dict[str, tuple[list[int], str | None]]
-        if vllm:
+        if relaid is not None:
             expected = {
                 leaf: (list(shape), None if dtype is None else _SAFETENSORS_DTYPES[dtype])
-                for leaf, (shape, dtype) in compressed_tensors.expected_tensors(
-                    name, fmt, out_features, in_features
-                ).items()
+                for leaf, (shape, dtype) in relaid(name, fmt, out_features, in_features).items()
             }
         else:
             expected = {

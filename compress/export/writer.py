@@ -21,7 +21,7 @@ from torch import nn
 
 from compress.adapters.files import ADAPTER_DIR, write_adapter_folder
 from compress.errors import ExportError, PassError
-from compress.export import compressed_tensors, entropy
+from compress.export import bitsandbytes, compressed_tensors, entropy
 from compress.export.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -300,8 +300,33 @@ class CompressedTensorsLayout:
         return config
 
 
+class BitsandbytesLayout:
+    """bitsandbytes' 4-bit serialization: NF4 / FP4 codes re-laid as ``Linear4bit`` saves them."""
+
+    name = bitsandbytes.FORMAT_NAME
+
+    def check(self, model: nn.Module) -> None:
+        _refuse_quantized_embeddings(model, self.name)
+        for name, module in model.named_modules():
+            record = get_quantized(module)
+            if record is not None:
+                bitsandbytes.check_representable(name, record.fmt, record.shape)
+
+    def lay(self, items: Iterator[StoredItem], model: nn.Module) -> Iterator[StoredItem]:
+        return bitsandbytes.convert_state(items, dtype=_float_dtype(model))
+
+    def quantization_config(
+        self, records: dict[str, QuantizedWeight], ties: dict[str, str], model: nn.Module
+    ) -> dict[str, Any] | None:
+        return bitsandbytes.quantization_config(records, model, _float_dtype(model))
+
+    def finish_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        return config
+
+
 LAYOUTS: dict[str, ExportLayout] = {
-    layout.name: layout for layout in (CompressLayout(), CompressedTensorsLayout())
+    layout.name: layout
+    for layout in (CompressLayout(), CompressedTensorsLayout(), BitsandbytesLayout())
 }
 """Export layouts by ``export.format`` name."""
 

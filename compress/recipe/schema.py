@@ -65,10 +65,12 @@ class ExportSpec(_Spec):
     """Where the compressed model is written; the folder appears whole or not at all."""
 
     dir: Path = Field(description="folder to create (relative to the working directory)")
-    format: Literal["compress", "compressed-tensors"] = Field(
+    format: Literal["compress", "compressed-tensors", "bitsandbytes"] = Field(
         default="compress",
-        description="on-disk format of the export: compress (every format, our loader) or "
-        "compressed-tensors (int4/int8 pack-quantized, loadable by vLLM and transformers)",
+        description="on-disk format of the export: compress (every format, our loader), "
+        "compressed-tensors (int4/int8 pack-quantized, loadable by vLLM and transformers) or "
+        "bitsandbytes (nf4/fp4 as Linear4bit saves them, loadable by transformers + "
+        "bitsandbytes)",
     )
     overwrite: bool = Field(default=False, description="replace an existing folder at dir")
 
