@@ -28,6 +28,21 @@ fails to load with a size mismatch (llm-compressor issue 1618 reports the same).
 are stored in the model's dtype, which is what the compressed-tensors loader allocates them in
 (fp16 scales are exact in fp32; a bf16 model rounds them to bf16, as vLLM would).
 
+Float formats are written in the layouts compressed-tensors has for them:
+
+* FP8 E4M3 (per tensor, channel or 2-D block): ``float-quantized``, ``name.weight`` (N, K) as
+  ``float8_e4m3fn`` (our codes are its bit patterns) and ``name.weight_scale`` ((1,), (N, 1) or
+  blocks) in the model's dtype;
+* MXFP4: ``mxfp4-pack-quantized``, ``name.weight_packed`` (N, K/2) uint8 (E2M1 codes, low nibble
+  first, as ours) and ``name.weight_scale`` (N, K/32) uint8 E8M0 exponents, as ours;
+* NVFP4: ``nvfp4-pack-quantized``, the same ``weight_packed``, ``weight_scale`` (N, K/16) as
+  ``float8_e4m3fn`` (our E4M3 bit patterns) and ``weight_global_scale`` (1,) fp32, which
+  compressed-tensors *divides* by: the reciprocal of our tensor scale (so a reloaded weight may
+  differ from ours in the last bit of that product).
+
+One export may mix these; each config group names its own format (``mixed-precision`` at the
+top). Not written: E5M2, MXFP8, NF4/FP4 (use ``format: bitsandbytes``), block floating point.
+
 Writing needs no compressed-tensors install; loading the folder does (``pip install
 'compress-llm[vllm]'``).
 """
@@ -45,6 +60,8 @@ from torch import nn
 from compress.errors import ExportError
 from compress.export.stream import StoredItem
 from compress.formats import Format
+from compress.formats.fp4 import FP4Format
+from compress.formats.fp8 import FP8Format
 from compress.formats.int import IntFormat
 from compress.ir import QuantizedWeight
 
@@ -75,15 +92,37 @@ def _describe(fmt: Format) -> str:
     return f"int{fmt.bits} {group} {'symmetric' if fmt.symmetric else 'asymmetric'}"
 
 
-def check_representable(name: str, fmt: Format, in_features: int) -> IntFormat:
-    """Refuse a module whose format the pack-quantized layout (as vLLM serves it) cannot hold;
-    the integer format it is, otherwise."""
-    if not isinstance(fmt, IntFormat):
+def check_representable(name: str, fmt: Format, in_features: int) -> Format:
+    """Refuse a module whose format no compressed-tensors layout (as vLLM serves it) holds;
+    the format, otherwise."""
+    if isinstance(fmt, IntFormat):
+        return _check_int(name, fmt, in_features)
+    reason = None
+    if isinstance(fmt, FP8Format):
+        if fmt.variant != "e4m3":
+            reason = "E5M2 weights: vLLM serves FP8 weights in E4M3"
+        elif fmt.scaling == "mx":
+            reason = "MXFP8 (E8M0 scales per 32) is not written to this layout yet"
+    elif isinstance(fmt, FP4Format):
+        if fmt.variant not in ("mxfp4", "nvfp4"):
+            reason = (
+                f"{fmt.variant}: compressed-tensors has no layout for it (use format: "
+                "bitsandbytes for nf4 / fp4)"
+            )
+        elif in_features % fmt.block:
+            reason = f"rows of {in_features} are not whole blocks of {fmt.block}"
+    else:
+        reason = "no compressed-tensors layout holds this format"
+    if reason is not None:
         raise ExportError(
-            f"module {name!r} ({fmt.label()}) cannot be exported as {FORMAT_NAME}: only "
-            "integer formats are written in its pack-quantized layout",
-            hint="export with format: compress",
+            f"module {name!r} ({fmt.label()}) cannot be exported as {FORMAT_NAME}: {reason}",
+            hint="quantize it to symmetric int4/int8, fp8 e4m3, mxfp4 or nvfp4, leave it out of "
+            "the pass (ignore:), or export with format: compress",
         )
+    return fmt
+
+
+def _check_int(name: str, fmt: IntFormat, in_features: int) -> IntFormat:
     reason = None
     group = None if fmt.group_size in (None, in_features) else fmt.group_size
     if fmt.bits not in SUPPORTED_BITS:
@@ -106,14 +145,34 @@ def check_representable(name: str, fmt: Format, in_features: int) -> IntFormat:
     return fmt
 
 
+def _fp8_scale_shape(fmt: FP8Format, out_features: int, in_features: int) -> tuple[int, ...]:
+    return (1,) if fmt.scaling == "tensor" else fmt.scale_shape(out_features, in_features)
+
+
 def expected_tensors(
     name: str, fmt: Format, out_features: int, in_features: int
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """The tensors a quantized module stores in this layout: leaf -> (shape, dtype or None when
     it is the model's dtype)."""
-    int_fmt = check_representable(name, fmt, in_features)
-    groups = int_fmt.groups(in_features)
-    words = (in_features * int_fmt.bits + 31) // 32
+    checked = check_representable(name, fmt, in_features)
+    if isinstance(checked, FP8Format):
+        return {
+            "weight": ((out_features, in_features), torch.float8_e4m3fn),
+            "weight_scale": (_fp8_scale_shape(checked, out_features, in_features), None),
+        }
+    if isinstance(checked, FP4Format):
+        packed = (out_features, in_features // 2)
+        blocks = (out_features, in_features // checked.block)
+        if checked.variant == "mxfp4":
+            return {"weight_packed": (packed, torch.uint8), "weight_scale": (blocks, torch.uint8)}
+        return {
+            "weight_packed": (packed, torch.uint8),
+            "weight_scale": (blocks, torch.float8_e4m3fn),
+            "weight_global_scale": ((1,), torch.float32),
+        }
+    assert isinstance(checked, IntFormat)
+    groups = checked.groups(in_features)
+    words = (in_features * checked.bits + 31) // 32
     return {
         "weight_packed": ((out_features, words), torch.int32),
         "weight_scale": ((out_features, groups), None),
@@ -135,30 +194,19 @@ def convert_state(items: Iterator[StoredItem], *, dtype: torch.dtype) -> Iterato
     """Rename and re-lay the tensors of a compress export (``writer.packed_state``) on the fly;
     each packed tensor carries its module's record, so the stream stays one module deep.
     """
-    rounded = False
+    rounding = _ScaleRounding(dtype)
     for item in items:
         owner, leaf, tensor, record = item.owner, item.leaf, item.tensor, item.record
-        if record is None or leaf not in ("qweight", "scales"):
+        if record is None or leaf not in ("qweight", "scales", "tensor_scale"):
             converted = [item]
-        elif leaf == "qweight":
-            out_features, in_features = record.shape
-            check_representable(owner, record.fmt, in_features)
-            converted = [
-                StoredItem(f"{owner}.weight_packed", _words(tensor)),
-                StoredItem(f"{owner}.weight_shape", torch.tensor([out_features, in_features])),
-            ]
         else:
-            scale = tensor.to(dtype)
-            if not rounded and not torch.equal(scale.to(tensor.dtype), tensor):
-                rounded = True
-                log.warning(
-                    "compressed-tensors export: %s scales rounded to %s, the model dtype the "
-                    "loaders allocate them in (first: %s)",
-                    tensor.dtype,
-                    dtype,
-                    owner,
-                )
-            converted = [StoredItem(f"{owner}.weight_scale", scale.contiguous())]
+            fmt = check_representable(owner, record.fmt, record.shape[1])
+            if isinstance(fmt, FP8Format):
+                converted = _fp8_items(owner, leaf, tensor, fmt, record, rounding)
+            elif isinstance(fmt, FP4Format):
+                converted = _fp4_items(owner, leaf, tensor, fmt)
+            else:
+                converted = _int_items(owner, leaf, tensor, record, rounding)
         # nothing of this tensor is held while the producer makes the next one (an offloaded
         # export budgets for one tensor at a time)
         del tensor, item, record
@@ -166,18 +214,103 @@ def convert_state(items: Iterator[StoredItem], *, dtype: torch.dtype) -> Iterato
         del converted
 
 
-def _weights_args(fmt: IntFormat, in_features: int) -> dict[str, Any]:
+class _ScaleRounding:
+    """Float scales go in the model's dtype (what the loaders allocate); warn once if that
+    rounds them."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.warned = False
+
+    def __call__(self, owner: str, scale: torch.Tensor) -> torch.Tensor:
+        rounded = scale.to(self.dtype)
+        if not self.warned and not torch.equal(rounded.to(scale.dtype), scale):
+            self.warned = True
+            log.warning(
+                "compressed-tensors export: %s scales rounded to %s, the model dtype the "
+                "loaders allocate them in (first: %s)",
+                scale.dtype,
+                self.dtype,
+                owner,
+            )
+        return rounded.contiguous()
+
+
+def _int_items(
+    owner: str,
+    leaf: str,
+    tensor: torch.Tensor,
+    record: QuantizedWeight,
+    rounding: _ScaleRounding,
+) -> list[StoredItem]:
+    if leaf == "qweight":
+        out_features, in_features = record.shape
+        return [
+            StoredItem(f"{owner}.weight_packed", _words(tensor)),
+            StoredItem(f"{owner}.weight_shape", torch.tensor([out_features, in_features])),
+        ]
+    return [StoredItem(f"{owner}.weight_scale", rounding(owner, tensor))]
+
+
+def _fp8_items(
+    owner: str,
+    leaf: str,
+    tensor: torch.Tensor,
+    fmt: FP8Format,
+    record: QuantizedWeight,
+    rounding: _ScaleRounding,
+) -> list[StoredItem]:
+    if leaf == "qweight":  # our codes are E4M3 bit patterns
+        return [StoredItem(f"{owner}.weight", tensor.view(torch.float8_e4m3fn).contiguous())]
+    shape = _fp8_scale_shape(fmt, *record.shape)
+    return [StoredItem(f"{owner}.weight_scale", rounding(owner, tensor.reshape(shape)))]
+
+
+def _fp4_items(owner: str, leaf: str, tensor: torch.Tensor, fmt: FP4Format) -> list[StoredItem]:
+    if leaf == "qweight":  # E2M1 codes, low nibble first: compressed-tensors' order too
+        return [StoredItem(f"{owner}.weight_packed", tensor.contiguous())]
+    if leaf == "tensor_scale":  # compressed-tensors divides by its global scale
+        return [StoredItem(f"{owner}.weight_global_scale", (1.0 / tensor.float()).reshape(1))]
+    if fmt.variant == "nvfp4":  # our E4M3 bit patterns
+        return [StoredItem(f"{owner}.weight_scale", tensor.view(torch.float8_e4m3fn).contiguous())]
+    return [StoredItem(f"{owner}.weight_scale", tensor.contiguous())]  # E8M0 exponents
+
+
+def _weights_args(fmt: Format, in_features: int) -> dict[str, Any]:
+    """The ``weights`` quantization args of a config group, as compressed-tensors writes them."""
+    args: dict[str, Any] = {"symmetric": True, "dynamic": False, "actorder": None}
+    if isinstance(fmt, FP8Format):
+        args |= {"num_bits": 8, "type": "float", "strategy": fmt.scaling, "group_size": None}
+        if fmt.scaling == "block":
+            args["block_structure"] = [fmt.block_size, fmt.block_size]
+        return args
+    if isinstance(fmt, FP4Format):
+        nvfp4 = fmt.variant == "nvfp4"
+        return args | {
+            "num_bits": 4,
+            "type": "float",
+            "strategy": "tensor_group" if nvfp4 else "group",
+            "group_size": fmt.block,
+            "scale_dtype": "torch.float8_e4m3fn" if nvfp4 else "torch.uint8",
+        }
+    assert isinstance(fmt, IntFormat)
     per_channel = fmt.group_size in (None, in_features)
-    return {
+    return args | {
         "num_bits": fmt.bits,
         "type": "int",
         "symmetric": fmt.symmetric,
         "strategy": "channel" if per_channel else "group",
         "group_size": None if per_channel else fmt.group_size,
-        "dynamic": False,
-        "actorder": None,
         "observer": "minmax",
     }
+
+
+def _layout_name(fmt: Format) -> str:
+    if isinstance(fmt, FP8Format):
+        return "float-quantized"
+    if isinstance(fmt, FP4Format):
+        return f"{fmt.variant}-pack-quantized"
+    return "pack-quantized"
 
 
 def _check_fused_shards(records: dict[str, QuantizedWeight], linears: list[str]) -> None:
@@ -216,9 +349,12 @@ def quantization_config(
     _check_fused_shards(records, linears)
     groups: dict[str, dict[str, Any]] = {}
     by_args: dict[str, str] = {}
+    layouts: set[str] = set()
     for name, record in records.items():
         fmt = check_representable(name, record.fmt, record.shape[1])
         args = _weights_args(fmt, record.shape[1])
+        layout = _layout_name(fmt)
+        layouts.add(layout)
         signature = repr(sorted(args.items()))
         if signature not in by_args:
             by_args[signature] = f"group_{len(by_args)}"
@@ -227,12 +363,12 @@ def quantization_config(
                 "weights": args,
                 "input_activations": None,
                 "output_activations": None,
-                "format": "pack-quantized",
+                "format": layout,
             }
         groups[by_args[signature]]["targets"].append(name)
     return {
         "quant_method": FORMAT_NAME,
-        "format": "pack-quantized",
+        "format": layouts.pop() if len(layouts) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": [n for n in linears if n not in records],

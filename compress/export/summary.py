@@ -46,7 +46,7 @@ _DTYPE_BYTES = {
 _SAFETENSORS_DTYPES = {
     torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
     torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
-    torch.float64: "F64", torch.bool: "BOOL",
+    torch.float64: "F64", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
 }  # fmt: skip
 
 

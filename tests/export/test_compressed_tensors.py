@@ -20,6 +20,7 @@ from compress.export.compressed_tensors import FORMAT_NAME
 from compress.export.summary import summarize_export
 from compress.export.writer import export_model
 from compress.formats.int.linear import QuantLinear
+from compress.ir import get_quantized
 from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import ExportSpec, parse_recipe
@@ -225,3 +226,64 @@ def test_smollm2_int4_logits_match_our_export(smollm2, tmp_path: Path) -> None:
         want, got = ours(ids).logits, theirs(ids).logits
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+FLOAT_FORMATS = [
+    {"format": "fp8_e4m3", "scaling": "channel"},
+    {"format": "fp8_e4m3", "scaling": "tensor"},
+    {"format": "fp8_e4m3", "scaling": "block", "scale_block": 32},
+    {"format": "mxfp4"},
+    {"format": "nvfp4"},
+]
+
+
+@pytest.mark.parametrize("options", FLOAT_FORMATS, ids=lambda o: "-".join(map(str, o.values())))
+def test_float_formats_load_with_our_weights(
+    tiny_llama: nn.Module, tmp_path: Path, options: dict[str, object]
+) -> None:
+    """FP8 (float-quantized), MXFP4 and NVFP4 (their pack-quantized layouts) through
+    transformers' compressed-tensors quantizer: the weights it rebuilds are ours (bit for bit,
+    except NVFP4, whose global scale compressed-tensors divides by), and so are the logits.
+    compressed-tensors unpacks FP4 into bf16 weights, which an fp32 model cannot multiply on
+    CPU: the FP4 cases use the tiny model in bf16, as real FP4 checkpoints are."""
+    fp4 = options["format"] in ("mxfp4", "nvfp4")
+    source = copy.deepcopy(tiny_llama).to(torch.bfloat16) if fp4 else tiny_llama
+    model = quantized(source, **options)
+    ours, theirs = both_exports(model, tmp_path)
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    layout = {"fp8_e4m3": "float-quantized"}.get(str(options["format"]))
+    assert config["format"] == (layout or f"{options['format']}-pack-quantized")
+    ids = token_ids(ours.config.vocab_size)
+    with torch.no_grad():
+        want, got = ours(ids).logits.float(), theirs(ids).logits.float()
+    assert (got - want).abs().max() <= (2e-2 if fp4 else 1e-5) * want.abs().max()
+    theirs_modules = dict(theirs.named_modules())
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    dtype = torch.bfloat16 if fp4 else torch.float32
+    exact = options["format"] != "nvfp4"
+    for name in names:
+        record = get_quantized(model.get_submodule(name))
+        assert record is not None
+        mine, rebuilt = record.dequantize(dtype).float(), theirs_modules[name].weight.float()
+        if exact:
+            assert torch.equal(rebuilt, mine), name
+        else:
+            assert (rebuilt - mine).abs().max() <= 1e-2 * mine.abs().max(), name
+    assert summarize_export(tmp_path / "ct", verify=True).per_module  # inspect reads it back
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"format": "fp8_e5m2"}, "E5M2 weights"),
+        ({"format": "fp8_e4m3", "scaling": "mx"}, "MXFP8"),
+        ({"format": "nf4"}, "use format: bitsandbytes"),
+    ],
+)
+def test_float_formats_without_a_layout_are_refused(
+    tiny_llama: nn.Module, tmp_path: Path, options: dict[str, object], reason: str
+) -> None:
+    model = quantized(tiny_llama, **options)
+    with pytest.raises(ExportError, match=reason):
+        export_model(model, None, tmp_path / "ct", format=FORMAT_NAME)
+    assert not (tmp_path / "ct").exists()
