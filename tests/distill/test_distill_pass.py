@@ -188,10 +188,40 @@ _JOB = textwrap.dedent(
 )
 
 
-def test_two_processes_follow_the_one_process_loss_curve(model_dir, text_file, tmp_path) -> None:
-    """``accelerate launch --multi_gpu --num_processes 2`` on a machine without GPUs (two CPU
-    ranks over gloo) with accumulation 1, against one process with accumulation 2: the same
-    global batches, so the same curve."""
+_LAUNCH_MODES = {
+    "ddp": ["--multi_gpu"],
+    # FSDP on CPU ranks (gloo): torch refuses sync_module_states there, and every process
+    # builds the same student anyway, so there is nothing to broadcast
+    **{
+        f"fsdp{version}": [
+            "--use_fsdp",
+            "--fsdp_version",
+            version,
+            "--fsdp_sharding_strategy",
+            "FULL_SHARD",
+            "--fsdp_reshard_after_forward",
+            "true",
+            "--fsdp_auto_wrap_policy",
+            "NO_WRAP",
+            "--fsdp_use_orig_params",
+            "true",
+            "--fsdp_sync_module_states",
+            "false",
+            "--fsdp_cpu_ram_efficient_loading",
+            "false",
+        ]
+        for version in ("1", "2")
+    },
+}
+
+
+@pytest.mark.parametrize("mode", list(_LAUNCH_MODES))
+def test_two_processes_follow_the_one_process_loss_curve(
+    model_dir, text_file, tmp_path, mode
+) -> None:
+    """``accelerate launch --num_processes 2`` on a machine without GPUs (two CPU ranks over
+    gloo), with DDP or FSDP (versions 1 and 2, parameters sharded), accumulation 1, against one
+    process with accumulation 2: the same global batches, so the same curve and weights."""
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     if launcher is None:
         pytest.skip("the accelerate launcher is not installed beside this Python")
@@ -205,10 +235,11 @@ def test_two_processes_follow_the_one_process_loss_curve(model_dir, text_file, t
         timeout=300,
     )
     assert single.returncode == 0, single.stderr.decode()[-2000:]
+    port = str(29517 + list(_LAUNCH_MODES).index(mode))
     launch = [
         launcher,
         "launch",
-        "--multi_gpu",
+        *_LAUNCH_MODES[mode],
         "--num_processes",
         "2",
         "--num_machines",
@@ -218,7 +249,7 @@ def test_two_processes_follow_the_one_process_loss_curve(model_dir, text_file, t
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        "29517",
+        port,
     ]
     double = subprocess.run(
         [*launch, str(job), str(model_dir), str(text_file), "1", str(tmp_path / "two.json")],
@@ -234,6 +265,7 @@ def test_two_processes_follow_the_one_process_loss_curve(model_dir, text_file, t
     assert two["series"]["loss"] == pytest.approx(one["series"]["loss"], rel=1e-4)
     assert two["series"]["eval_kl"] == pytest.approx(one["series"]["eval_kl"], rel=1e-4)
     assert one["series"]["eval_kl"][-1] < one["series"]["eval_kl"][0]
+    assert one["weights"].keys() == two["weights"].keys()  # whole parameters, not FSDP shards
     for name, total in one["weights"].items():
         assert two["weights"][name] == pytest.approx(total, rel=1e-4, abs=1e-5), name
 
