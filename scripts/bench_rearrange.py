@@ -4,15 +4,18 @@ Each block format is quantized twice with round-to-nearest, as loaded and after 
 (mlp, values and residual channels sorted, ``block_size`` the format's block), and scored
 against the original on 32 windows x 512 tokens of the builtin:wiki evaluation split (KL and
 top-1). ``bfpB-bN`` is block floating point (``B``-bit mantissas, a power-of-two scale per
-``N`` weights; ``mxint8`` is OCP's 8-bit, blocks of 32). ``--gptq`` adds MXFP4 and BFP4 through
-GPTQ with and without rearrangement (128 x 512 calibration windows of the calibration split, act
-order). The peer rows ``gguf/mxfp4`` quantize every
+``N`` weights; ``mxint8`` and ``mxfp8`` are OCP's 8-bit formats, blocks of 32). ``--gptq``
+adds MXFP4 and BFP4 through GPTQ with and without rearrangement (128 x 512 calibration windows
+of the calibration split, act order). ``--variants shuffled`` adds the control: the same sites
+permuted in a seeded random order, which changes which channels share a block without gathering
+the outliers. The peer rows ``gguf/mxfp4`` quantize every
 decoder Linear with llama.cpp's reference quantizer (the ``gguf`` package's ``quants``, which
 mirror ggml's C code) and score the dequantized weights the same way. Rows are written after
 every case.
 
     python scripts/bench_rearrange.py                  # -> benchmarks/rearrange.json
     python scripts/bench_rearrange.py --gptq --merge
+    python scripts/bench_rearrange.py --variants shuffled --merge   # the random-order control
     python scripts/bench_rearrange.py --table
 """
 
@@ -55,6 +58,7 @@ FORMATS: dict[str, tuple[dict[str, Any], int]] = {
     "bfp4-b64": ({"bits": 4, "group_size": 64, "scale_dtype": "e8m0"}, 64),
     "bfp6-b32": ({"bits": 6, "group_size": 32, "scale_dtype": "e8m0"}, 32),
     "mxint8": ({"bits": 8, "group_size": 32, "scale_dtype": "e8m0"}, 32),
+    "mxfp8": ({"format": "fp8_e4m3", "scaling": "mx"}, 32),
 }
 GPTQ_FORMATS = ("mxfp4", "bfp4-b32")
 # llama.cpp's own quantizers (the gguf package's reference code) for the formats it has; its
@@ -62,8 +66,12 @@ GPTQ_FORMATS = ("mxfp4", "bfp4-b32")
 GGUF_TYPES = {"mxfp4": "MXFP4"}
 
 
-def case_name(method: str, fmt: str, sorted_: bool) -> str:
-    return f"{method}/{fmt}/{'rearranged' if sorted_ else 'plain'}"
+VARIANTS = ("plain", "rearranged", "shuffled")
+"""As loaded; channels sorted (the method); channels in a seeded random order (the control)."""
+
+
+def case_name(method: str, fmt: str, variant: str) -> str:
+    return f"{method}/{fmt}/{variant}"
 
 
 def quantize_gguf(model: Any, type_name: str) -> None:
@@ -81,8 +89,8 @@ def quantize_gguf(model: Any, type_name: str) -> None:
             module.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(restored)))
 
 
-def run(methods: list[str], formats: list[str]) -> Iterator[dict[str, Any]]:
-    """One row per (method, format, with/without rearrangement), as each finishes."""
+def run(methods: list[str], formats: list[str], variants: list[str]) -> Iterator[dict[str, Any]]:
+    """One row per (method, format, variant), as each finishes."""
     from compress.cli import RichProgress
     from compress.data import calibration_batch
     from compress.evaluate.quality import compare_to_reference
@@ -106,13 +114,14 @@ def run(methods: list[str], formats: list[str]) -> Iterator[dict[str, Any]]:
                 ):
                     continue
                 settings, block = FORMATS[fmt]
-                for sorted_ in (False, True):
+                for variant in variants:
                     student = copy.deepcopy(original)
                     start = time.perf_counter()
                     metrics: dict[str, float] = {}
-                    if sorted_:
-                        report = rearrange(student, RearrangeConfig(block_size=block), context)
-                        metrics = dict(report.metrics)
+                    if variant != "plain":
+                        order = "random" if variant == "shuffled" else "magnitude"
+                        config_ = RearrangeConfig(block_size=block, order=order)
+                        metrics = dict(rearrange(student, config_, context).metrics)
                     if method == "gguf":
                         quantize_gguf(student, GGUF_TYPES[fmt])
                     else:
@@ -125,11 +134,12 @@ def run(methods: list[str], formats: list[str]) -> Iterator[dict[str, Any]]:
                     seconds = time.perf_counter() - start
                     quality = compare_to_reference(student, original, windows, progress=progress)
                     row = {
-                        "case": case_name(method, fmt, sorted_),
+                        "case": case_name(method, fmt, variant),
                         "method": method,
                         "format": fmt,
                         "block": block,
-                        "rearranged": sorted_,
+                        "rearranged": variant != "plain",
+                        "variant": variant,
                         "kl": float(quality.kl_mean),
                         "top1": float(quality.top1_agreement),
                         "crest": metrics,
@@ -144,15 +154,21 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     by_case = {row["case"]: row for row in rows}
     lines = [
         "| method | format | block | KL plain (top-1) | KL rearranged (top-1) | change | "
-        "block crest mlp / values / residual, before → after |",
-        "|---|---|---|---|---|---|---|",
+        "KL shuffled (control) | block crest mlp / values / residual, before → after |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method in ("gguf", "rtn", "gptq"):
         for fmt in FORMATS:
-            plain = by_case.get(case_name(method, fmt, False))
-            ordered = by_case.get(case_name(method, fmt, True))
+            plain = by_case.get(case_name(method, fmt, "plain"))
+            ordered = by_case.get(case_name(method, fmt, "rearranged"))
+            shuffled = by_case.get(case_name(method, fmt, "shuffled"))
             if not (plain and ordered):
                 continue
+            control = (
+                f"{shuffled['kl']:.4f} ({100 * (shuffled['kl'] / plain['kl'] - 1):+.0f}%)"
+                if shuffled
+                else "—"
+            )
             crest = ordered["crest"]
             crests = " / ".join(
                 f"{crest[site + '_block_crest_before']:.2f} → "
@@ -164,7 +180,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {method} | {fmt} | {plain['block']} | {plain['kl']:.4f} "
                 f"({100 * plain['top1']:.1f}%) | {ordered['kl']:.4f} "
-                f"({100 * ordered['top1']:.1f}%) | {change:+.0f}% | {crests} |"
+                f"({100 * ordered['top1']:.1f}%) | {change:+.0f}% | {control} | {crests} |"
             )
     lines += ["", f"Machine: {meta['machine']}; {meta['date']}."]
     return "\n".join(lines) + "\n"
@@ -177,6 +193,13 @@ def main() -> None:
         "--gptq", action="store_true", help="also GPTQ on " + ", ".join(GPTQ_FORMATS)
     )
     parser.add_argument("--no-rtn", action="store_true", help="skip the round-to-nearest rows")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=["plain", "rearranged"],
+        choices=VARIANTS,
+        help="shuffled: channels in a seeded random order, the control for the sort",
+    )
     parser.add_argument("--merge", action="store_true", help="keep the other saved rows")
     parser.add_argument("--table", action="store_true", help="print the table of the JSON")
     args = parser.parse_args()
@@ -193,10 +216,8 @@ def main() -> None:
         "evaluation": f"{EVAL_WINDOWS} x {SEQ_LEN}",
         "calibration (gptq)": f"{CALIBRATION} x {SEQ_LEN}",
     }
-    order = [
-        case_name(m, f, s) for m in ("gguf", "rtn", "gptq") for f in FORMATS for s in (False, True)
-    ]
-    for row in run(methods, args.formats):
+    order = [case_name(m, f, v) for m in ("gguf", "rtn", "gptq") for f in FORMATS for v in VARIANTS]
+    for row in run(methods, args.formats, args.variants):
         rows[row["case"]] = {**row, "date": meta["date"]}
         write_rows(out, meta, rows, order)
     print(render(meta, write_rows(out, meta, rows, order)), end="")

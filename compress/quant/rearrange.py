@@ -71,6 +71,13 @@ class RearrangeConfig(PassConfig):
     block_size: int = Field(
         default=32, gt=0, description="columns per block of the target format, for the report"
     )
+    order: Literal["magnitude", "random"] = Field(
+        default="magnitude",
+        description="magnitude: channels by decreasing energy (the method); random: a seeded "
+        "random permutation of the same sites, a control that separates what sorting buys from "
+        "what any reshuffle of the blocks changes",
+    )
+    seed: int = Field(default=0, description="seed of order: random")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -161,11 +168,20 @@ def apply_permutation_records(source: nn.Module, target: nn.Module) -> list[str]
 
 
 class _Model:
-    """Name lookups over one model's modules."""
+    """Name lookups over one model's modules, and the channel order the pass applies."""
 
-    def __init__(self, model: nn.Module, layout: Layout) -> None:
+    def __init__(self, model: nn.Module, layout: Layout, config: RearrangeConfig) -> None:
         self.modules = dict(model.named_modules())
         self.layout = layout
+        self._random = (
+            torch.Generator().manual_seed(config.seed) if config.order == "random" else None
+        )
+
+    def order(self, score: torch.Tensor) -> torch.Tensor:
+        """Channels by decreasing score, or (order: random) a seeded random permutation."""
+        if self._random is None:
+            return _descending(score)
+        return torch.randperm(score.numel(), generator=self._random).to(score.device)
 
     def linear(self, index: int, relative: str) -> nn.Linear:
         return decoder_linear(self.modules, self.layout.qualified(index, relative), "rearrange")
@@ -186,7 +202,7 @@ def _mlp(m: _Model, index: int, block_size: int) -> tuple[float, float]:
     mlp = m.layout.mlp
     down = m.linear(index, mlp.down)
     before = block_crest(down.weight, block_size)
-    order = _descending(_column_energy([down.weight]))
+    order = m.order(_column_energy([down.weight]))
     group = m.layout.qualified(index, "mlp")
     if mlp.gate_up:
         fused = torch.cat([order, order + mlp.intermediate_size])
@@ -208,7 +224,7 @@ def _values(m: _Model, index: int, block_size: int) -> tuple[float, float]:
     energy = o_proj.weight.detach().float().square().sum(0).view(heads, d)
     energy = energy / energy.sum(-1, keepdim=True).clamp_min(1e-30)
     per_kv = energy.view(kv_heads, heads // kv_heads, d).sum(1)  # query heads of a group
-    orders = [_descending(per_kv[g]) for g in range(kv_heads)]
+    orders = [m.order(per_kv[g]) for g in range(kv_heads)]
     value_rows = torch.cat([g * d + orders[g] for g in range(kv_heads)])
     group = m.layout.qualified(index, "self_attn.values")
     if attention.qkv:
@@ -238,7 +254,7 @@ def _residual(m: _Model, block_size: int) -> tuple[float, float]:
     tied = _weight(lm_head, layout.lm_head) is _weight(embedding, layout.embedding)
     scored = [w.weight for _, w in readers] + [_weight(lm_head, layout.lm_head)]
     before = sum(block_crest(w, block_size) for w in scored) / len(scored)
-    order = _descending(_column_energy(scored))
+    order = m.order(_column_energy(scored))
     group = "residual"
     for name, linear in readers:
         _permute_(linear, name, None, order, group)
@@ -280,7 +296,7 @@ def rearrange(model: nn.Module, config: RearrangeConfig, context: PassContext) -
     block scales that fit the ordinary values."""
     _check(model)
     layout = layout_of(model)
-    m = _Model(model, layout)
+    m = _Model(model, layout, config)
     report = PassReport(name="rearrange")
     crests: dict[str, list[tuple[float, float]]] = {}
     per_layer = [site for site in config.sites if site != "residual"]

@@ -85,6 +85,27 @@ def test_sorting_lowers_the_block_crest() -> None:
     assert block_crest(sorted_model.model.layers[0].mlp.down_proj.weight, 8) < block_crest(down, 8)
 
 
+def test_random_order_is_a_control_that_keeps_the_function_but_not_the_crest() -> None:
+    """order: random permutes the same channels (the function is unchanged) without gathering
+    the outliers: the crest stays about where it was, which the sorted order lowers."""
+    model = with_scattered_outliers(tiny_family_model("llama"))
+    shuffled, again = copy.deepcopy(model), copy.deepcopy(model)
+    config = RearrangeConfig(block_size=8, order="random", seed=3)
+    report = rearrange(shuffled, config, PassContext())
+    rearrange(again, config, PassContext())
+    ids = token_ids()
+    want = logits(model, ids)
+    assert (logits(shuffled, ids) - want).abs().max() <= 1e-4 * want.abs().max()
+    moved = get(shuffled.model.layers[0].mlp.down_proj, Permutation)
+    assert moved is not None and moved.columns is not None
+    assert not torch.equal(moved.columns, torch.arange(moved.columns.numel()))
+    same = get(again.model.layers[0].mlp.down_proj, Permutation)
+    assert same is not None and torch.equal(same.columns, moved.columns)  # seeded
+    for site in SITES:
+        before = report.metrics[f"{site}_block_crest_before"]
+        assert report.metrics[f"{site}_block_crest_after"] > 0.9 * before, site
+
+
 def test_ordinary_columns_are_rounded_finer_and_kl_drops() -> None:
     """What the sort is for: ordinary columns no longer share a block (and its scale) with an
     outlier, so their rounding error drops; the model's KL follows."""
