@@ -138,7 +138,7 @@ def _optimizer(groups: list[dict[str, Any]], settings: TrainSettings) -> torch.o
         except ImportError:
             raise PassError(
                 "distill: optimizer adamw_8bit needs bitsandbytes, which is not installed",
-                hint="pip install bitsandbytes (CUDA builds), or use optimizer: adamw",
+                hint="pip install bitsandbytes (it runs on CPU too), or use optimizer: adamw",
             ) from None
         return bnb.optim.AdamW8bit(groups, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=settings.weight_decay)

@@ -75,6 +75,25 @@ def test_distilling_an_int3_model_lowers_its_kl_at_the_same_bits(model_dir, text
     assert size["export_bytes"] == plain_size["export_bytes"]
 
 
+def test_8bit_adamw_of_bitsandbytes_trains_on_cpu(model_dir, text_file, tmp_path, monkeypatch):
+    """``optimizer: adamw_8bit`` steps bitsandbytes' AdamW8bit (8-bit moments), which runs on CPU
+    too, and the int3 student still gets closer to the original."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (dev extra)")
+    steps: list[int] = []
+    original_step = bnb.optim.AdamW8bit.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(bnb.optim.AdamW8bit, "step", counted)
+    passes = [RTNConfig(bits=3, group_size=32), _distill(text_file, optimizer="adamw_8bit")]
+    result = Pipeline(ModelSpec(name=str(model_dir)), passes, export=tmp_path / "out").run()
+    metrics = result.report["passes"][1]["metrics"]
+    assert len(steps) == 12
+    assert metrics["held_out_kl_after"] < 0.8 * metrics["held_out_kl_before"]
+
+
 def test_bad_settings_are_refused_with_the_key_named(text_file) -> None:
     with pytest.raises(ValidationError, match="teacher_top_k"):
         _distill(text_file, teacher_top_k=8, temperature=2.0)
