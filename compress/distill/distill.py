@@ -100,6 +100,20 @@ class DistillConfig(PassConfig):
         description="cache the teacher's top-k log-probabilities of every window once (with "
         "the run's checkpoints) instead of running it every step",
     )
+    on_policy: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="fraction of training windows the student continues itself (GKD's "
+        "on-policy data): the window's first on_policy_prompt tokens are kept, the rest sampled "
+        "from the student, and both models are scored on the result; 0: the dataset's text only",
+    )
+    on_policy_prompt: int | None = Field(
+        default=None,
+        gt=0,
+        description="tokens of a window kept as the prompt of an on-policy sample; default: "
+        "half the window",
+    )
     quantized: Literal["scales", "frozen"] = Field(
         default="scales",
         description="quantized Linears: train their scales over frozen codes, or keep them",
@@ -115,6 +129,16 @@ class DistillConfig(PassConfig):
             raise ValueError(
                 f"teacher_top_k {self.teacher_top_k} caches temperature-1 probabilities, but "
                 f"temperature is {self.temperature}; drop one of them"
+            )
+        if self.teacher_top_k is not None and self.on_policy > 0:
+            raise ValueError(
+                f"teacher_top_k caches the teacher on the dataset's windows, but on_policy "
+                f"{self.on_policy} scores it on the student's own samples; drop one of them"
+            )
+        if self.on_policy_prompt is not None and self.on_policy_prompt >= self.seq_len:
+            raise ValueError(
+                f"on_policy_prompt {self.on_policy_prompt} leaves nothing to sample in windows of "
+                f"seq_len {self.seq_len}; use fewer prompt tokens"
             )
         if self.teacher_top_k is not None and self.hidden_weight > 0:
             raise ValueError(
@@ -150,6 +174,8 @@ def _settings(config: DistillConfig) -> TrainSettings:
         gradient_checkpointing=config.gradient_checkpointing,
         optimizer=config.optimizer,
         teacher_top_k=config.teacher_top_k,
+        on_policy=config.on_policy,
+        on_policy_prompt=config.on_policy_prompt or config.seq_len // 2,
         seed=config.seed,
     )
 

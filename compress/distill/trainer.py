@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -65,6 +65,8 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     teacher_top_k: int | None = None
+    on_policy: float = 0.0
+    on_policy_prompt: int = 0
     seed: int = 0
 
     def resumable_key(self) -> dict[str, Any]:
@@ -374,6 +376,8 @@ def train_student(
             for m, picked in enumerate(micro):
                 last = m == len(micro) - 1
                 batch = train_windows[picked].to(device)
+                if settings.on_policy > 0:
+                    batch = _on_policy(student.model, batch, picked, step, settings, accelerator)
                 sync = nullcontext() if last else accelerator.no_sync(ddp_model)
                 with sync, accelerator.autocast():
                     logits, hidden = ddp_model(batch)
@@ -442,6 +446,56 @@ def _has_accelerator() -> bool:
         return True
     probe = getattr(torch, "accelerator", None)
     return bool(probe is not None and probe.is_available())
+
+
+def _on_policy(
+    model: nn.Module,
+    batch: torch.Tensor,
+    picked: torch.Tensor,
+    step: int,
+    settings: TrainSettings,
+    accelerator: Any,
+) -> torch.Tensor:
+    """``batch`` with the windows drawn for on-policy data continued by the student itself.
+
+    Each window decides and samples with a generator seeded by (seed, step, window index), one
+    window at a time: the same windows get the same samples whatever the process layout, and a
+    resumed run repeats them.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise PassError(
+            "distill: on_policy samples with the student, which FSDP holds in shards",
+            hint="use DDP (accelerate launch --multi_gpu) or one process for on_policy > 0",
+        )
+    prompt = settings.on_policy_prompt
+    out = batch.clone()
+    was_training = model.training
+    model.eval()
+    try:
+        for row, index in enumerate(picked.tolist()):
+            seed = (settings.seed * 1_000_003 + step) * 1_000_003 + index
+            coin = torch.rand((), generator=torch.Generator().manual_seed(seed))
+            if float(coin) >= settings.on_policy:
+                continue
+            torch.manual_seed(seed)  # generate() samples from the global generator
+            with torch.no_grad():
+                sample = cast(Any, model).generate(
+                    input_ids=batch[row : row + 1, :prompt],
+                    attention_mask=torch.ones_like(batch[row : row + 1, :prompt]),
+                    max_new_tokens=batch.shape[1] - prompt,
+                    min_new_tokens=batch.shape[1] - prompt,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    pad_token_id=int(batch[row, 0]),
+                )
+            out[row] = sample[0, : batch.shape[1]]
+    finally:
+        model.train(was_training)
+    return out
 
 
 def _loss(

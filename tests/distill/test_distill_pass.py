@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
+from compress.data import calibration_batch
 from compress.distill.distill import DistillConfig
 from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig
@@ -416,3 +417,49 @@ def test_a_structurally_pruned_student_distils_and_reloads_without_compress(
     done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_on_policy_windows_are_the_students_own_continuations(
+    model_dir, text_file, tmp_path, monkeypatch
+):
+    """on_policy 1.0: every training window keeps its first on_policy_prompt tokens and the rest
+    is sampled by the student, which then learns on it; the samples are seeded (two runs train
+    the same weights) and the student still gets closer to the original."""
+    from compress.distill import trainer
+
+    seen: list[torch.Tensor] = []
+    original_loss = trainer._loss
+
+    def recording(logits, hidden, batch, *args, **kwargs):
+        seen.append(batch.detach().clone())
+        return original_loss(logits, hidden, batch, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_loss", recording)
+    settings = {"on_policy": 1.0, "on_policy_prompt": 8, "steps": 6, "eval_every": 3}
+    passes = [RTNConfig(bits=3, group_size=32), _distill(text_file, **settings)]
+    first = Pipeline(ModelSpec(name=str(model_dir)), passes, export=tmp_path / "a").run()
+    runs = [list(seen)]
+    seen.clear()
+    Pipeline(ModelSpec(name=str(model_dir)), passes, export=tmp_path / "b").run()
+    runs.append(list(seen))
+    assert _weights(tmp_path / "a") == _weights(tmp_path / "b")  # seeded samples
+    assert all(torch.equal(x, y) for x, y in zip(*runs, strict=True))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = calibration_batch(tokenizer, str(text_file), 16 + 4, 32, 0)[:16]
+    for batch in runs[0]:
+        assert batch.shape[1] == 32
+        for window in batch:  # its prompt is some dataset window's; its continuation is not
+            same_prompt = (data[:, :8] == window[:8]).all(dim=1)
+            assert same_prompt.any()
+            assert not any(torch.equal(window, row) for row in data[same_prompt])
+    metrics = first.report["passes"][1]["metrics"]
+    assert metrics["held_out_kl_after"] < metrics["held_out_kl_before"]
+
+
+def test_on_policy_settings_that_cannot_work_are_refused(text_file) -> None:
+    with pytest.raises(ValidationError, match="teacher_top_k caches the teacher"):
+        _distill(text_file, on_policy=0.5, teacher_top_k=8)
+    with pytest.raises(ValidationError, match="leaves nothing to sample"):
+        _distill(text_file, on_policy=0.5, on_policy_prompt=32)
+    with pytest.raises(ValidationError, match="on_policy"):
+        _distill(text_file, on_policy=1.5)
