@@ -291,7 +291,13 @@ def test_two_processes_follow_the_one_process_loss_curve(
 
 
 @pytest.mark.parametrize(
-    "name", ["smollm2-w3-gptq-distill.yaml", "smollm2-2of4-distill.yaml"], ids=["w3", "2of4"]
+    "name",
+    [
+        "smollm2-w3-gptq-distill.yaml",
+        "smollm2-2of4-distill.yaml",
+        "smollm2-w4-rotate-gptq-distill.yaml",
+    ],
+    ids=["w3", "2of4", "w4-rotate"],
 )
 def test_shipped_distill_recipes_run_their_passes_on_a_tiny_model(
     name: str, model_dir: Path, text_file: Path, tmp_path: Path
@@ -326,7 +332,7 @@ def test_shipped_distill_recipes_run_their_passes_on_a_tiny_model(
     }
     norms = sum(p.numel() for n, p in decoder.items() if p.dim() == 1)
     linears = [p for p in decoder.values() if p.dim() == 2]
-    if name.startswith("smollm2-w3"):  # scales (one per row and group of 32) and norms
+    if "gptq" in name:  # scales (one per row and group of 32) and norms
         expected = norms + sum(p.shape[0] * p.shape[1] // 32 for p in linears)
     else:  # every decoder weight (pruned positions stay zero) and norms
         expected = norms + sum(p.numel() for p in linears)
