@@ -36,13 +36,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from compress.errors import FormatError, PassError
+from compress.errors import PassError
 from compress.formats.int import IntFormat
 from compress.formats.int.spec import ScaleDtype
 from compress.ir import get_quantized
 from compress.layouts import layout_of
 from compress.quant.awq_math import ScaleSearch, search_scales
-from compress.quant.checks import check_group_sizes
+from compress.quant.checks import check_group_sizes, format_when_read
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
 from compress.utils.hadamard import transforms_input_online
@@ -91,13 +91,7 @@ class AWQConfig(PassConfig):
 
     @model_validator(mode="after")
     def _integer_format_exists(self) -> AWQConfig:
-        # e.g. scale_dtype e8m0 with symmetric: false: refused when the recipe is read, not
-        # halfway through a run; the format's own message names both keys
-        if getattr(self, "format", "int") == "int":
-            try:
-                self.int_format()
-            except FormatError as error:
-                raise ValueError(str(error)) from None
+        format_when_read(self.int_format)
         return self
 
     def int_format(self) -> IntFormat:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from torch import nn
 from compress.errors import FormatError
 from compress.formats import Format
 
-__all__ = ["check_group_sizes"]
+__all__ = ["check_group_sizes", "format_when_read"]
 
 
 def check_group_sizes(modules: Mapping[str, nn.Module], fmt: Format) -> None:
@@ -23,3 +23,13 @@ def check_group_sizes(modules: Mapping[str, nn.Module], fmt: Format) -> None:
             fmt.check_width(weight.shape[1])
         except FormatError as error:
             raise FormatError(f"layer {name}: {error.message}", hint=error.hint) from None
+
+
+def format_when_read(build: Callable[[], Format]) -> Format:
+    """The format a pass config builds, its :class:`FormatError` (e.g. scale_dtype e8m0 with
+    symmetric: false) turned into the ``ValueError`` pydantic reports at the recipe entry: an
+    impossible format is refused when the recipe is read, not halfway through a run."""
+    try:
+        return build()
+    except FormatError as error:
+        raise ValueError(str(error)) from None

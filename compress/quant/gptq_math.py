@@ -46,6 +46,7 @@ what takes a weight that sits off that grid (e.g. on a Q4_1 grid) closer than ro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,43 +181,32 @@ def gptq_quantize(
     group_fmt = IntFormat(fmt.bits, size, fmt.symmetric, fmt.scale_dtype)
 
     max_code = float(fmt.levels - 1)
-    # uint8 in processing order (codes are whole numbers in [0, 255]: the cast is exact)
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
-    losses = torch.zeros(out_features, device=w.device)
     scale = zero = torch.empty(0)  # (out,) of the current group
-    for start in range(0, in_features, block_size):
-        stop = min(start + block_size, in_features)
-        block = w[:, start:stop].clone()  # (out, count): exact current weights of the block
-        errors = torch.zeros_like(block)  # scaled errors (w - q) / [H⁻¹]ᵢᵢ
-        hinv_block = hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            column = start + i
-            if dynamic_groups:
-                if column % size == 0:  # first column of a group: scale from current weights
-                    current = _current_group(w, block, errors, hinv, start, stop, column, size)
-                    if keep is not None:  # pruned positions hold feedback, not weights
-                        current = current * keep[:, column : column + size]
-                    scale, zero = _group_params(current, group_fmt, observer)
-                    scales[:, column // size] = scale
-                    zeros[:, column // size] = zero
-            else:  # views, not an (out, in) expansion: that would be 2 x 46 MB on a wide layer
-                scale, zero = scales[:, column_group[column]], zeros[:, column_group[column]]
-            x = block[:, i]
-            code = torch.round(x / scale).add_(zero).clamp_(0.0, max_code)
-            if keep is not None:
-                code = torch.where(keep[:, column], code, zero)  # (zero - zero) * scale == 0
-            error = (x - (code - zero) * scale).div_(hinv_block[i, i])
-            codes[:, column] = code
-            errors[:, i] = error
-            block[:, i + 1 :].addr_(error, hinv_block[i, i + 1 :], alpha=-1.0)
-        losses += errors.square().sum(dim=1) / 2
-        w[:, stop:].sub_(errors @ hinv[start:stop, stop:])
 
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+    def round_column(
+        column: int, x: torch.Tensor, sweep: _Sweep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal scale, zero
+        if dynamic_groups:
+            if column % size == 0:  # first column of a group: scale from current weights
+                current = sweep.group(column, size)
+                if keep is not None:  # pruned positions hold feedback, not weights
+                    current = current * keep[:, column : column + size]
+                scale, zero = _group_params(current, group_fmt, observer)
+                scales[:, column // size] = scale
+                zeros[:, column // size] = zero
+        else:  # views, not an (out, in) expansion: that would be 2 x 46 MB on a wide layer
+            scale, zero = scales[:, column_group[column]], zeros[:, column_group[column]]
+        code = torch.round(x / scale).add_(zero).clamp_(0.0, max_code)
+        if keep is not None:
+            code = torch.where(keep[:, column], code, zero)  # (zero - zero) * scale == 0
+        # uint8 codes (whole numbers in [0, 255]: the sweep's cast is exact)
+        return code, (code - zero) * scale
+
+    codes, loss = _sweep(w, hinv, block_size, perm, round_column)
     stored_scales = fmt.store_scales(scales)
     stored_zeros = None if fmt.symmetric else zeros.to(torch.uint8)
-    return GPTQResult(codes, stored_scales, stored_zeros, float(losses.sum()))
+    return GPTQResult(codes, stored_scales, stored_zeros, loss)
 
 
 def _check_arguments(
@@ -340,39 +330,26 @@ def _gptq_table(
     table = fmt.table.to(w.device)
     zero_code = torch.tensor(fmt.zero_code, dtype=torch.uint8, device=w.device)
 
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
-    losses = torch.zeros(out_features, device=w.device)
-    for start in range(0, in_features, block_size):
-        stop = min(start + block_size, in_features)
-        block = w[:, start:stop].clone()  # (out, count): exact current weights of the block
-        errors = torch.zeros_like(block)  # scaled errors (w - q) / [H⁻¹]ᵢᵢ
-        hinv_block = hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            column = start + i
-            group = column_group[column]
-            if not act_order and column % size == 0:  # first column of a scale block
-                current = _current_group(w, block, errors, hinv, start, stop, column, size)
-                if keep is not None:  # pruned positions hold feedback, not weights
-                    current = current * keep[:, column : column + size]
-                amax = current.abs().amax(dim=1)
-                if observer == "mse":
-                    amax = amax * fmt.search_clip(current, tensor_scale)[:, 0]
-                stored[:, group], effective[:, group] = fmt.block_scales(amax, tensor_scale)
-            scale = effective[:, group]
-            x = block[:, i]
-            code = fmt.encode(x, scale)
-            if keep is not None:
-                code = torch.where(keep[:, column], code, zero_code)
-            error = (x - table[code.long()] * scale).div_(hinv_block[i, i])
-            codes[:, column] = code
-            errors[:, i] = error
-            block[:, i + 1 :].addr_(error, hinv_block[i, i + 1 :], alpha=-1.0)
-        losses += errors.square().sum(dim=1) / 2
-        w[:, stop:].sub_(errors @ hinv[start:stop, stop:])
+    def round_column(
+        column: int, x: torch.Tensor, sweep: _Sweep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        group = column_group[column]
+        if not act_order and column % size == 0:  # first column of a scale block
+            current = sweep.group(column, size)
+            if keep is not None:  # pruned positions hold feedback, not weights
+                current = current * keep[:, column : column + size]
+            amax = current.abs().amax(dim=1)
+            if observer == "mse":
+                amax = amax * fmt.search_clip(current, tensor_scale)[:, 0]
+            stored[:, group], effective[:, group] = fmt.block_scales(amax, tensor_scale)
+        scale = effective[:, group]
+        code = fmt.encode(x, scale)
+        if keep is not None:
+            code = torch.where(keep[:, column], code, zero_code)
+        return code, table[code.long()] * scale
 
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    return GPTQResult(codes, stored, tensor_scale, float(losses.sum()))
+    codes, loss = _sweep(w, hinv, block_size, perm, round_column)
+    return GPTQResult(codes, stored, tensor_scale, loss)
 
 
 def _gptq_fp8(
@@ -399,30 +376,18 @@ def _gptq_fp8(
     )
     column_of = list(range(in_features)) if perm is None else perm.tolist()
     limit = fmt.max_value
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
-    losses = torch.zeros(out_features, device=w.device)
-    for start in range(0, in_features, block_size):
-        stop = min(start + block_size, in_features)
-        block = w[:, start:stop].clone()  # (out, count): exact current weights of the block
-        errors = torch.zeros_like(block)  # scaled errors (w - q) / [H⁻¹]ᵢᵢ
-        hinv_block = hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            column = start + i
-            scale = scales[row_block, column_of[column] // columns_per_block]  # (out,)
-            x = block[:, i]
-            if keep is not None:  # a pruned position keeps the code of +0
-                x = x * keep[:, column]
-            code = (x / scale).clamp_(-limit, limit).to(fmt.torch_dtype)
-            error = (block[:, i] - code.to(torch.float32) * scale).div_(hinv_block[i, i])
-            codes[:, column] = code.view(torch.uint8)
-            errors[:, i] = error
-            block[:, i + 1 :].addr_(error, hinv_block[i, i + 1 :], alpha=-1.0)
-        losses += errors.square().sum(dim=1) / 2
-        w[:, stop:].sub_(errors @ hinv[start:stop, stop:])
 
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    return GPTQResult(codes, stored, None, float(losses.sum()))
+    def round_column(
+        column: int, x: torch.Tensor, sweep: _Sweep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = scales[row_block, column_of[column] // columns_per_block]  # (out,)
+        if keep is not None:  # a pruned position keeps the code of +0
+            x = x * keep[:, column]
+        code = (x / scale).clamp_(-limit, limit).to(fmt.torch_dtype)
+        return code.view(torch.uint8), code.to(torch.float32) * scale
+
+    codes, loss = _sweep(w, hinv, block_size, perm, round_column)
+    return GPTQResult(codes, stored, None, loss)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -549,6 +514,62 @@ def _reverse_in_place(matrix: np.ndarray, chunk: int = 1 << 20) -> None:
         head = flat[start:stop].copy()
         flat[start:stop] = flat[size - stop : size - start][::-1]
         flat[size - stop : size - start] = head[::-1]
+
+
+class _Sweep:
+    """Where the column loop stands: the current block of weights and its scaled errors, so a
+    grid can read the up-to-date weights of a group that starts at the current column."""
+
+    def __init__(self, w: torch.Tensor, hinv: torch.Tensor) -> None:
+        self.w, self.hinv = w, hinv
+        self.block = self.errors = torch.empty(0)
+        self.start = self.stop = 0
+
+    def group(self, column: int, size: int) -> torch.Tensor:
+        """(out, size) current weights of the group starting at ``column``."""
+        return _current_group(
+            self.w, self.block, self.errors, self.hinv, self.start, self.stop, column, size
+        )
+
+
+RoundColumn = Callable[[int, torch.Tensor, _Sweep], tuple[torch.Tensor, torch.Tensor]]
+"""``(column, current weights (out,), sweep) -> (codes (out,), the weights they stand for)``."""
+
+
+def _sweep(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    block_size: int,
+    perm: torch.Tensor | None,
+    round_column: RoundColumn,
+) -> tuple[torch.Tensor, float]:
+    """GPTQ's column loop, the same for every grid: each column (in processing order) is
+    rounded by ``round_column``, its error is spread over the columns after it inside the block
+    at once and over the rest of the weight once per block (lazy batching). ``w`` is updated in
+    place. Returns the uint8 codes in natural column order and the summed OBS loss."""
+    out_features, in_features = w.shape
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
+    losses = torch.zeros(out_features, device=w.device)
+    sweep = _Sweep(w, hinv)
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        block = w[:, start:stop].clone()  # (out, count): exact current weights of the block
+        errors = torch.zeros_like(block)  # scaled errors (w - q) / [H⁻¹]ᵢᵢ
+        hinv_block = hinv[start:stop, start:stop]
+        sweep.block, sweep.errors, sweep.start, sweep.stop = block, errors, start, stop
+        for i in range(stop - start):
+            column = start + i
+            x = block[:, i]
+            code, rounded = round_column(column, x, sweep)
+            error = (x - rounded).div_(hinv_block[i, i])
+            codes[:, column] = code
+            errors[:, i] = error
+            block[:, i + 1 :].addr_(error, hinv_block[i, i + 1 :], alpha=-1.0)
+        losses += errors.square().sum(dim=1) / 2
+        w[:, stop:].sub_(errors @ hinv[start:stop, stop:])
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes, float(losses.sum())
 
 
 def _current_group(

@@ -47,7 +47,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from torch import nn
 
-from compress.errors import FormatError, PassError
+from compress.errors import PassError
 from compress.formats import Format
 from compress.formats.fp4 import DEFAULT_BLOCKS, FP4Format
 from compress.formats.fp4.spec import Variant as FP4Variant
@@ -55,7 +55,7 @@ from compress.formats.fp8 import FP8Format
 from compress.formats.int import IntFormat
 from compress.formats.int.spec import ScaleDtype
 from compress.ir import QuantizedWeight, set_quantized
-from compress.quant.checks import check_group_sizes
+from compress.quant.checks import check_group_sizes, format_when_read
 from compress.quant.observers import choose_clip
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import for_each_layer
@@ -224,13 +224,8 @@ class RTNConfig(PassConfig):
 
     @model_validator(mode="after")
     def _integer_format_exists(self) -> RTNConfig:
-        # e.g. scale_dtype e8m0 with symmetric: false: refused when the recipe is read, not
-        # halfway through a run; the format's own message names both keys
-        if getattr(self, "format", "int") == "int":
-            try:
-                self.int_format()
-            except FormatError as error:
-                raise ValueError(str(error)) from None
+        if self.format == "int":
+            format_when_read(self.int_format)
         return self
 
     def int_format(self) -> IntFormat:

@@ -36,6 +36,18 @@ def module_inputs(model, ids):
     return {n: torch.cat(xs) for n, xs in seen.items()}
 
 
+def summed_output_error(original, model, inputs, accept) -> float:
+    """``Σ ||X (W - Q)ᵀ||²`` over the decoder Linears of quantized ``model``, on the inputs the
+    ``original`` saw; ``accept(record)`` must hold for every layer's record."""
+    total = 0.0
+    for name, x in inputs.items():
+        weight = original.get_submodule(name).weight.detach()
+        record = get_quantized(model.get_submodule(name))
+        assert record is not None and accept(record), name
+        total += float((x @ (weight - record.dequantize()).T).square().sum())
+    return total
+
+
 @pytest.mark.parametrize(
     ("bits", "group", "symmetric"), [(4, 32, True), (3, 16, False), (2, 32, False)]
 )

@@ -9,13 +9,12 @@ import torch
 
 from compress.errors import RecipeError
 from compress.formats.fp4 import VARIANTS, FP4Format, dequantize_fp4, quantize_fp4
-from compress.ir import get_quantized
 from compress.quant.gptq import GPTQConfig, gptq
 from compress.quant.gptq_math import GPTQResult, gptq_quantize
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import parse_recipe
 from compress.registry import PassContext
-from tests.quant.test_gptq import calibration, module_inputs
+from tests.quant.test_gptq import calibration, module_inputs, summed_output_error
 from tests.quant.test_gptq_math import IN, Layer, make_layer
 
 FORMATS = [FP4Format(v) for v in VARIANTS] + [FP4Format("nf4", 32)]
@@ -115,14 +114,16 @@ def test_gptq_pass_beats_rtn_on_the_tiny_model(tiny_llama, variant):
     rtn(by_rtn, RTNConfig(format=variant), PassContext())
     report = gptq(by_gptq, GPTQConfig(format=variant, act_order=True), PassContext(calibration=ids))
     assert len(report.touched) == 14
-    errors = {"rtn": 0.0, "gptq": 0.0}
-    for name, x in inputs.items():
-        original = tiny_llama.get_submodule(name).weight.detach()
-        for which, model in (("rtn", by_rtn), ("gptq", by_gptq)):
-            record = get_quantized(model.get_submodule(name))
-            assert record is not None and record.fmt == FP4Format(variant)
-            assert (record.zeros is not None) == (variant == "nvfp4")
-            errors[which] += float((x @ (original - record.dequantize()).T).square().sum())
+
+    def accept(record):  # the format asked for; a tensor scale (in zeros) only for nvfp4
+        return record.fmt == FP4Format(variant) and (record.zeros is not None) == (
+            variant == "nvfp4"
+        )
+
+    errors = {
+        which: summed_output_error(tiny_llama, model, inputs, accept)
+        for which, model in (("rtn", by_rtn), ("gptq", by_gptq))
+    }
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
 
 

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from compress.formats.fp8 import FP8Format, dequantize_fp8, quantize_fp8
-from compress.ir import get_quantized
 from compress.quant.gptq import GPTQConfig, gptq
 from compress.quant.gptq_math import GPTQResult, gptq_quantize
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import parse_recipe
 from compress.registry import PassContext
-from tests.quant.test_gptq import calibration, module_inputs
+from tests.quant.test_gptq import calibration, module_inputs, summed_output_error
 from tests.quant.test_gptq_math import IN, Layer, make_layer
 
 FORMATS = [
@@ -96,13 +95,12 @@ def test_the_pass_beats_rtn_on_the_tiny_model(tiny_llama):
     rtn(by_rtn, RTNConfig(format="fp8_e4m3"), PassContext())
     report = gptq(by_gptq, GPTQConfig(format="fp8_e4m3"), PassContext(calibration=ids))
     assert len(report.touched) == 14
-    errors = {"rtn": 0.0, "gptq": 0.0}
-    for name, x in inputs.items():
-        original = tiny_llama.get_submodule(name).weight.detach()
-        for which, model in (("rtn", by_rtn), ("gptq", by_gptq)):
-            record = get_quantized(model.get_submodule(name))
-            assert record is not None and record.fmt == FP8Format("e4m3", "channel")
-            errors[which] += float((x @ (original - record.dequantize()).T).square().sum())
+    errors = {
+        which: summed_output_error(
+            tiny_llama, model, inputs, lambda r: r.fmt == FP8Format("e4m3", "channel")
+        )
+        for which, model in (("rtn", by_rtn), ("gptq", by_gptq))
+    }
     assert errors["gptq"] < 0.8 * errors["rtn"], errors
 
 
