@@ -162,6 +162,13 @@ class SparsityMask(Record):
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {"mask": self.mask}, {"pattern": self.pattern}
 
+    def n_of_m(self) -> tuple[int, int] | None:
+        """``(n, m)`` of an ``"N:M"`` pattern, ``None`` when unstructured."""
+        if self.pattern == "unstructured":
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> SparsityMask:
         return cls(tensors["mask"], str(meta.get("pattern", "unstructured")))

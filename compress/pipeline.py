@@ -425,6 +425,7 @@ class Pipeline:
                 layers=store,
                 max_shard_bytes=OFFLOAD_SHARD_BYTES if self.offload else DEFAULT_SHARD_BYTES,
                 format=self.export.format,
+                sparse=self.export.sparse,
             )
             if store is not None:
                 store.close()  # the export is complete: the checkpoints are not needed now

@@ -46,6 +46,7 @@ from compress.formats.entropy.codec import (
     entropy_bits,
     split_bf16,
 )
+from compress.formats.nm.spec import NMIntFormat
 from compress.formats.packing import pack_codes
 from compress.ir import EntropyPlan, get
 
@@ -108,6 +109,8 @@ class EntropyEncoder:
         if any(fnmatch.fnmatchcase(item.name, pattern) for pattern in config.ignore):
             return None
         if item.leaf == "qweight" and item.record is not None:
+            if isinstance(item.record.fmt, NMIntFormat):  # kept codes, not the record's dense ones
+                return None
             return "codes" if config.codes else None
         tensor = item.tensor
         ok = config.floats and tensor.dtype == torch.bfloat16

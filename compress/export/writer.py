@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from compress.adapters.files import ADAPTER_DIR, write_adapter_folder
-from compress.errors import ExportError, PassError
+from compress.errors import ExportError, FormatError, PassError
 from compress.export import bitsandbytes, compressed_tensors, entropy
 from compress.export.manifest import (
     FORMAT_VERSION,
@@ -30,7 +30,9 @@ from compress.export.manifest import (
 )
 from compress.export.stream import StoredItem
 from compress.formats import runtime_for
-from compress.ir import Adapter, ConfigPatch, QuantizedWeight, get_quantized
+from compress.formats.int.spec import IntFormat
+from compress.formats.nm.spec import NMIntFormat, nonzero_codes
+from compress.ir import Adapter, ConfigPatch, QuantizedWeight, SparsityMask, get, get_quantized
 from compress.ir import records as ir_records
 from compress.registry import LayerAccess
 from compress.utils.fs import atomic_directory, probe_writable, sha256_file
@@ -59,8 +61,13 @@ def packed_state(
     layers: LayerAccess | None = None,
     records: dict[str, QuantizedWeight] | None = None,
     ties: dict[str, str] | None = None,
+    *,
+    sparse: bool = False,
 ) -> Iterator[StoredItem]:
     """The tensors an export stores, in module order; quantized weights packed, aliases dropped.
+
+    ``sparse``: an integer-quantized Linear that an ``N:M`` prune left sparse is stored in the
+    N:M sparse format (kept codes and their positions, :func:`stored_record`).
 
     Tied weights (``lm_head`` sharing the embedding) are stored once: dense ones are re-tied by
     transformers; a quantized pair (one record on both modules) is added to ``ties`` as
@@ -88,6 +95,8 @@ def packed_state(
         owner, _, leaf = key.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         record = get_quantized(module)
+        if record is not None and sparse:
+            record = stored_record(owner, module, record)
         if record is not None and leaf == "weight":
             if id(record) in packed_owner:  # a tied module: its codes are stored already
                 if ties is not None:
@@ -114,6 +123,39 @@ def packed_state(
             yield StoredItem(key, _state_tensor(module, leaf).detach().contiguous())
     if current is not None:
         access.unload(current, blocks[current])
+
+
+def stored_record(name: str, module: nn.Module, record: QuantizedWeight) -> QuantizedWeight:
+    """``record`` in the N:M sparse format when ``module`` is an integer-quantized Linear with
+    an ``N:M`` :class:`~compress.ir.SparsityMask` whose codes hold the pattern; else unchanged.
+
+    The codes stay as they are (dense, the zero point where pruned): only what is stored
+    changes. Codes that break the pattern (a later pass filled pruned positions) are refused."""
+    mask = get(module, SparsityMask)
+    pattern = mask.n_of_m() if mask is not None else None
+    if pattern is None or not isinstance(record.fmt, IntFormat):
+        return record
+    if not isinstance(module, nn.Linear) or record.codes.device.type == "meta":
+        return record
+    n, m = pattern
+    try:
+        fmt = NMIntFormat.of(record.fmt, n, m)
+        fmt.check_width(record.shape[1])
+    except FormatError as error:
+        raise ExportError(
+            f"{name}: its {n}:{m} sparsity cannot be stored with {record.fmt.label()}: {error}",
+            hint="export with sparse: false to store it dense",
+        ) from None
+    nonzero = nonzero_codes(record.codes, record.zeros, fmt)
+    counts = nonzero.reshape(nonzero.shape[0], -1, m).sum(dim=2)
+    if bool((counts > n).any()):
+        row, run = (int(i) for i in (counts > n).nonzero()[0])
+        raise ExportError(
+            f"{name}: row {row}, columns {run * m}..{run * m + m - 1} hold "
+            f"{int(counts[row, run])} nonzero codes, but the layer was pruned {n}:{m}",
+            hint="prune after the passes that change weights, or export with sparse: false",
+        )
+    return QuantizedWeight(record.codes, record.scales, record.zeros, fmt)
 
 
 def _packed_module(module: nn.Module, record: QuantizedWeight) -> nn.Module:
@@ -352,6 +394,7 @@ def export_model(
     progress: Progress | None = None,
     layers: LayerAccess | None = None,
     format: str = QUANT_METHOD,
+    sparse: bool = True,
 ) -> Path:
     """Write ``model`` (with its IR records) as a loadable export folder.
 
@@ -360,6 +403,9 @@ def export_model(
     model), written shard by shard; then ``config.json`` with the layout's
     ``quantization_config`` and every :class:`~compress.ir.ConfigPatch` a pass left (shapes a
     structured pass changed), the tokenizer and the manifest.
+
+    ``sparse``: N:M-pruned integer layers are stored as kept codes plus positions (our format
+    only; the other layouts store them dense).
     """
     progress = progress or NullProgress()
     directory = Path(directory)
@@ -383,7 +429,8 @@ def export_model(
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         records: dict[str, QuantizedWeight] = {}
         ties: dict[str, str] = {}
-        items = layout.lay(packed_state(model, layers, records, ties), model)
+        sparse_here = sparse and layout.name == QUANT_METHOD
+        items = layout.lay(packed_state(model, layers, records, ties, sparse=sparse_here), model)
         coder = entropy.encoder_for(model, format)  # lossless coding (entropy_code pass)
         if coder is not None:
             items = coder.encode(items)

@@ -73,6 +73,11 @@ class ExportSpec(_Spec):
         "bitsandbytes)",
     )
     overwrite: bool = Field(default=False, description="replace an existing folder at dir")
+    sparse: bool = Field(
+        default=True,
+        description='store integer layers pruned N:M (prune pattern: "2:4") as their kept codes '
+        "plus positions, read by sparse kernels (format: compress only); false stores them dense",
+    )
 
     @field_validator("dir")
     @classmethod
