@@ -28,8 +28,10 @@ Adding a format (``compress/formats/<kind>/``)
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -41,6 +43,7 @@ __all__ = [
     "BUILTIN_KINDS",
     "Format",
     "FormatRuntime",
+    "KernelDispatch",
     "StoredTensor",
     "format_from_dict",
     "format_kinds",
@@ -246,3 +249,59 @@ def share_buffers(target: nn.Module, source: nn.Module, names: tuple[str, ...]) 
                 f"this module {_held(mine)}"
             )
         target._buffers[name] = theirs
+
+
+class KernelDispatch:
+    """What a packed Linear does with its format's kernel module (``kernels``: ``select``,
+    ``log_choice``, ``KERNELS``): the kernel for an activation dtype, device,
+    ``COMPRESS_KERNEL`` and decode (at most ``decode_rows`` rows) or prefill is chosen once and
+    remembered, since a decode step calls every Linear and a choice costs microseconds.
+
+    Mixed into an ``nn.Module`` that sets ``fmt``, ``in_features``, ``out_features``, ``bias``
+    and ``qweight`` and has ``packed()``."""
+
+    kernels: ClassVar[ModuleType]
+    decode_rows: ClassVar[int] = 8
+
+    fmt: Any
+    in_features: int
+    out_features: int
+    bias: Any
+    qweight: torch.Tensor
+
+    def packed(self) -> Any:
+        raise NotImplementedError
+
+    def _choices(self) -> dict[tuple[torch.dtype, str, str | None, bool], str]:
+        choices = self.__dict__.get("_kernel_choices")
+        if choices is None:
+            choices = self.__dict__["_kernel_choices"] = {}
+        return choices
+
+    @property
+    def kernel(self) -> str:
+        """The kernel the next decode step in this module's activation dtype will use."""
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        device = self.qweight.device.type
+        return str(
+            self.kernels.select(self.fmt, self.in_features, rows=1, dtype=dtype, device=device)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        key = (x.dtype, x.device.type, os.environ.get("COMPRESS_KERNEL"), rows <= self.decode_rows)
+        choices = self._choices()
+        kernel = choices.get(key)
+        if kernel is None:
+            kernel = choices[key] = self.kernels.select(
+                self.fmt, self.in_features, rows=rows, dtype=x.dtype, device=x.device.type
+            )
+            self.kernels.log_choice(kernel, self.fmt)
+        result: torch.Tensor = self.kernels.KERNELS[kernel](x, self.packed())
+        return result
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"{self.fmt.label()}, bias={self.bias is not None}"
+        )

@@ -4,6 +4,7 @@ offload and resume, interplay with quantization, and configuration errors."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -359,3 +360,26 @@ def test_mask_is_attached_to_linears_only(tiny_llama):
     for module in model.modules():
         if get(module, SparsityMask) is not None:
             assert isinstance(module, nn.Linear)
+
+
+def test_shipped_2of4_int4_recipe_exports_sparse_on_a_tiny_model(model_dir, text_file, tmp_path):
+    """recipes/smollm2-2of4-sparsegpt-w4.yaml's passes and export settings, on the tiny model:
+    every decoder Linear is stored in the N:M sparse format and reloads with equal logits."""
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "smollm2-2of4-sparsegpt-w4.yaml")
+    assert recipe.export is not None and recipe.export.sparse
+    result = Pipeline(
+        ModelSpec(name=str(model_dir)),
+        [
+            p.model_copy(update={"block_size": 32}) if isinstance(p, PruneConfig) else p
+            for p in recipe.passes
+        ],
+        calibration=CalibrationSpec(dataset=str(text_file), samples=8, seq_len=32),
+        export=tmp_path / "export",
+    ).run()
+    manifest = json.loads((tmp_path / "export" / "compress_manifest.json").read_text())
+    kinds = {name: entry["format"]["kind"] for name, entry in manifest["modules"].items()}
+    assert len(kinds) == 7 * 3 and set(kinds.values()) == {"nm_int"}
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    ids = calibration(samples=2, length=16)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, result.model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -15,12 +15,13 @@ name              shape            dtype            meaning
 
 from __future__ import annotations
 
-import os
+from types import ModuleType
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from compress.formats.base import share_buffers
+from compress.formats.base import KernelDispatch, share_buffers
 from compress.formats.fp4 import cpu, kernels
 from compress.formats.fp4.packed import PackedFP4, pack_fp4_codes
 from compress.formats.fp4.spec import FP4Format
@@ -69,8 +70,11 @@ def _fill(module: FP4Linear | FP4Embedding, record: QuantizedWeight) -> None:
         module.tensor_scale.copy_(record.zeros.reshape(1))
 
 
-class FP4Linear(nn.Module):
+class FP4Linear(KernelDispatch, nn.Module):
     """Linear layer over packed 4-bit table codes and block scales; never holds a dense weight."""
+
+    kernels: ClassVar[ModuleType] = kernels  # the format's kernel table, for KernelDispatch
+    decode_rows = cpu.MAX_ROWS
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -90,7 +94,6 @@ class FP4Linear(nn.Module):
         """``persistent=False``: the buffers are another module's (a tied ``lm_head`` reads the
         embedding's codes, see :meth:`share_buffers`), so they are not in the state dict."""
         super().__init__()
-        self._kernels: dict[tuple[torch.dtype, str, str | None, bool], str] = {}
         self.in_features = in_features
         self.out_features = out_features
         self.fmt = fmt
@@ -132,30 +135,6 @@ class FP4Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (N, K) weight; for the reference kernel and tests only."""
         return self.packed().dequantize(dtype)
-
-    @property
-    def kernel(self) -> str:
-        """The kernel the next forward in this module's activation dtype will use."""
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        device = self.qweight.device.type
-        return kernels.select(self.fmt, self.in_features, rows=1, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]  # decode (few rows) and prefill take different kernels
-        key = (x.dtype, x.device.type, os.environ.get("COMPRESS_KERNEL"), rows <= cpu.MAX_ROWS)
-        kernel = self._kernels.get(key)
-        if kernel is None:
-            kernel = self._kernels[key] = kernels.select(
-                self.fmt, self.in_features, rows=rows, dtype=x.dtype, device=x.device.type
-            )
-            kernels.log_choice(kernel, self.fmt)
-        return kernels.KERNELS[kernel](x, self.packed())
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"{self.fmt.label()}, bias={self.bias is not None}"
-        )
 
 
 class FP4Embedding(nn.Module):

@@ -19,12 +19,13 @@ tensors for its ``(num_embeddings, embedding_dim)`` table; a tied ``lm_head`` re
 
 from __future__ import annotations
 
-import os
+from types import ModuleType
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from compress.formats.base import share_buffers
+from compress.formats.base import KernelDispatch, share_buffers
 from compress.formats.fp8 import kernels
 from compress.formats.fp8.packed import PackedFP8
 from compress.formats.fp8.spec import FP8Format
@@ -42,8 +43,10 @@ def _fp8_format(cls: type, record: QuantizedWeight) -> FP8Format:
     return record.fmt
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(KernelDispatch, nn.Module):
     """Linear layer over FP8 codes and fp32 block scales; never holds a dense weight."""
+
+    kernels: ClassVar[ModuleType] = kernels  # the format's kernel table, for KernelDispatch
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -62,7 +65,6 @@ class FP8Linear(nn.Module):
         """``persistent=False``: the buffers are another module's (a tied ``lm_head`` reads the
         embedding's codes, see :meth:`share_buffers`), so they are not in the state dict."""
         super().__init__()
-        self._kernels: dict[tuple[torch.dtype, str, str | None], str] = {}
         self.in_features = in_features
         self.out_features = out_features
         self.fmt = fmt
@@ -115,30 +117,6 @@ class FP8Linear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (N, K) weight; for the reference kernel and tests only."""
         return self.packed().dequantize(dtype)
-
-    @property
-    def kernel(self) -> str:
-        """The kernel the next forward in this module's activation dtype will use."""
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        device = self.qweight.device.type
-        return kernels.select(self.fmt, self.in_features, rows=1, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.dtype, x.device.type, os.environ.get("COMPRESS_KERNEL"))
-        kernel = self._kernels.get(key)
-        if kernel is None:
-            rows = x.numel() // x.shape[-1]
-            kernel = self._kernels[key] = kernels.select(
-                self.fmt, self.in_features, rows=rows, dtype=x.dtype, device=x.device.type
-            )
-            kernels.log_choice(kernel, self.fmt)
-        return kernels.KERNELS[kernel](x, self.packed())
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"{self.fmt.label()}, bias={self.bias is not None}"
-        )
 
 
 class FP8Embedding(nn.Module):

@@ -10,12 +10,16 @@ the module that holds the buffers.
 and their positions and gathers the activations they multiply; chosen for up to
 :data:`~compress.formats.nm.cpu.MAX_ROWS` activation rows on the CPU when the extension builds.
 
+``triton_gemv`` / ``triton_gemm``: on CUDA, when triton is installed (the ``gpu`` extra), the
+split-K GEMV (few rows) or dequant-GEMM of :mod:`compress.formats.nm.triton_kernels`.
+
 ``COMPRESS_KERNEL`` names a kernel; one this format does not have (or ``cpu_gemv`` where the
 native build is unavailable) is logged once and the default is used.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -46,16 +50,34 @@ def _cpu_gemv(x: torch.Tensor, w: PackedNM) -> torch.Tensor:
     return cpu.gemv(x, w)
 
 
-KERNELS: dict[str, Kernel] = {"reference": _reference, "cpu_gemv": _cpu_gemv}
+def _triton(kind: str) -> Kernel:
+    def run(x: torch.Tensor, w: PackedNM) -> torch.Tensor:
+        from compress.formats.nm import triton_kernels  # the `gpu` extra; imported on first use
+
+        return triton_kernels.triton_linear(x, w, kind)
+
+    return run
+
+
+KERNELS: dict[str, Kernel] = {
+    "reference": _reference,
+    "cpu_gemv": _cpu_gemv,
+    "triton_gemv": _triton("gemv"),
+    "triton_gemm": _triton("gemm"),
+}
+_TRITON_GEMV_MAX_ROWS = 4  # triton_kernels.GEMV_MAX_ROWS, not imported here: triton is optional
 
 
 def select(
     fmt: NMIntFormat, in_features: int, *, rows: int, dtype: torch.dtype, device: str = "cpu"
 ) -> str:
     """The kernel for a format, input width, activation dtype, row count and device."""
-    native = device == "cpu" and cpu.native() is not None
     forced = os.environ.get("COMPRESS_KERNEL", "")
-    if forced in KERNELS and (forced != "cpu_gemv" or native):
+    if device == "cuda" and importlib.util.find_spec("triton") is not None:
+        default = "triton_gemv" if rows <= _TRITON_GEMV_MAX_ROWS else "triton_gemm"
+        return forced if forced in ("reference", "triton_gemv", "triton_gemm") else default
+    native = device == "cpu" and cpu.native() is not None
+    if forced in ("reference", "cpu_gemv") and (forced != "cpu_gemv" or native):
         return forced
     default = "cpu_gemv" if native and rows <= cpu.MAX_ROWS else "reference"
     if forced and ("forced", forced) not in _LOGGED:

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-import os
+from types import ModuleType
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from compress.formats.base import share_buffers
+from compress.formats.base import KernelDispatch, share_buffers
 from compress.formats.nm import cpu, kernels
 from compress.formats.nm.packed import PackedNM, pack_nm
 from compress.formats.nm.spec import NMIntFormat
@@ -20,8 +21,11 @@ __all__ = ["NMLinear"]
 _BUFFERS = ("qweight", "qindex", "scales", "qzeros")
 
 
-class NMLinear(nn.Module):
+class NMLinear(KernelDispatch, nn.Module):
     """Linear layer over the kept codes of an N:M sparse weight; never holds a dense weight."""
+
+    kernels: ClassVar[ModuleType] = kernels  # the format's kernel table, for KernelDispatch
+    decode_rows = cpu.MAX_ROWS
 
     qweight: torch.Tensor
     qindex: torch.Tensor
@@ -40,7 +44,6 @@ class NMLinear(nn.Module):
         persistent: bool = True,
     ) -> None:
         super().__init__()
-        self._kernels: dict[tuple[torch.dtype, str, str | None, bool], str] = {}
         self.in_features = in_features
         self.out_features = out_features
         self.fmt = fmt
@@ -102,27 +105,3 @@ class NMLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (N, K) weight; for the reference kernel and tests only."""
         return self.packed().dequantize(dtype)
-
-    @property
-    def kernel(self) -> str:
-        """The kernel the next forward in this module's activation dtype will use."""
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        device = self.qweight.device.type
-        return kernels.select(self.fmt, self.in_features, rows=1, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]  # decode (few rows) and prefill take different kernels
-        key = (x.dtype, x.device.type, os.environ.get("COMPRESS_KERNEL"), rows <= cpu.MAX_ROWS)
-        kernel = self._kernels.get(key)
-        if kernel is None:
-            kernel = self._kernels[key] = kernels.select(
-                self.fmt, self.in_features, rows=rows, dtype=x.dtype, device=x.device.type
-            )
-            kernels.log_choice(kernel, self.fmt)
-        return kernels.KERNELS[kernel](x, self.packed())
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"{self.fmt.label()}, bias={self.bias is not None}"
-        )
