@@ -7,6 +7,12 @@ evaluation split against the original model: perplexity, KL(original || pruned),
     python scripts/bench_sparsity.py                         # all -> benchmarks/sparsity.{json,md}
     python scripts/bench_sparsity.py --methods wanda-2of4 --merge
     python scripts/bench_sparsity.py --table                 # the markdown table of the JSON
+    python scripts/bench_sparsity.py --merge --llmc-python /tmp/llmc/venv/bin/python \
+        --methods llmc-sparsegpt-50 llmc-wanda-50 llmc-sparsegpt-2of4 llmc-wanda-2of4
+
+``llmc-*`` rows are llm-compressor's ``SparseGPTModifier`` / ``WandaPruningModifier`` in their own
+venv (``scripts/peers/llmc_prune.py``), on the same calibration windows, the pruned weights
+copied into our model and scored on the same evaluation windows.
 """
 
 from __future__ import annotations
@@ -15,10 +21,15 @@ import argparse
 import datetime
 import json
 import resource
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from benchrows import BENCHMARKS, load_rows, machine, write_rows
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = "smollm2-135m"
 CALIBRATION = {"dataset": "builtin:wiki", "samples": 64, "seq_len": 512, "seed": 0}
@@ -34,7 +45,67 @@ METHODS: dict[str, dict[str, Any]] = {
     "magnitude-4of8": {"method": "magnitude", "pattern": "4:8"},
     "wanda-4of8": {"method": "wanda", "pattern": "4:8"},
     "sparsegpt-4of8": {"method": "sparsegpt", "pattern": "4:8"},
+    "llmc-sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5, "peer": "llm-compressor"},
+    "llmc-wanda-50": {"method": "wanda", "sparsity": 0.5, "peer": "llm-compressor"},
+    "llmc-sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4", "peer": "llm-compressor"},
+    "llmc-wanda-2of4": {"method": "wanda", "pattern": "2:4", "peer": "llm-compressor"},
 }
+
+
+def run_peer(name: str, python: str) -> dict[str, Any]:
+    """llm-compressor's pruning of the same model on the same calibration windows, scored here."""
+    import torch
+    from safetensors.torch import load_file
+
+    from compress.data import calibration_batch, load_texts, token_windows
+    from compress.evaluate.quality import compare_to_reference
+    from compress.models import load_model, model_folder
+
+    options = METHODS[name]
+    start = time.perf_counter()
+    model, tokenizer = load_model(MODEL)
+    ids = calibration_batch(
+        tokenizer, CALIBRATION["dataset"], CALIBRATION["samples"], CALIBRATION["seq_len"], 0
+    )
+    structure = options.get("pattern", "0:0")
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(ids, Path(tmp) / "calibration.pt")
+        command = [
+            python, str(ROOT / "scripts" / "peers" / "llmc_prune.py"),
+            "--model-dir", str(model_folder(MODEL)), "--calibration", f"{tmp}/calibration.pt",
+            "--method", options["method"], "--sparsity", "0.5", "--mask-structure", structure,
+            "--out", f"{tmp}/weights.safetensors",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"llm-compressor failed: {done.stderr.strip()[-3000:]}")
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        weights = load_file(f"{tmp}/weights.safetensors")
+    for key, tensor in weights.items():
+        module = model.get_submodule(key.removesuffix(".weight"))
+        module.weight.data.copy_(tensor.to(module.weight.dtype))
+    reference, _ = load_model(MODEL)
+    windows = token_windows(
+        tokenizer, load_texts("builtin:wiki", "evaluation"), EVALUATE["seq_len"], 32
+    )
+    metrics = compare_to_reference(model, reference, windows, batch_size=4)
+    return {
+        "method": name,
+        "options": options,
+        "sparsity": measured["sparsity"],
+        "quality": {
+            "builtin:wiki": {
+                "perplexity": metrics.perplexity,
+                "reference_perplexity": metrics.reference_perplexity,
+                "kl_mean": metrics.kl_mean,
+                "top1_agreement": metrics.top1_agreement,
+                "tokens": metrics.tokens,
+            }
+        },
+        "timings": {"passes_s": measured["seconds"]},
+        "run_seconds": time.perf_counter() - start,
+        "peak_rss_mb": measured["peak_rss_mb"],
+    }
 
 
 def run_one(name: str) -> dict[str, Any]:
@@ -70,14 +141,15 @@ def run_one(name: str) -> dict[str, Any]:
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The markdown table of ``rows``."""
     lines = [
-        "| method | pattern | sparsity | ppl | KL | top-1 | prune s | run s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tool | method | pattern | sparsity | ppl | KL | top-1 | prune s | run s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         q = next(iter(row["quality"].values()))
         pattern = row["options"].get("pattern", "unstructured")
         lines.append(
-            f"| {row['options']['method']} | {pattern} | {row['sparsity']:.3f} | "
+            f"| {row['options'].get('peer', 'compress')} | {row['options']['method']} | "
+            f"{pattern} | {row['sparsity']:.3f} | "
             f"{q['perplexity']:.2f} | {q['kl_mean']:.3f} | {100 * q['top1_agreement']:.1f}% | "
             f"{row['timings'].get('passes_s', float('nan')):.0f} | {row['run_seconds']:.0f} |"
         )
@@ -94,6 +166,7 @@ def main() -> None:
     parser.add_argument(
         "--table", action="store_true", help="print the table of the JSON, run nothing"
     )
+    parser.add_argument("--llmc-python", help="python of llm-compressor's venv (llmc-* methods)")
     args = parser.parse_args()
     out = BENCHMARKS / "sparsity.json"
     if args.table:
@@ -103,7 +176,13 @@ def main() -> None:
     rows = load_rows(out, "method", args.merge)
     for name in args.methods:
         print(f"== {name}", flush=True)
-        rows[name] = {**run_one(name), "date": datetime.date.today().isoformat()}
+        if METHODS[name].get("peer"):
+            if not args.llmc_python:
+                raise SystemExit(f"{name} needs --llmc-python (see scripts/peers/llmc_gptq.py)")
+            row = run_peer(name, args.llmc_python)
+        else:
+            row = run_one(name)
+        rows[name] = {**row, "date": datetime.date.today().isoformat()}
         print(json.dumps(rows[name], indent=1, default=str), flush=True)
         meta = {"model": MODEL, "calibration": CALIBRATION, "evaluate": EVALUATE}
         meta["machine"] = machine()
