@@ -4,16 +4,19 @@ Every kernel takes the activations and a :class:`~compress.formats.fp8.packed.Pa
 stored tensors and the format), never the module that holds them.
 
 ``reference``: FP8 codes to fp32 (torch's cast), times the expanded scales, cast to the
-activation dtype, ``F.linear``. The test oracle, and for now the only CPU path.
+activation dtype, ``F.linear``. The test oracle, and the prefill path.
 
-Measured before choosing (torch 2.13, one thread of a Sapphire Rapids Xeon, 4096×4096 weight,
-one bf16 row; ``benchmarks/fp8.md``): the bf16 GEMV takes about 3.5 ms, while any
-dequantization built from torch element-wise ops costs 30-80× that: the float8 → fp32 cast is a
-scalar loop (about 110-140 ms), decoding the bit patterns through fp16 with integer ops
-(sign | exponent-mantissa << 7, × 256) about 200-300 ms, a 256-entry table gathered by int32
-indices about 270 ms, and ``torch._scaled_mm`` on CPU about 1 s. None pays, so there is no second
-path: the fast CPU path is a fused native FP8 GEMV (decode in registers, like the integer
-format's ``cpu_gemv``), left for the step that adds it.
+``cpu_gemv``: the native fused GEMV of :mod:`compress.formats.fp8.cpu` (codes turned into fp16
+bit patterns and converted by the hardware, AVX-512 or AVX2, each weight rounded to the activation
+dtype as the reference casts it, fp32 products and sums, one pass over the codes), chosen for up
+to :data:`~compress.formats.fp8.cpu.MAX_ROWS` activation rows on the CPU when the extension
+builds here.
+
+Why no torch-level decode for decode steps (torch 2.13, one thread of a Sapphire Rapids Xeon,
+4096×4096 weight, one bf16 row; ``benchmarks/fp8.md``): the bf16 GEMV takes about 3.5 ms, while
+any dequantization built from torch element-wise ops costs 30-80× that (the float8 → fp32 cast is
+a scalar loop, 110-140 ms; bit tricks through fp16, 200-300 ms; a gathered 256-entry table,
+270 ms; ``torch._scaled_mm`` on CPU, 1 s).
 
 ``COMPRESS_KERNEL`` names a kernel of the integer format; an FP8 module set to one it does not
 have uses the reference and says so once in the log.
@@ -28,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from compress.formats.fp8 import cpu
 from compress.formats.fp8.packed import PackedFP8
 from compress.formats.fp8.spec import FP8Format
 
@@ -47,30 +51,43 @@ def _reference(x: torch.Tensor, w: PackedFP8) -> torch.Tensor:
     return F.linear(x, weight, bias)
 
 
-KERNELS: dict[str, Kernel] = {"reference": _reference}
+def _cpu_gemv(x: torch.Tensor, w: PackedFP8) -> torch.Tensor:
+    return cpu.gemv(x, w)
+
+
+KERNELS: dict[str, Kernel] = {"reference": _reference, "cpu_gemv": _cpu_gemv}
 
 
 def select(
     fmt: FP8Format, in_features: int, *, rows: int, dtype: torch.dtype, device: str = "cpu"
 ) -> str:
     """The kernel for a format, input width, activation dtype, row count and device."""
+    native = device == "cpu" and cpu.native() is not None
     forced = os.environ.get("COMPRESS_KERNEL", "")
-    if forced and forced not in KERNELS:
+    if forced in KERNELS and (forced != "cpu_gemv" or native):
+        return forced
+    default = "cpu_gemv" if native and rows <= cpu.MAX_ROWS else "reference"
+    if forced:
         key = ("forced", forced)
         if key not in _LOGGED:
             _LOGGED.add(key)
             log.warning(
-                "COMPRESS_KERNEL=%s: the fp8 format has no such kernel (it has %s); "
-                "fp8 modules use the reference kernel",
+                "COMPRESS_KERNEL=%s: the fp8 format has no such kernel here (it has %s; "
+                "cpu_gemv needs the native build); fp8 modules use %s",
                 forced,
                 ", ".join(sorted(KERNELS)),
+                default,
             )
-    return "reference"
+    return default
 
 
 def describe(fmt: FP8Format, in_features: int, device: str = "cpu") -> str:
     """Human summary of the path a format takes, for ``compress inspect``."""
-    return "reference (fp8 → activation dtype, F.linear; no fused FP8 kernel yet)"
+    reference = "reference (fp8 → activation dtype, F.linear)"
+    if device == "cpu" and cpu.native() is not None:
+        isa = "vector" if cpu.vectorized() else "portable"
+        return f"cpu_gemv (native fused, {isa}; ≤{cpu.MAX_ROWS} rows), {reference}"
+    return reference
 
 
 def log_choice(kernel: str, fmt: FP8Format) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from compress.formats.base import KernelDispatch, share_buffers
-from compress.formats.fp8 import kernels
+from compress.formats.fp8 import cpu, kernels
 from compress.formats.fp8.packed import PackedFP8
 from compress.formats.fp8.spec import FP8Format
 from compress.ir import QuantizedWeight
@@ -47,6 +47,7 @@ class FP8Linear(KernelDispatch, nn.Module):
     """Linear layer over FP8 codes and fp32 block scales; never holds a dense weight."""
 
     kernels: ClassVar[ModuleType] = kernels  # the format's kernel table, for KernelDispatch
+    decode_rows = cpu.MAX_ROWS
 
     qweight: torch.Tensor
     scales: torch.Tensor

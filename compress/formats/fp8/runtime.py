@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from compress.formats.base import FormatRuntime, register_runtime
-from compress.formats.fp8 import kernels
+from compress.formats.fp8 import cpu, kernels
 from compress.formats.fp8.linear import FP8Embedding, FP8Linear
 from compress.formats.fp8.spec import FP8Format
 
@@ -32,5 +32,6 @@ RUNTIME = FormatRuntime(
     embedding=_embedding,
     embedding_from_record=FP8Embedding.from_record,
     describe_kernels=_describe,
+    prepare=cpu.prebuild,
 )
 register_runtime(FP8Format.kind, RUNTIME)

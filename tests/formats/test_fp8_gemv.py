@@ -1,0 +1,92 @@
+"""The FP8 format's native GEMV against the reference, on every instruction-set build this CPU
+runs (the portable loop, AVX2, AVX-512), for both variants, every scaling and awkward widths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.formats.fp8 import FP8Format, cpu, kernels
+from compress.formats.fp8.linear import FP8Linear
+from compress.formats.fp8.packed import PackedFP8
+from compress.ir import QuantizedWeight
+from compress.utils.native import ISA_LEVELS, cpu_isa
+
+FORMATS = [
+    FP8Format("e4m3", "channel"),
+    FP8Format("e5m2", "tensor"),
+    FP8Format("e4m3", "block", 48),
+    FP8Format("e5m2", "block", 64),
+    FP8Format("e4m3", "mx"),
+    FP8Format("e5m2", "mx"),
+]
+# (out, in): widths with and without a tail after the 16- / 8-wide steps, partial edge blocks
+SHAPES = [(37, 192), (16, 576), (5, 100), (9, 40)]
+
+
+@pytest.fixture(params=sorted({"generic", "avx2", cpu_isa()}, key=ISA_LEVELS.index))
+def isa(request, monkeypatch):
+    """The portable build, the AVX2 one and this CPU's own (COMPRESS_CPU_ISA forces each)."""
+    level = request.param
+    if ISA_LEVELS.index(level) > ISA_LEVELS.index(cpu_isa()):
+        pytest.skip(f"this CPU runs the {cpu_isa()} build at most")
+    monkeypatch.setenv("COMPRESS_CPU_ISA", level)
+    assert cpu.native() is not None, f"the {level} build of the FP8 GEMV failed (see the log)"
+    return level
+
+
+def packed(fmt: FP8Format, out_features: int, in_features: int, seed: int = 0) -> PackedFP8:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    weight[0, :4] = torch.tensor([3e-6, -1e-4, 0.0, 50.0])  # subnormal codes, a zero, an outlier
+    codes, scales, _ = fmt.quantize(weight)
+    return PackedFP8(codes, scales, torch.randn(out_features, generator=generator), fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.label())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 9])
+def test_native_gemv_matches_the_reference(isa, fmt, shape, rows):
+    out_features, in_features = shape
+    if fmt.scaling == "mx" and in_features % 32:
+        pytest.skip("MX blocks of 32 must divide the width")
+    w = packed(fmt, out_features, in_features, seed=rows)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1))
+    expected = F.linear(x.double(), w.dequantize(torch.float64), w.bias.double())
+    got = cpu.gemv(x, w)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", FORMATS[:3], ids=lambda f: f.label())
+def test_weights_are_rounded_as_the_model_rounds_them(isa, fmt, dtype):
+    """Each product uses the dequantized weight cast to the activation dtype: the fp32 result of
+    the kernel's rounded path matches F.linear on the cast weight, and not the unrounded one."""
+    w = packed(fmt, 24, 192)
+    x = torch.randn(2, 192)
+    bn, bk = fmt.block_shape(24, 192)
+    round_to = 1 if dtype == torch.bfloat16 else 2
+    ext = cpu.native()
+    rounded = ext.gemv(x, w.qweight, w.scales, fmt.variant == "e4m3", bn, bk, round_to)
+    exact = ext.gemv(x, w.qweight, w.scales, fmt.variant == "e4m3", bn, bk, 0)
+    expected = F.linear(x.double(), w.dequantize(dtype).double())
+    assert torch.allclose(rounded.double(), expected, rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(exact.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_linear_takes_the_gemv_for_decode_and_the_reference_for_prefill(monkeypatch):
+    monkeypatch.delenv("COMPRESS_KERNEL", raising=False)
+    fmt = FP8Format("e4m3", "channel")
+    linear = nn.Linear(64, 16)
+    codes, scales, _ = fmt.quantize(linear.weight.detach())
+    module = FP8Linear.from_record(linear, QuantizedWeight(codes, scales, None, fmt))
+    assert module.kernel == "cpu_gemv"
+    assert kernels.select(fmt, 64, rows=32, dtype=torch.float32) == "reference"
+    x = torch.randn(3, 64)
+    expected = F.linear(x, module.dequantize(), linear.bias.detach())
+    with torch.no_grad():
+        assert torch.allclose(module(x), expected, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(module(x.repeat(12, 1)), expected.repeat(12, 1), atol=1e-5)
