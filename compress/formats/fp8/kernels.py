@@ -7,8 +7,8 @@ stored tensors and the format), never the module that holds them.
 activation dtype, ``F.linear``. The test oracle, and the prefill path.
 
 ``cpu_gemv``: the native fused GEMV of :mod:`compress.formats.fp8.cpu` (codes turned into fp16
-bit patterns and converted by the hardware, AVX-512 or AVX2, each weight rounded to the activation
-dtype as the reference casts it, fp32 products and sums, one pass over the codes), chosen for up
+bit patterns and converted by the hardware, AVX-512 or AVX2; fp32 products and sums, each scale
+block's sum scaled once; weights not rounded to the activation dtype), chosen for up
 to :data:`~compress.formats.fp8.cpu.MAX_ROWS` activation rows on the CPU when the extension
 builds here.
 

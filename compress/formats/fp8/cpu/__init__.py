@@ -24,7 +24,6 @@ MAX_ROWS = 8
 """Activation rows one call takes (the C++ ``kMaxRows``)."""
 
 _FUNCTIONS = ["gemv", "vectorized"]
-_ROUND_TO = {torch.bfloat16: 1, torch.float16: 2}
 
 
 @cache
@@ -51,8 +50,7 @@ def vectorized() -> bool:
 
 def gemv(x: torch.Tensor, w: PackedFP8) -> torch.Tensor:
     """``x @ W.T + bias`` for rows of ``x`` (..., K) (:data:`MAX_ROWS` a call), in ``x``'s
-    dtype. Each weight is the fp32 ``fp8(code) * scale`` rounded to ``x``'s dtype, as the
-    reference kernel casts it; products and sums are float32."""
+    dtype; FP8 values, products and sums in fp32, each block's scale applied to its sum."""
     ext = native()
     if ext is None:
         raise RuntimeError("the fp8 native extension is not available")
@@ -60,10 +58,8 @@ def gemv(x: torch.Tensor, w: PackedFP8) -> torch.Tensor:
     rows = x.reshape(-1, w.in_features).to(torch.float32).contiguous()
     bn, bk = fmt.block_shape(w.out_features, w.in_features)
     qweight, scales = w.qweight.contiguous(), w.scales.contiguous()
-    e4m3, round_to = fmt.variant == "e4m3", _ROUND_TO.get(x.dtype, 0)
-    parts = [
-        ext.gemv(chunk, qweight, scales, e4m3, bn, bk, round_to) for chunk in rows.split(MAX_ROWS)
-    ]
+    e4m3 = fmt.variant == "e4m3"
+    parts = [ext.gemv(chunk, qweight, scales, e4m3, bn, bk) for chunk in rows.split(MAX_ROWS)]
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
     if w.bias is not None:
         out = out + w.bias.to(torch.float32)
