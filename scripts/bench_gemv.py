@@ -1,0 +1,164 @@
+"""Batch-1 GEMV of every packed format's decode kernel against torch's bf16 GEMV, one thread.
+
+For each shape, one random weight is packed in each format and called through its module's
+forward (the path a decode step takes: ``QuantLinear``, ``NMLinear``, ``FP8Linear``,
+``FP4Linear``) with one bf16 activation row; the calls are interleaved, ``--runs`` rounds of
+``--calls`` calls each, and the medians of the per-round means are reported with the time ratio
+to bf16 (above 1: faster than bf16) and to our dense int4 kernel. ``--isa avx2`` repeats the
+native kernels with the AVX2 build forced by ``COMPRESS_CPU_ISA`` (the path of CPUs without
+AVX-512), in the same process and rounds.
+
+    python scripts/bench_gemv.py --isa avx2          # -> benchmarks/gemv.json, gemv.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from benchrows import BENCHMARKS, cpu_flags, machine
+
+SHAPES = [(4096, 4096), (11008, 4096)]
+"""(out, in): the issues' 4096², a 7B MLP projection."""
+
+FORMATS: dict[str, dict[str, Any]] = {
+    "int4 g64 sym": {"kind": "int", "bits": 4, "group_size": 64},
+    "int4 g64 sym 2:4": {"kind": "nm_int", "n": 2, "m": 4, "bits": 4, "group_size": 64},
+    "fp8 e4m3 channel": {"kind": "fp8", "variant": "e4m3", "scaling": "channel"},
+    "fp8 e4m3 block 128": {"kind": "fp8", "variant": "e4m3", "scaling": "block", "block_size": 128},
+    "mxfp8 e4m3": {"kind": "fp8", "variant": "e4m3", "scaling": "mx"},
+    "nf4 b64": {"kind": "fp4", "variant": "nf4", "block_size": 64},
+    "mxfp4": {"kind": "fp4", "variant": "mxfp4"},
+}
+
+
+def _mean_seconds(call: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - start) / calls
+
+
+def modules_for(out_features: int, in_features: int) -> dict[str, Any]:
+    """Each format's packed Linear of one random weight (the 2:4 one magnitude-pruned)."""
+    import torch
+
+    from compress.formats import format_from_dict, runtime_for
+    from compress.ir import QuantizedWeight
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    modules = {}
+    for name, spec in FORMATS.items():
+        fmt = format_from_dict(spec)
+        codes, scales, zeros = fmt.quantize(linear.weight.detach())
+        record = QuantizedWeight(codes, scales, zeros, fmt)
+        modules[name] = runtime_for(fmt).linear_from_record(linear, record).eval()
+    return {"bf16": linear.weight.detach().to(torch.bfloat16), **modules}
+
+
+def gemv_rows(runs: int, calls: int, isas: list[str]) -> list[dict[str, Any]]:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    rows = []
+    for out_features, in_features in SHAPES:
+        modules = modules_for(out_features, in_features)
+        x = torch.randn(1, in_features).to(torch.bfloat16)
+        weight = modules.pop("bf16")
+        cases: dict[str, tuple[str | None, Callable[[], object]]] = {
+            "bf16": (None, partial(F.linear, x, weight))
+        }
+        for isa in ["native", *isas]:
+            for name, module in modules.items():
+                cases[f"{name}/{isa}"] = (isa, partial(module, x))
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        kernels: dict[str, str] = {}
+        with torch.inference_mode():
+            for _ in range(runs):
+                for name, (isa, call) in cases.items():
+                    if isa in (None, "native"):
+                        os.environ.pop("COMPRESS_CPU_ISA", None)
+                    else:
+                        os.environ["COMPRESS_CPU_ISA"] = isa
+                    call()  # a first call builds and picks its kernel, outside the timing
+                    times[name].append(_mean_seconds(call, calls))
+                    module = modules.get(name.rsplit("/", 1)[0])
+                    if module is not None:
+                        kernels[name] = module.kernel
+        os.environ.pop("COMPRESS_CPU_ISA", None)
+        ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        for isa in ["native", *isas]:
+            for name, module in modules.items():
+                key = f"{name}/{isa}"
+                stored = sum(b.numel() * b.element_size() for b in module.buffers())
+                rows.append(
+                    {
+                        "shape": f"1x{in_features} · {out_features}x{in_features}",
+                        "format": name,
+                        "build": isa,
+                        "kernel": kernels[key],
+                        "ms": ms[key],
+                        "bf16_ms": ms["bf16"],
+                        "vs_bf16": ms["bf16"] / ms[key],
+                        "vs_int4": ms[f"int4 g64 sym/{isa}"] / ms[key],
+                        "bytes_vs_bf16": stored / (weight.numel() * 2),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def write_markdown(data: dict[str, Any]) -> None:
+    lines = [
+        "# Batch-1 GEMV of the packed formats against bf16, one thread",
+        "",
+        f"Machine: {data['machine']} ({data['cpu_flags']}); {data['date']}.",
+        "",
+        f"Command: `{data['command']}`",
+        "",
+        "One bf16 activation row through each format's module (its decode kernel), interleaved "
+        "with torch's bf16 `F.linear` on the same weight; medians of per-round means. `vs bf16` "
+        "and `vs int4`: time ratios (above 1: faster). `build`: native = this CPU's build; avx2 "
+        "= the AVX2 build forced by COMPRESS_CPU_ISA. `bytes`: stored tensors over bf16's.",
+        "",
+        "| shape | format | build | kernel | ms | bf16 ms | vs bf16 | vs int4 | bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in data["rows"]:
+        lines.append(
+            f"| {row['shape']} | {row['format']} | {row['build']} | {row['kernel']} | "
+            f"{row['ms']:.3f} | {row['bf16_ms']:.3f} | **{row['vs_bf16']:.2f}x** | "
+            f"{row['vs_int4']:.2f}x | {row['bytes_vs_bf16']:.3f} |"
+        )
+    (BENCHMARKS / "gemv.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--isa", nargs="*", default=[], help="also these lower native builds")
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=10)
+    args = parser.parse_args()
+    data = {
+        "machine": machine(),
+        "cpu_flags": cpu_flags(),
+        "date": datetime.date.today().isoformat(),
+        "command": "python scripts/bench_gemv.py " + " ".join(sys.argv[1:]),
+        "rows": gemv_rows(args.runs, args.calls, args.isa),
+    }
+    (BENCHMARKS / "gemv.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_markdown(data)
+
+
+if __name__ == "__main__":
+    main()
