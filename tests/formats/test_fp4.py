@@ -29,6 +29,7 @@ from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import load_recipe, parse_recipe
 from compress.registry import PassContext
+from compress.utils.native import ISA_LEVELS, cpu_isa
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
 FORMATS = [FP4Format(v) for v in VARIANTS] + [FP4Format("nf4", 32), FP4Format("fp4", 48)]
@@ -463,17 +464,30 @@ def test_packed_dequantize_is_the_reference_bit_for_bit(fmt, out_features, in_fe
         assert torch.equal(module.dequantize(dtype), record.dequantize(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["nf4", "mxfp4", "nvfp4"])
-def test_native_gemv_uses_the_weights_the_model_uses(variant, dtype):
-    """Each weight rounded to the activation dtype as the reference casts it: a decode step
-    computes what the in-memory model computes (only fp32 summation order may differ)."""
-    fmt = FP4Format(variant)
-    weight = seeded(300, 576, seed=8) * 0.05
+@pytest.fixture(params=sorted({"generic", "avx2", cpu_isa()}, key=ISA_LEVELS.index))
+def isa(request, monkeypatch):
+    """The portable build, the AVX2 one and this CPU's own (COMPRESS_CPU_ISA forces each)."""
+    level = request.param
+    if ISA_LEVELS.index(level) > ISA_LEVELS.index(cpu_isa()):
+        pytest.skip(f"this CPU runs the {cpu_isa()} build at most")
+    monkeypatch.setenv("COMPRESS_CPU_ISA", level)
+    assert fp4_cpu.native() is not None, f"the {level} build of the fp4 GEMV failed (see log)"
+    return level
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, FP4Format("nf4", block_size=128)], ids=str)
+@pytest.mark.parametrize(("out_features", "in_features"), [(300, 576), (7, 257), (5, 96)])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_native_gemv_matches_the_reference_on_every_build(
+    isa, fmt, out_features, in_features, rows
+):
+    """Blocks of 32 and more take the AVX-512 path, 16 the AVX2 one, partial blocks and odd
+    widths their tails; weights in fp32 (not rounded to the activation dtype)."""
+    weight = seeded(out_features, in_features, seed=8) * 0.05
     codes, scales, tensor_scale = quantize_fp4(weight, fmt)
-    packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, None, fmt, 576)
-    x = seeded(1, 576, seed=9).to(dtype)
+    bias = seeded(out_features, seed=4)
+    packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, bias, fmt, in_features)
+    x = seeded(rows, in_features, seed=9)
     got = fp4_cpu.gemv(x, packed)
-    expected = F.linear(x, packed.dequantize(dtype))
-    assert float((got == expected).float().mean()) > 0.99
-    torch.testing.assert_close(got, expected, rtol=2e-3, atol=1e-3)
+    expected = F.linear(x.double(), packed.dequantize(torch.float64), bias.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)

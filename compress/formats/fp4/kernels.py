@@ -11,8 +11,9 @@ it is decoded, so a forward holds one slab of dense weight (at most ``_SLAB_BYTE
 packed codes instead of the whole dense matrix. The same products as the reference (each output
 column is the dot product with one row of the weight); only the BLAS blocking may differ.
 
-``cpu_gemv``: the native fused GEMV of :mod:`compress.formats.fp4.cpu` (codes decoded in AVX2
-registers, products and sums in fp32, one pass over the packed bytes), chosen for up to
+``cpu_gemv``: the native fused GEMV of :mod:`compress.formats.fp4.cpu` (codes decoded in AVX-512
+or AVX2 registers by table permutes, products and sums in fp32, weights not rounded to the
+activation dtype, one pass over the packed bytes), chosen for up to
 :data:`~compress.formats.fp4.cpu.MAX_ROWS` activation rows on the CPU when the extension builds
 here. Prefill (more rows) stays on ``cpu_tiled``, whose slabs feed torch's GEMM.
 

@@ -25,7 +25,6 @@ MAX_ROWS = 8
 _FUNCTIONS = ["gemv", "vectorized"]
 _BYTES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(1, 256)  # every scale code
 _NONE = torch.empty(0)
-_ROUND_TO = {torch.bfloat16: 1, torch.float16: 2}
 
 
 @cache
@@ -53,8 +52,7 @@ def vectorized() -> bool:
 
 def gemv(x: torch.Tensor, w: PackedFP4) -> torch.Tensor:
     """``x @ W.T + bias`` for rows of ``x`` (..., K) (:data:`MAX_ROWS` a call), in ``x``'s
-    dtype. Each weight is the fp32 ``table[code] * scale`` rounded to ``x``'s dtype, as the
-    reference kernel casts it; the products and sums are float32."""
+    dtype; table values, products and sums in fp32 (weights not rounded to ``x``'s dtype)."""
     ext = native()
     if ext is None:
         raise RuntimeError("the fp4 native extension is not available")
@@ -66,9 +64,8 @@ def gemv(x: torch.Tensor, w: PackedFP4) -> torch.Tensor:
         else _NONE
     )
     qweight, scales, table = w.qweight.contiguous(), w.scales.contiguous(), fmt.table
-    round_to = _ROUND_TO.get(x.dtype, 0)  # weights as the reference casts them
     parts = [
-        ext.gemv(chunk, qweight, scales, scale_lut, table, fmt.block, round_to)
+        ext.gemv(chunk, qweight, scales, scale_lut, table, fmt.block)
         for chunk in rows.split(MAX_ROWS)  # a forced choice on a prefill: MAX_ROWS a call
     ]
     out = parts[0] if len(parts) == 1 else torch.cat(parts)
