@@ -35,6 +35,8 @@ LAYERS: list[list[str]] = [
         "compress.formats.fp4",
         "compress.formats.entropy",
     ],
+    # format kinds built on another kind (N:M sparsity over integer codes)
+    ["compress.formats.nm"],
     # adapters that correct a layer's output (PEFT methods and the in-pipeline hooks)
     ["compress.adapters"],
     [
@@ -65,6 +67,7 @@ PLUGIN_STRINGS = {
         "compress.formats.int",
         "compress.formats.fp8",
         "compress.formats.fp4",
+        "compress.formats.nm",
     },
 }
 

@@ -51,6 +51,7 @@ __all__ = [
     "register_runtime",
     "runtime_for",
     "share_buffers",
+    "triton_kernel",
 ]
 
 
@@ -305,3 +306,14 @@ class KernelDispatch:
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"{self.fmt.label()}, bias={self.bias is not None}"
         )
+
+
+def triton_kernel(module: str, kind: str) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """A kernel-table entry that runs ``module.triton_linear(x, packed, kind)``, importing the
+    format's Triton module (the optional ``gpu`` extra) on the first call only."""
+
+    def run(x: torch.Tensor, packed: Any) -> torch.Tensor:
+        result: torch.Tensor = importlib.import_module(module).triton_linear(x, packed, kind)
+        return result
+
+    return run

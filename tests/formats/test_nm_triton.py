@@ -13,14 +13,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the `gpu` extra is not installed")
 
+from compress.formats import triton_tiles
 from compress.formats.int import triton_kernels as int_tk
 from compress.formats.nm import triton_kernels as tk
 from compress.formats.nm.packed import PackedNM, pack_nm
 from compress.formats.nm.spec import NMIntFormat
 from compress.formats.packing import pack_codes
 
-if torch.cuda.is_available() == int_tk.INTERPRETED:  # imported earlier in the other mode
+if torch.cuda.is_available() == triton_tiles.INTERPRETED:  # imported earlier in the other mode
     int_tk = importlib.reload(int_tk)
+    triton_tiles = importlib.reload(triton_tiles)
     tk = importlib.reload(tk)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

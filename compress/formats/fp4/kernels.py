@@ -23,6 +23,7 @@ native build is unavailable) is logged once and the default is used.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from compress.formats.base import triton_kernel
 from compress.formats.fp4 import cpu
 from compress.formats.fp4.packed import PackedFP4
 from compress.formats.fp4.spec import FP4Format
@@ -70,20 +72,29 @@ def _cpu_gemv(x: torch.Tensor, w: PackedFP4) -> torch.Tensor:
     return cpu.gemv(x, w)
 
 
+_TRITON_MODULE = "compress.formats.fp4.triton_kernels"  # the `gpu` extra
 KERNELS: dict[str, Kernel] = {
     "reference": _reference,
     "cpu_tiled": _cpu_tiled,
     "cpu_gemv": _cpu_gemv,
+    "triton_gemv": triton_kernel(_TRITON_MODULE, "gemv"),
+    "triton_gemm": triton_kernel(_TRITON_MODULE, "gemm"),
 }
+_TRITON_GEMV_MAX_ROWS = 4  # triton_tiles.GEMV_MAX_ROWS, not imported here: triton is optional
+_TRITON = ("triton_gemv", "triton_gemm")
 
 
 def select(
     fmt: FP4Format, in_features: int, *, rows: int, dtype: torch.dtype, device: str = "cpu"
 ) -> str:
     """The kernel for a format, input width, activation dtype, row count and device."""
+    if device == "cuda" and importlib.util.find_spec("triton") is not None:
+        default = "triton_gemv" if rows <= _TRITON_GEMV_MAX_ROWS else "triton_gemm"
+        forced_kernel = os.environ.get("COMPRESS_KERNEL", "")
+        return forced_kernel if forced_kernel in ("reference", *_TRITON) else default
     native = device == "cpu" and cpu.native() is not None
     forced = os.environ.get("COMPRESS_KERNEL", "")
-    if forced in KERNELS and (forced != "cpu_gemv" or native):
+    if forced in KERNELS and forced not in _TRITON and (forced != "cpu_gemv" or native):
         return forced
     default = "cpu_gemv" if native and rows <= cpu.MAX_ROWS else "cpu_tiled"
     if forced:

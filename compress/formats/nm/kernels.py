@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from compress.formats.base import triton_kernel
 from compress.formats.nm import cpu
 from compress.formats.nm.packed import PackedNM
 from compress.formats.nm.spec import NMIntFormat
@@ -50,20 +51,12 @@ def _cpu_gemv(x: torch.Tensor, w: PackedNM) -> torch.Tensor:
     return cpu.gemv(x, w)
 
 
-def _triton(kind: str) -> Kernel:
-    def run(x: torch.Tensor, w: PackedNM) -> torch.Tensor:
-        from compress.formats.nm import triton_kernels  # the `gpu` extra; imported on first use
-
-        return triton_kernels.triton_linear(x, w, kind)
-
-    return run
-
-
+_TRITON_MODULE = "compress.formats.nm.triton_kernels"  # the `gpu` extra
 KERNELS: dict[str, Kernel] = {
     "reference": _reference,
     "cpu_gemv": _cpu_gemv,
-    "triton_gemv": _triton("gemv"),
-    "triton_gemm": _triton("gemm"),
+    "triton_gemv": triton_kernel(_TRITON_MODULE, "gemv"),
+    "triton_gemm": triton_kernel(_TRITON_MODULE, "gemm"),
 }
 _TRITON_GEMV_MAX_ROWS = 4  # triton_kernels.GEMV_MAX_ROWS, not imported here: triton is optional
 
