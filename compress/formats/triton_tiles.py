@@ -31,13 +31,41 @@ import triton.language as tl
 
 from compress.errors import FormatError
 
-__all__ = ["GEMV_MAX_ROWS", "INTERPRETED", "dequant_gemm", "linear", "splitk_gemv"]
+__all__ = [
+    "GEMV_MAX_ROWS",
+    "INTERPRETED",
+    "Tile",
+    "available",
+    "dequant_gemm",
+    "extract_bits",
+    "linear",
+    "splitk_gemv",
+]
 
 GEMV_MAX_ROWS = 4
 """Row counts up to this use the split-K GEMV; more rows use the dequant-GEMM."""
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 """Whether the kernels were built for Triton's CPU interpreter (set at import time)."""
+
+
+@triton.jit
+def extract_bits(ptr, row_offset, index, limit, mask, BITS: tl.constexpr):
+    """Codes ``index`` of the little-endian bit streams starting at ``ptr + row_offset`` (``limit``
+    bytes): code ``i`` starts at bit ``i*BITS``, so it lies in byte ``i*BITS >> 3`` and, for
+    widths that do not divide 8, may spill into the next one; every width 2..8 is one two-byte
+    load, a shift and a mask (the layout of :mod:`compress.formats.packing`)."""
+    bit = index * BITS
+    byte = row_offset + (bit >> 3)
+    lo = tl.load(ptr + byte, mask=mask, other=0).to(tl.int32)
+    if BITS == 8:
+        code = lo
+    elif 8 % BITS == 0:  # 2 and 4 bits never straddle a byte
+        code = (lo >> (bit & 7)) & ((1 << BITS) - 1)
+    else:
+        hi = tl.load(ptr + byte + 1, mask=mask & (byte + 1 < limit), other=0).to(tl.int32)
+        code = ((lo | (hi << 8)) >> (bit & 7)) & ((1 << BITS) - 1)
+    return code
 
 
 @triton.jit
@@ -161,6 +189,13 @@ class Tile:
         named.update({f"I{i}": v for i, v in enumerate(self.ints)})
         named.update({f"C{i}": v for i, v in enumerate(self.consts)})
         return named
+
+
+def available(device: str) -> bool:
+    """Whether the kernels, as built at import, run on tensors of ``device``."""
+    if device == "cuda":
+        return not INTERPRETED and torch.cuda.is_available()
+    return INTERPRETED and device == "cpu"
 
 
 def _check(x: torch.Tensor, in_features: int, device: torch.device) -> None:

@@ -19,12 +19,14 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the `gpu` extra is not installed")
 
 from compress.errors import FormatError
+from compress.formats import triton_tiles
 from compress.formats.int import IntFormat, quantize_int
 from compress.formats.int import triton_kernels as tk
 from compress.formats.int.linear import QuantLinear
 from compress.ir import QuantizedWeight
 
-if torch.cuda.is_available() == tk.INTERPRETED:  # imported earlier in the other mode
+if torch.cuda.is_available() == triton_tiles.INTERPRETED:  # imported earlier in the other mode
+    triton_tiles = importlib.reload(triton_tiles)
     tk = importlib.reload(tk)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,7 +4,8 @@
 Column ``k`` lies in run ``k // m`` at place ``k % m``; the run's ``n`` kept codes
 (``j = run * n + t``) and their positions are read, and the tile takes the code whose position is
 that place (zero if none). A tile costs ``n`` code and position reads per weight, all from the
-same few bytes (cached). The bit streams are read as the integer format's kernels read them.
+same few bytes (cached). The bit streams are read with
+:func:`~compress.formats.triton_tiles.extract_bits`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from compress.formats.int.triton_kernels import _extract
 from compress.formats.nm.packed import PackedNM
-from compress.formats.triton_tiles import Tile, linear
+from compress.formats.triton_tiles import Tile, extract_bits, linear
 
 __all__ = ["tile", "triton_linear"]
 
@@ -52,8 +52,8 @@ def _nm_tile(
     found = mask & (col < 0)  # all False, the tile's shape
     for t in tl.static_range(KEEP):
         j = run * KEEP + t
-        position = _extract(qi_ptr, i_start, j, i_start + i_bytes, mask, INDEX_BITS)
-        kept = _extract(qw_ptr, q_start, j, q_start + q_bytes, mask, BITS)
+        position = extract_bits(qi_ptr, i_start, j, i_start + i_bytes, mask, INDEX_BITS)
+        kept = extract_bits(qw_ptr, q_start, j, q_start + q_bytes, mask, BITS)
         hit = position == place
         code = tl.where(hit, kept, code)
         found = found | hit
@@ -63,7 +63,7 @@ def _nm_tile(
         scale = tl.exp2(scale - 127.0)
     if FLAGS & 1:  # noqa: SIM108 (constexpr: the other branch is never compiled)
         # the zero points come padded with a byte (see tile): the two-byte read never overruns
-        zero = _extract(qz_ptr, 0, group, 1 << 40, mask, BITS)
+        zero = extract_bits(qz_ptr, 0, group, 1 << 40, mask, BITS)
     else:
         zero = 1 << (BITS - 1)
     return tl.where(found, (code - zero).to(tl.float32) * scale, 0.0)
