@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import time
-
-import torch
 
 
 def main() -> None:
@@ -35,18 +31,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
+    from llmc_common import decoder_linear_weights, oneshot_on_windows
     from llmcompressor.modifiers.gptq import GPTQModifier
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(torch.get_num_threads())
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    ids: torch.Tensor = torch.load(args.calibration)
-    dataset = Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
-    )
     weights = QuantizationArgs(
         num_bits=args.bits,
         type="int",
@@ -59,23 +47,8 @@ def main() -> None:
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
         ignore=["lm_head"],
     )
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        dataset=dataset,
-        recipe=modifier,
-        max_seq_length=ids.shape[1],
-        num_calibration_samples=ids.shape[0],
-        shuffle_calibration_samples=False,
-    )
-    seconds = time.perf_counter() - start
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    # GPTQ leaves each Linear's weight at its quantized-then-dequantized value.
-    quantized = {
-        f"{name}.weight": module.weight.detach().float().contiguous()
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".layers." in name
-    }
+    model, seconds, peak_rss_mb = oneshot_on_windows(args.model_dir, args.calibration, modifier)
+    quantized = decoder_linear_weights(model)  # each at its quantized-then-dequantized value
     save_file(quantized, args.out)
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb, "tensors": len(quantized)}))
 

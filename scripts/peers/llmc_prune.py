@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import time
-
-import torch
 
 
 def main() -> None:
@@ -30,18 +26,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="safetensors file for the pruned weights")
     args = parser.parse_args()
 
-    from datasets import Dataset
-    from llmcompressor import oneshot
+    from llmc_common import decoder_linear_weights, oneshot_on_windows
     from llmcompressor.modifiers.pruning import WandaPruningModifier
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    ids: torch.Tensor = torch.load(args.calibration)
-    dataset = Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
-    )
     common = {
         "sparsity": args.sparsity,
         "mask_structure": args.mask_structure,
@@ -53,22 +42,8 @@ def main() -> None:
         if args.method == "sparsegpt"
         else WandaPruningModifier(**common)
     )
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        dataset=dataset,
-        recipe=modifier,
-        max_seq_length=ids.shape[1],
-        num_calibration_samples=ids.shape[0],
-        shuffle_calibration_samples=False,
-    )
-    seconds = time.perf_counter() - start
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    pruned = {
-        f"{name}.weight": module.weight.detach().float().contiguous()
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".layers." in name
-    }
+    model, seconds, peak_rss_mb = oneshot_on_windows(args.model_dir, args.calibration, modifier)
+    pruned = decoder_linear_weights(model)
     zeros = sum(int((w == 0).sum()) for w in pruned.values())
     total = sum(w.numel() for w in pruned.values())
     save_file(pruned, args.out)
