@@ -108,134 +108,137 @@ bool vector_shape(const Shape& sh, int64_t step) {
          (sh.bits == 2 || sh.bits == 4 || sh.bits == 8) && (sh.group / sh.m * sh.n) % step == 0;
 }
 
-#ifdef NM_AVX512
+#if defined(NM_AVX512)
+// The operations the row loop needs, for each instruction set: a step is 16 kept codes.
+using Vec = __m512;
+using IVec = __m512i;
 constexpr int64_t kStep = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset(float v) { return _mm512_set1_ps(v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
 
-inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-// Kept codes [0, kept - kept % 16) of one row; returns where the portable loop goes on.
-template <int kRows>
-int64_t row_vector(const Shape& sh, const float* x, const uint8_t* q, const uint8_t* idx,
-                   const float* s, const float* z, float* out) {
-  const __m512i two_bit = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                            28, 30);
-  const __m512i four_bit = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20,
-                                             24, 28);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  // (lane / n) * m: the run each lane's code belongs to, relative to the step's first run
-  const __m512i run = _mm512_mullo_epi32(
-      sh.n == 2 ? _mm512_srli_epi32(lane, 1) : lane, _mm512_set1_epi32(static_cast<int>(sh.m)));
-  __m512 acc[kRows];  // a compile-time count: the accumulators stay in registers
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
-  __m512 zero = _mm512_setzero_ps(), scale = zero;
-  // m = 2n: kept code j's run starts at column 2j; a scale group holds group / 2 kept codes
-  const int64_t per_group = sh.group / 2;
-  const int64_t end = sh.kept - sh.kept % per_group;
-  int64_t group = 0, left = 0;
-  for (int64_t j = 0; j < end; j += kStep) {
-    uint32_t positions;
-    std::memcpy(&positions, idx + j / 4, 4);
-    __m512i col = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(positions), two_bit),
-                                   _mm512_set1_epi32(3));
-    const int64_t first = 2 * j;
-    col = _mm512_add_epi32(col, run);  // relative to the step's first column: 0..31
-    __m512i codes;
-    if (sh.bits == 4) {
-      uint32_t halves[2];
-      std::memcpy(halves, q + j / 2, 8);
-      const __m512i both = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(halves[0]))),
-          _mm256_set1_epi32(static_cast<int>(halves[1])), 1);
-      codes = _mm512_and_si512(_mm512_srlv_epi32(both, four_bit), _mm512_set1_epi32(15));
-    } else if (sh.bits == 2) {
-      uint32_t word;
-      std::memcpy(&word, q + j / 4, 4);
-      codes = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), two_bit),
-                               _mm512_set1_epi32(3));
-    } else {
-      codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)));
-    }
-    if (left == 0) {  // a new scale group (counted: a division a step costs more than it)
-      zero = _mm512_set1_ps(z[group]);
-      scale = _mm512_set1_ps(s[group]);
-      ++group;
-      left = per_group;
-    }
-    left -= kStep;
-    const __m512 w = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(codes), zero), scale);
-    for (int r = 0; r < kRows; ++r) {
-      const float* xr = x + r * sh.k_cols + first;
-      const __m512 xs = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), col, _mm512_loadu_ps(xr + 16));
-      acc[r] = _mm512_fmadd_ps(w, xs, acc[r]);
-    }
+// Lanes of `word` cut into fields of `width` bits (width 2 or 4: 16 fields fill 32 / 64 bits).
+inline IVec fields(uint64_t word, int width) {
+  const IVec lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const IVec mask = _mm512_set1_epi32((1 << width) - 1);
+  if (width == 2) {
+    const IVec shift = _mm512_slli_epi32(lane, 1);
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shift),
+                            mask);
   }
-  for (int r = 0; r < kRows; ++r) out[r] = hsum(acc[r]);
-  return end;
+  // 4 bits: lanes 0-7 read the low 32 bits, lanes 8-15 the high 32
+  const IVec both = _mm512_inserti64x4(
+      _mm512_castsi256_si512(_mm256_set1_epi32(static_cast<int>(word))),
+      _mm256_set1_epi32(static_cast<int>(word >> 32)), 1);
+  const IVec shift = _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(7)), 2);
+  return _mm512_and_si512(_mm512_srlv_epi32(both, shift), mask);
+}
+
+inline IVec byte_lanes(const uint8_t* q) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+}
+
+inline Vec to_float(IVec v) { return _mm512_cvtepi32_ps(v); }
+inline Vec vsub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline IVec lane_runs(int64_t n, int64_t m) {  // (lane / n) * m
+  const IVec lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_mullo_epi32(n == 2 ? _mm512_srli_epi32(lane, 1) : lane,
+                            _mm512_set1_epi32(static_cast<int>(m)));
+}
+
+// The activations at columns `col` (0..31) of the 32 starting at xr: one two-source permute.
+inline Vec pick(const float* xr, IVec col) {
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(xr), col, _mm512_loadu_ps(xr + 16));
 }
 #elif defined(NM_AVX2)
+using Vec = __m256;
+using IVec = __m256i;
 constexpr int64_t kStep = 8;
-
-inline float hsum(__m256 v) {
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset(float v) { return _mm256_set1_ps(v); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) {
   __m128 lo = _mm256_castps256_ps128(v);
   lo = _mm_add_ps(lo, _mm256_extractf128_ps(v, 1));
   lo = _mm_hadd_ps(lo, lo);
   return _mm_cvtss_f32(_mm_hadd_ps(lo, lo));
 }
+inline IVec iadd(IVec a, IVec b) { return _mm256_add_epi32(a, b); }
 
+// Lanes of `word` cut into fields of `width` bits (width 2 or 4: 8 fields fill 16 / 32 bits).
+inline IVec fields(uint64_t word, int width) {
+  const IVec lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const IVec shift = width == 2 ? _mm256_slli_epi32(lane, 1) : _mm256_slli_epi32(lane, 2);
+  return _mm256_and_si256(
+      _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shift),
+      _mm256_set1_epi32((1 << width) - 1));
+}
+
+inline IVec byte_lanes(const uint8_t* q) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+}
+
+inline Vec to_float(IVec v) { return _mm256_cvtepi32_ps(v); }
+inline Vec vsub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+inline IVec lane_runs(int64_t n, int64_t m) {
+  const IVec lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_mullo_epi32(n == 2 ? _mm256_srli_epi32(lane, 1) : lane,
+                            _mm256_set1_epi32(static_cast<int>(m)));
+}
+
+// The activations at columns `col` (0..15) of the 16 starting at xr. With m = 2n, lanes 0-3
+// always read columns 0-7 and lanes 4-7 columns 8-15: a permute of each half (the low 3 bits of
+// the column) and a fixed blend.
+inline Vec pick(const float* xr, IVec col) {
+  return _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), col),
+                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), col), 0xF0);
+}
+#endif
+
+#if defined(NM_AVX512) || defined(NM_AVX2)
+// A step's kept codes: 2 or 4 bits read as one word (kStep codes fill it), 8 bits as bytes.
+inline IVec step_codes(const uint8_t* q, int64_t j, int bits) {
+  uint64_t word = 0;  // constant-size copies: a variable one is a library call
+  if (bits == 4) {
+    std::memcpy(&word, q + j / 2, kStep / 2);
+    return fields(word, 4);
+  }
+  if (bits == 2) {
+    std::memcpy(&word, q + j / 4, kStep / 4);
+    return fields(word, 2);
+  }
+  return byte_lanes(q + j);
+}
+
+// The whole row (vector_shape holds: m = 2n, 2-bit positions, groups of whole steps). Within a
+// scale group the sums of (code - zero) * x are kept apart and take the scale once at its end.
 template <int kRows>
 int64_t row_vector(const Shape& sh, const float* x, const uint8_t* q, const uint8_t* idx,
                    const float* s, const float* z, float* out) {
-  const __m256i two_bit = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-  const __m256i four_bit = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i run = _mm256_mullo_epi32(sh.n == 2 ? _mm256_srli_epi32(lane, 1) : lane,
-                                         _mm256_set1_epi32(static_cast<int>(sh.m)));
-  __m256 acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
-  __m256 zero = _mm256_setzero_ps(), scale = zero;
-  // m = 2n: kept code j's run starts at column 2j; a scale group holds group / 2 kept codes
-  const int64_t per_group = sh.group / 2;
+  const IVec run = lane_runs(sh.n, sh.m);
+  const int64_t per_group = sh.group / 2;  // kept codes a scale group holds (m = 2n)
   const int64_t end = sh.kept - sh.kept % per_group;
-  int64_t group = 0, left = 0;
-  for (int64_t j = 0; j < end; j += kStep) {
-    uint16_t positions;
-    std::memcpy(&positions, idx + j / 4, 2);
-    __m256i col = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(positions), two_bit),
-                                   _mm256_set1_epi32(3));
-    const int64_t first = 2 * j;
-    col = _mm256_add_epi32(col, run);  // relative to the step's first column: 0..15
-    const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(col, _mm256_set1_epi32(7)));
-    __m256i codes;
-    if (sh.bits == 4) {
-      uint32_t word;
-      std::memcpy(&word, q + j / 2, 4);
-      codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), four_bit),
-                               _mm256_set1_epi32(15));
-    } else if (sh.bits == 2) {
-      uint16_t word;
-      std::memcpy(&word, q + j / 4, 2);
-      codes = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), two_bit),
-                               _mm256_set1_epi32(3));
-    } else {
-      codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j)));
+  Vec acc[kRows];  // a compile-time count: the accumulators stay in registers
+  for (int r = 0; r < kRows; ++r) acc[r] = vzero();
+  for (int64_t start = 0, g = 0; start < end; start += per_group, ++g) {
+    const Vec zero = vset(z[g]);
+    Vec block[kRows];
+    for (int r = 0; r < kRows; ++r) block[r] = vzero();
+    for (int64_t j = start; j < start + per_group; j += kStep) {
+      uint64_t positions = 0;
+      std::memcpy(&positions, idx + j / 4, kStep / 4);
+      const IVec col = iadd(fields(positions, 2), run);  // relative to the step's first column
+      const Vec w = vsub(to_float(step_codes(q, j, sh.bits)), zero);
+      for (int r = 0; r < kRows; ++r) {
+        block[r] = vfma(w, pick(x + r * sh.k_cols + 2 * j, col), block[r]);
+      }
     }
-    if (left == 0) {  // a new scale group (counted: a division a step costs more than it)
-      zero = _mm256_set1_ps(z[group]);
-      scale = _mm256_set1_ps(s[group]);
-      ++group;
-      left = per_group;
-    }
-    left -= kStep;
-    const __m256 w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(codes), zero), scale);
-    for (int r = 0; r < kRows; ++r) {
-      const float* xr = x + r * sh.k_cols + first;
-      const __m256 xs = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), col),
-                                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), col),
-                                         high);
-      acc[r] = _mm256_fmadd_ps(w, xs, acc[r]);
-    }
+    const Vec scale = vset(s[g]);
+    for (int r = 0; r < kRows; ++r) acc[r] = vfma(block[r], scale, acc[r]);
   }
-  for (int r = 0; r < kRows; ++r) out[r] = hsum(acc[r]);
+  for (int r = 0; r < kRows; ++r) out[r] = vsum(acc[r]);
   return end;
 }
 #endif
