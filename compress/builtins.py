@@ -6,6 +6,7 @@ from compress.distill import distill as _distill
 from compress.lossless import entropy_code as _entropy
 from compress.prune import contextual as _contextual
 from compress.prune import prune as _prune
+from compress.quant import act_quant as _act_quant
 from compress.quant import awq as _awq
 from compress.quant import correct as _correct
 from compress.quant import gptq as _gptq
@@ -18,6 +19,7 @@ __all__ = ["BUILTIN_PASS_MODULES"]
 BUILTIN_PASS_MODULES = (
     _rotate,
     _rearrange,
+    _act_quant,
     _rtn,
     _gptq,
     _awq,

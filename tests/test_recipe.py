@@ -113,7 +113,12 @@ def test_resolved_fills_in_every_default() -> None:
         {"pass": "rtn", **RTNConfig().model_dump(mode="json")},
     ]
     assert resolved["passes"][0]["bits"] == 4
-    assert resolved["export"] == {"dir": "out/x", "format": "compress", "overwrite": False}
+    assert resolved["export"] == {
+        "dir": "out/x",
+        "format": "compress",
+        "overwrite": False,
+        "sparse": True,
+    }
     assert resolved["evaluate"] is None
 
 
@@ -287,7 +292,10 @@ def test_unknown_section_key(tmp_path: Path) -> None:
     path = write(tmp_path, "model: m\npasses: []\nexport:\n  dir: out/x\n  overwrit: true\n")
     error = error_of(path)
     assert error.message == f"{path}:5: export: unknown key 'overwrit' (value true)"
-    assert error.hint == "did you mean 'overwrite'? valid keys of export: dir, format, overwrite"
+    assert (
+        error.hint
+        == "did you mean 'overwrite'? valid keys of export: dir, format, overwrite, sparse"
+    )
 
 
 def test_missing_model(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from compress.export.manifest import (
     verify_files,
 )
 from compress.formats import Format, format_from_dict, runtime_for
+from compress.utils.activations import install_activation_quants
 from compress.utils.hadamard import install_online_hadamards
 from compress.utils.modules import embed_scale_of
 
@@ -121,6 +122,7 @@ class CompressHfQuantizer(HfQuantizer):
             )
         # after the adapter: a down_proj wrapped by PEFT transforms the input of both
         install_online_hadamards(model)  # rotate's online_down
+        install_activation_quants(model)  # act_quant: after the transform, as in memory
         if getattr(model.config, "contextual_sparsity", None):
             # the contextual runtime is a plugin reached by name, as compress reaches this module
             runtime = importlib.import_module("compress.prune.contextual_runtime")

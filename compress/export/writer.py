@@ -35,6 +35,7 @@ from compress.formats.nm.spec import NMIntFormat, nonzero_codes
 from compress.ir import Adapter, ConfigPatch, QuantizedWeight, SparsityMask, get, get_quantized
 from compress.ir import records as ir_records
 from compress.registry import LayerAccess
+from compress.utils.activations import ACTIVATION_QUANT_KEY
 from compress.utils.fs import atomic_directory, probe_writable, sha256_file
 from compress.utils.hadamard import ONLINE_HADAMARD_KEY
 from compress.utils.modules import decoder_layers
@@ -420,6 +421,12 @@ def export_model(
             f"the {layout.name} export does not carry adapters",
             hint="export with format: compress, or drop lora_correct / qwha",
         )
+    if layout.name != QUANT_METHOD and getattr(config, ACTIVATION_QUANT_KEY, None):
+        raise ExportError(
+            f"the {layout.name} export cannot carry act_quant's run-time activation "
+            "quantization: its loader would feed the layers unrounded activations",
+            hint="export with format: compress, or leave act_quant out",
+        )
     if layout.name != QUANT_METHOD and getattr(config, ONLINE_HADAMARD_KEY, None):
         raise ExportError(
             f"the {layout.name} export cannot run the online Hadamard transform of rotate's "
@@ -450,8 +457,10 @@ def export_model(
             config.tie_word_embeddings = False
         if coder is not None:
             qconfig = coder.quantization_config(qconfig)
-        runtime = getattr(config, "contextual_sparsity", None) or getattr(
-            config, ONLINE_HADAMARD_KEY, None
+        runtime = (
+            getattr(config, "contextual_sparsity", None)
+            or getattr(config, ONLINE_HADAMARD_KEY, None)
+            or getattr(config, ACTIVATION_QUANT_KEY, None)
         )
         if qconfig is None and runtime and layout.name == QUANT_METHOD:
             # plain weights with a run-time part (contextual sparsity, an online transform):

@@ -52,6 +52,7 @@ from compress.ir import (
 from compress.layouts import Layout, layout_of
 from compress.quant.basis import decoder_linear, require_whole_float_model
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
+from compress.utils.activations import ACTIVATION_QUANT_KEY
 from compress.utils.hadamard import (
     ONLINE_HADAMARD_KEY,
     hadamard_transform,
@@ -100,6 +101,12 @@ def _check_supported(model: nn.Module, layout: Layout, config: RotateConfig) -> 
             hint="leave rotate out for this family (Llama, Mistral, Qwen2/3 and Phi-3 work)",
         )
     require_whole_float_model(model, "rotate", "a rotation", "changes")
+    if getattr(getattr(model, "config", None), ACTIVATION_QUANT_KEY, None):
+        raise PassError(
+            "rotate after act_quant: the activations would be quantized before they are "
+            "rotated, and the export's loader installs the two the other way round",
+            hint="put act_quant after rotate",
+        )
     if next(records(model, Permutation), None) is not None:
         raise PassError(
             "rotate after rearrange: the channels were sorted so outliers share blocks, and a "
