@@ -13,12 +13,14 @@ from compress.quant import gptq as _gptq
 from compress.quant import rearrange as _rearrange
 from compress.quant import rotate as _rotate
 from compress.quant import rtn as _rtn
+from compress.quant import smoothquant as _smoothquant
 
 __all__ = ["BUILTIN_PASS_MODULES"]
 
 BUILTIN_PASS_MODULES = (
     _rotate,
     _rearrange,
+    _smoothquant,
     _act_quant,
     _rtn,
     _gptq,

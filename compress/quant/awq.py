@@ -41,7 +41,7 @@ from compress.formats.int import IntFormat
 from compress.formats.int.spec import ScaleDtype
 from compress.ir import get_quantized
 from compress.layouts import layout_of
-from compress.quant.awq_math import ScaleSearch, search_scales
+from compress.quant.awq_math import search_scales
 from compress.quant.checks import check_group_sizes, format_when_read
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
@@ -120,50 +120,88 @@ def awq(model: nn.Module, config: AWQConfig, context: PassContext) -> PassReport
     fmt = config.int_format()
     modules = dict(model.named_modules())
     report = PassReport(name="awq")
-    plan = _plan(model, modules, config, fmt, report.skipped)
+    plan = _plan(model, modules, config.ignore, fmt, report.skipped, "awq")
     stride = max(1, math.ceil(calibration.numel() / config.search_tokens))
+
+    def choose(group: _Group, stats: _InputStats) -> tuple[torch.Tensor | None, dict[str, float]]:
+        # every search reads the unscaled layer: scaling one group changes neither the inputs nor
+        # (up to a per-row factor that the row-wise formats absorb) the rounding of another
+        mean_abs, rows = stats.result(group.name)
+        weights = [_linear(modules, name).weight for name in group.linears]
+        search = search_scales(weights, rows, mean_abs, fmt, grid=config.grid)
+        metrics = {
+            "alpha": search.alpha,
+            "error_before": search.error_before,
+            "error_after": search.error_after,
+        }
+        return (search.scales if search.alpha > 0.0 else None), metrics
+
+    fold_errors = fold_layer_by_layer(
+        model,
+        modules,
+        plan,
+        calibration,
+        context,
+        report,
+        choose=choose,
+        stats=lambda: _InputStats(stride, config.search_tokens),
+        batch_size=config.batch_size,
+        pass_name="awq",
+    )
+    _summarise(report, fold_errors, calibration.numel(), stride)
+    return report
+
+
+def fold_layer_by_layer(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    plan: dict[str, list[_Group]],
+    calibration: torch.Tensor,
+    context: PassContext,
+    report: PassReport,
+    *,
+    choose: Callable[[_Group, _InputStats], tuple[torch.Tensor | None, dict[str, float]]],
+    stats: Callable[[], _InputStats],
+    batch_size: int,
+    pass_name: str,
+) -> list[float]:
+    """Per decoder layer (on the outputs of the already scaled ones): the input statistics of
+    each planned group, ``choose``'s scales for it (``None``: leave it), folded into the group and
+    its producer, and the layer's output checked unchanged on its first calibration batch (a
+    layer whose fold changed it is restored and the pass fails). ``choose``'s metrics go to
+    ``report.per_module``; the relative output change of every layer is returned."""
     fold_errors: list[float] = []
 
     def step(index: int, layer_name: str, layer: nn.Module, run: Callable[[], None]) -> None:
         groups = plan.get(layer_name, [])
         if not groups:
             return
-        stats = {group.name: _InputStats(stride, config.search_tokens) for group in groups}
+        seen = {group.name: stats() for group in groups}
         readers = {group.name: modules[group.name] for group in groups}
         with (
-            capture_inputs(readers, lambda name, x: stats[name].add(x)),
+            capture_inputs(readers, lambda name, x: seen[name].add(x)),
             _first_call(layer) as probe,
         ):
             run()
-        # every search reads the unscaled layer: scaling one group changes neither the inputs nor
-        # (up to a per-row factor that the row-wise formats absorb) the rounding of another
-        searches: dict[_Group, ScaleSearch] = {}
-        for group in groups:
-            mean_abs, rows = stats[group.name].result(group.name)
-            weights = [_linear(modules, name).weight for name in group.linears]
-            searches[group] = search_scales(weights, rows, mean_abs, fmt, grid=config.grid)
+        chosen = {group: choose(group, seen[group.name]) for group in groups}
         saved: dict[str, torch.Tensor] = {}
-        for group, search in searches.items():
-            if search.alpha > 0.0:
-                _fold_(group, search.scales, modules, saved)
+        for group, (scales, _) in chosen.items():
+            if scales is not None:
+                _fold_(group, scales, modules, saved)
         fold_error = probe.check(layer)
         if fold_error > _fold_tolerance(layer):
             _restore_(modules, saved)
             raise PassError(
-                f"awq: folding the scales changed the output of {layer_name} "
+                f"{pass_name}: folding the scales changed the output of {layer_name} "
                 f"({type(layer).__name__}) by {fold_error:.2%}; this layer is restored "
                 "(earlier ones keep their exact folds)",
                 hint="its norms or projections do not compute as in Llama (e.g. a norm that "
                 "multiplies by 1 + weight); " + _LAYOUT_HINT,
             )
         fold_errors.append(fold_error)
-        for group, search in searches.items():
-            report.per_module[group.name] = {
-                "alpha": search.alpha,
-                "error_before": search.error_before,
-                "error_after": search.error_after,
-            }
-            if search.alpha > 0.0:
+        for group, (scales, metrics) in chosen.items():
+            report.per_module[group.name] = metrics
+            if scales is not None:
                 report.touched.extend([group.previous, *group.linears])
         report.touched[:] = list(dict.fromkeys(report.touched))  # v_proj, up_proj: two groups
 
@@ -171,29 +209,32 @@ def awq(model: nn.Module, config: AWQConfig, context: PassContext) -> PassReport
         model,
         calibration,
         step,
-        batch_size=config.batch_size,
-        description="awq layers",
+        batch_size=batch_size,
+        description=f"{pass_name} layers",
         progress=context.progress,
         layers=context.layers,
         report=report,
     )
-    _summarise(report, fold_errors, calibration.numel(), stride)
-    return report
+    return fold_errors
 
 
 def _plan(
     model: nn.Module,
     modules: dict[str, nn.Module],
-    config: AWQConfig,
-    fmt: IntFormat,
+    ignore: list[str],
+    fmt: IntFormat | None,
     skipped: dict[str, str],
+    pass_name: str,
 ) -> dict[str, list[_Group]]:
     """The groups of every decoder layer (from :mod:`compress.layouts`); fails before any change
-    if the model's layout is unknown."""
+    if the model's layout is unknown. ``fmt``: the format of the quantization that follows, whose
+    groups must fit the Linears (``None``: no such check)."""
     try:
         layout = layout_of(model)
     except PassError as error:
-        raise PassError(f"awq does not support it: {error.message}", hint=_LAYOUT_HINT) from None
+        raise PassError(
+            f"{pass_name} does not support it: {error.message}", hint=_LAYOUT_HINT
+        ) from None
     plan: dict[str, list[_Group]] = {}
     for index in range(layout.num_layers):
         layer_name = layout.layer_name(index)
@@ -205,7 +246,7 @@ def _plan(
                 rows=scale_group.source_rows,
                 one_plus=scale_group.source_kind == "norm" and layout.norm_kind == "rms_one_plus",
             )
-            reason = _check_group(group, modules, config, fmt)
+            reason = _check_group(group, modules, ignore, fmt, pass_name)
             if reason is None:
                 plan[layer_name].append(group)
             else:
@@ -214,28 +255,34 @@ def _plan(
 
 
 def _check_group(
-    group: _Group, modules: dict[str, nn.Module], config: AWQConfig, fmt: IntFormat
+    group: _Group,
+    modules: dict[str, nn.Module],
+    ignore: list[str],
+    fmt: IntFormat | None,
+    pass_name: str,
 ) -> str | None:
     """Why the group cannot be scaled (``None``: it can); raises on what the user must fix."""
     readers = [modules[name] for name in group.linears]
     for name, module in zip(group.linears, readers, strict=True):
         if not isinstance(module, nn.Linear):
             raise PassError(
-                f"awq: {name} is a {type(module).__name__}, expected nn.Linear", hint=_LAYOUT_HINT
+                f"{pass_name}: {name} is a {type(module).__name__}, expected nn.Linear",
+                hint=_LAYOUT_HINT,
             )
     linears = {
         n: m for n, m in zip(group.linears, readers, strict=True) if isinstance(m, nn.Linear)
     }
-    check_group_sizes(linears, fmt)
+    if fmt is not None:
+        check_group_sizes(linears, fmt)
     for name in (group.previous, *group.linears):
         if get_quantized(modules[name]) is not None:
             raise PassError(
-                f"awq: {name} is already quantized; scaling it now would break its codes",
-                hint="put awq before the quantization pass (rtn, gptq) in the recipe",
+                f"{pass_name}: {name} is already quantized; scaling it now would break its codes",
+                hint=f"put {pass_name} before the quantization pass (rtn, gptq) in the recipe",
             )
     in_features = readers[0].in_features
     if any(module.in_features != in_features for module in readers):
-        raise PassError(f"awq: {', '.join(group.linears)} read inputs of different widths")
+        raise PassError(f"{pass_name}: {', '.join(group.linears)} read inputs of different widths")
     if any(transforms_input_online(module) for module in readers):
         return (
             f"{group.name} transforms its input online (rotate's online_down): a scale of the "
@@ -254,11 +301,11 @@ def _check_group(
         weight = getattr(previous, "weight", None)
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (in_features,):
             raise PassError(
-                f"awq: {group.previous} ({type(previous).__name__}) has no weight of shape "
-                f"({in_features},) to fold the scales into",
+                f"{pass_name}: {group.previous} ({type(previous).__name__}) has no weight of "
+                f"shape ({in_features},) to fold the scales into",
                 hint=_LAYOUT_HINT,
             )
-    changed = [name for name in (group.previous, *group.linears) if match_any(name, config.ignore)]
+    changed = [name for name in (group.previous, *group.linears) if match_any(name, ignore)]
     if changed:
         return f"matched an ignore pattern: {', '.join(changed)}"
     return None
@@ -271,14 +318,18 @@ class _InputStats:
         self.stride = stride
         self.limit = limit
         self.sum_abs: torch.Tensor | None = None
+        self.max_abs: torch.Tensor | None = None  # per channel, for smoothquant
         self.count = 0
         self.rows: list[torch.Tensor] = []
         self.kept = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        total = x.abs().sum(dim=0, dtype=torch.float32)
+        magnitude = x.abs()
+        total = magnitude.sum(dim=0, dtype=torch.float32)
+        peak = magnitude.amax(dim=0).to(torch.float32)
         self.sum_abs = total if self.sum_abs is None else self.sum_abs + total
+        self.max_abs = peak if self.max_abs is None else torch.maximum(self.max_abs, peak)
         first = (-self.count) % self.stride  # global token index divisible by stride
         picked = x[first :: self.stride][: self.limit - self.kept]
         if picked.shape[0]:
