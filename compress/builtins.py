@@ -10,6 +10,7 @@ from compress.quant import act_quant as _act_quant
 from compress.quant import awq as _awq
 from compress.quant import correct as _correct
 from compress.quant import gptq as _gptq
+from compress.quant import kv_cache as _kv_cache
 from compress.quant import rearrange as _rearrange
 from compress.quant import rotate as _rotate
 from compress.quant import rtn as _rtn
@@ -26,6 +27,7 @@ BUILTIN_PASS_MODULES = (
     _gptq,
     _awq,
     _correct,
+    _kv_cache,
     _prune,
     _contextual,
     _distill,

@@ -33,6 +33,7 @@ from compress.export.manifest import (
 from compress.formats import Format, format_from_dict, runtime_for
 from compress.utils.activations import install_activation_quants
 from compress.utils.hadamard import install_online_hadamards
+from compress.utils.kvcache import install_kv_cache
 from compress.utils.modules import embed_scale_of
 
 __all__ = [
@@ -123,6 +124,7 @@ class CompressHfQuantizer(HfQuantizer):
         # after the adapter: a down_proj wrapped by PEFT transforms the input of both
         install_online_hadamards(model)  # rotate's online_down
         install_activation_quants(model)  # act_quant: after the transform, as in memory
+        install_kv_cache(model)  # kv_cache: generate fills a quantized cache
         if getattr(model.config, "contextual_sparsity", None):
             # the contextual runtime is a plugin reached by name, as compress reaches this module
             runtime = importlib.import_module("compress.prune.contextual_runtime")

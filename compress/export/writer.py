@@ -38,6 +38,7 @@ from compress.registry import LayerAccess
 from compress.utils.activations import ACTIVATION_QUANT_KEY
 from compress.utils.fs import atomic_directory, probe_writable, sha256_file
 from compress.utils.hadamard import ONLINE_HADAMARD_KEY
+from compress.utils.kvcache import KV_CACHE_KEY
 from compress.utils.modules import decoder_layers
 from compress.utils.progress import NullProgress, Progress
 from compress.utils.safetensors_io import ShardWriter
@@ -461,6 +462,7 @@ def export_model(
             getattr(config, "contextual_sparsity", None)
             or getattr(config, ONLINE_HADAMARD_KEY, None)
             or getattr(config, ACTIVATION_QUANT_KEY, None)
+            or getattr(config, KV_CACHE_KEY, None)
         )
         if qconfig is None and runtime and layout.name == QUANT_METHOD:
             # plain weights with a run-time part (contextual sparsity, an online transform):
