@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 import huggingface_hub.constants
@@ -131,6 +132,26 @@ def write_word_text(path: Path, *, lines: int, words: int, vocabulary: int = len
     ]
     path.write_text("\n".join(text) + "\n")
     return path
+
+
+def run_passes_on_tiny_model(passes: list[Any], folder: Path, *, seed: int) -> tuple[Any, Any]:
+    """A recipe's passes through the Pipeline on a 2-layer tiny Llama (saved under ``folder``,
+    calibrated on a word text), exported to ``folder / "export"`` and reloaded: what the shipped
+    recipes' tiny-model tests check. Returns ``(pipeline result, reloaded model)``."""
+    from transformers import AutoModelForCausalLM
+
+    from compress.pipeline import Pipeline
+    from compress.recipe import CalibrationSpec, ModelSpec
+
+    model_dir = save_tiny_llama(folder / "tiny", layers=2, seed=seed)
+    text = write_word_text(folder / "calib.txt", lines=30, words=30, vocabulary=15)
+    result = Pipeline(
+        ModelSpec(name=str(model_dir)),
+        list(passes),
+        calibration=CalibrationSpec(dataset=str(text), samples=8, seq_len=32),
+        export=folder / "export",
+    ).run()
+    return result, AutoModelForCausalLM.from_pretrained(folder / "export").eval()
 
 
 def make_byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -128,22 +128,14 @@ def test_shipped_bfp_kv4_recipe_on_a_tiny_model(tmp_path):
     """recipes/smollm2-bfp-kv4.yaml's passes on a tiny model (head size 16: groups of 8)."""
     from pathlib import Path
 
-    from compress.pipeline import Pipeline
-    from compress.recipe import CalibrationSpec, ModelSpec, load_recipe
-    from tests.conftest import save_tiny_llama, write_word_text
+    from compress.recipe import load_recipe
+    from tests.conftest import run_passes_on_tiny_model
 
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "smollm2-bfp-kv4.yaml")
     gptq, kv = recipe.passes
     assert isinstance(kv, KVCacheConfig) and (kv.bits, kv.group_size, kv.ksort) == (4, 32, True)
-    folder = save_tiny_llama(tmp_path / "tiny", layers=2, seed=5)
-    text = write_word_text(tmp_path / "calib.txt", lines=30, words=30, vocabulary=15)
-    Pipeline(
-        ModelSpec(name=str(folder)),
-        [gptq, kv.model_copy(update={"group_size": 8})],
-        calibration=CalibrationSpec(dataset=str(text), samples=8, seq_len=32),
-        export=tmp_path / "export",
-    ).run()
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    passes = [gptq, kv.model_copy(update={"group_size": 8})]
+    _, loaded = run_passes_on_tiny_model(passes, tmp_path, seed=5)
     assert getattr(loaded.config, KV_CACHE_KEY)["group_size"] == 8
     out = loaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)

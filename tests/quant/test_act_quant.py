@@ -15,19 +15,18 @@ from transformers import AutoModelForCausalLM
 import compress  # noqa: F401  (the loader of our exports)
 from compress.errors import ExportError, PassError
 from compress.export.writer import export_model
-from compress.pipeline import Pipeline
 from compress.quant.act_quant import ActQuantConfig, act_quant
 from compress.quant.gptq import GPTQConfig
 from compress.quant.rotate import RotateConfig, rotate
 from compress.quant.rtn import RTNConfig, rtn
-from compress.recipe import CalibrationSpec, ModelSpec, load_recipe
+from compress.recipe import load_recipe
 from compress.registry import PassContext
 from compress.utils.activations import (
     ACTIVATION_QUANT_KEY,
     quantize_activations,
     quantizes_input,
 )
-from tests.conftest import save_tiny_llama, write_word_text
+from tests.conftest import run_passes_on_tiny_model
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -139,15 +138,7 @@ def test_shipped_w8a8_recipe_on_a_tiny_model(tmp_path):
     activation rounding, an export whose reload rounds the activations the same way."""
     recipe = load_recipe(RECIPES / "smollm2-w8a8-fp8.yaml")
     assert [p.__class__ for p in recipe.passes] == [ActQuantConfig, GPTQConfig]
-    folder = save_tiny_llama(tmp_path / "tiny", layers=2, seed=3)
-    text = write_word_text(tmp_path / "calib.txt", lines=30, words=30, vocabulary=15)
-    result = Pipeline(
-        ModelSpec(name=str(folder)),
-        list(recipe.passes),
-        calibration=CalibrationSpec(dataset=str(text), samples=8, seq_len=32),
-        export=tmp_path / "export",
-    ).run()
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    result, loaded = run_passes_on_tiny_model(recipe.passes, tmp_path, seed=3)
     assert quantizes_input(loaded.model.layers[0].mlp.gate_proj) == "fp8_e4m3"
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

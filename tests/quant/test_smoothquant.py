@@ -92,12 +92,9 @@ def test_shipped_w8a8_int8_recipe_on_a_tiny_model(tmp_path):
     """recipes/smollm2-w8a8-int8.yaml's passes on a tiny model, through an export's reload."""
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM
-
-    from compress.pipeline import Pipeline
-    from compress.recipe import CalibrationSpec, ModelSpec, load_recipe
+    from compress.recipe import load_recipe
     from compress.utils.activations import quantizes_input
-    from tests.conftest import save_tiny_llama, write_word_text
+    from tests.conftest import run_passes_on_tiny_model
 
     recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "smollm2-w8a8-int8.yaml")
     assert [p.__class__.__name__ for p in recipe.passes] == [
@@ -105,15 +102,7 @@ def test_shipped_w8a8_int8_recipe_on_a_tiny_model(tmp_path):
         "ActQuantConfig",
         "GPTQConfig",
     ]
-    folder = save_tiny_llama(tmp_path / "tiny", layers=2, seed=4)
-    text = write_word_text(tmp_path / "calib.txt", lines=30, words=30, vocabulary=15)
-    result = Pipeline(
-        ModelSpec(name=str(folder)),
-        list(recipe.passes),
-        calibration=CalibrationSpec(dataset=str(text), samples=8, seq_len=32),
-        export=tmp_path / "export",
-    ).run()
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    result, loaded = run_passes_on_tiny_model(recipe.passes, tmp_path, seed=4)
     assert quantizes_input(loaded.model.layers[1].self_attn.k_proj) == "int8"
     ids = calibration(2, 16, seed=2)
     with torch.no_grad():
