@@ -464,9 +464,10 @@ def test_packed_dequantize_is_the_reference_bit_for_bit(fmt, out_features, in_fe
         assert torch.equal(module.dequantize(dtype), record.dequantize(dtype))
 
 
-@pytest.fixture(params=sorted({"generic", "avx2", cpu_isa()}, key=ISA_LEVELS.index))
+@pytest.fixture(params=sorted({"avx2", cpu_isa()}, key=ISA_LEVELS.index))
 def isa(request, monkeypatch):
-    """The portable build, the AVX2 one and this CPU's own (COMPRESS_CPU_ISA forces each)."""
+    """The AVX2 build and this CPU's own (COMPRESS_CPU_ISA forces each); the portable loops
+    run in these builds too, for the shapes and tails the vector paths leave."""
     level = request.param
     if ISA_LEVELS.index(level) > ISA_LEVELS.index(cpu_isa()):
         pytest.skip(f"this CPU runs the {cpu_isa()} build at most")
@@ -477,7 +478,7 @@ def isa(request, monkeypatch):
 
 @pytest.mark.parametrize("fmt", [*FORMATS, FP4Format("nf4", block_size=128)], ids=str)
 @pytest.mark.parametrize(("out_features", "in_features"), [(300, 576), (7, 257), (5, 96)])
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 11])
 def test_native_gemv_matches_the_reference_on_every_build(
     isa, fmt, out_features, in_features, rows
 ):

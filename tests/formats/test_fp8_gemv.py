@@ -1,5 +1,5 @@
-"""The FP8 format's native GEMV against the reference, on every instruction-set build this CPU
-runs (the portable loop, AVX2, AVX-512), for both variants, every scaling and awkward widths."""
+"""The FP8 format's native GEMV against the reference, on the AVX2 build and this CPU's own (the
+portable loop takes the tails), for both variants, every scaling and awkward widths."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ FORMATS = [
 SHAPES = [(37, 192), (16, 576), (5, 100), (9, 40)]
 
 
-@pytest.fixture(params=sorted({"generic", "avx2", cpu_isa()}, key=ISA_LEVELS.index))
+@pytest.fixture(params=sorted({"avx2", cpu_isa()}, key=ISA_LEVELS.index))
 def isa(request, monkeypatch):
-    """The portable build, the AVX2 one and this CPU's own (COMPRESS_CPU_ISA forces each)."""
+    """The AVX2 build and this CPU's own (COMPRESS_CPU_ISA forces each); the portable loops
+    run in these builds too, for the shapes and tails the vector paths leave."""
     level = request.param
     if ISA_LEVELS.index(level) > ISA_LEVELS.index(cpu_isa()):
         pytest.skip(f"this CPU runs the {cpu_isa()} build at most")
@@ -47,7 +48,7 @@ def packed(fmt: FP8Format, out_features: int, in_features: int, seed: int = 0) -
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.label())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("rows", [1, 5, 9])
+@pytest.mark.parametrize("rows", [1, 9])
 def test_native_gemv_matches_the_reference(isa, fmt, shape, rows):
     out_features, in_features = shape
     if fmt.scaling == "mx" and in_features % 32:

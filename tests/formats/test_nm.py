@@ -124,9 +124,10 @@ def test_a_run_with_too_many_nonzeros_names_row_and_columns():
 # --- kernels ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=sorted({"generic", "avx2", cpu_isa()}, key=ISA_LEVELS.index))
+@pytest.fixture(params=sorted({"avx2", cpu_isa()}, key=ISA_LEVELS.index))
 def isa(request, monkeypatch):
-    """The portable build, the AVX2 one and this CPU's own (COMPRESS_CPU_ISA forces each)."""
+    """The AVX2 build and this CPU's own (COMPRESS_CPU_ISA forces each); the portable loops
+    run in these builds too, for the shapes and tails the vector paths leave."""
     level = request.param
     if ISA_LEVELS.index(level) > ISA_LEVELS.index(cpu_isa()):
         pytest.skip(f"this CPU runs the {cpu_isa()} build at most")
@@ -141,7 +142,7 @@ SHAPES = [(37, 384), (5, 64), (16, 576)]
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.label())
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+@pytest.mark.parametrize("rows", [1, 11])
 def test_native_gemv_matches_the_reference(isa, fmt, shape, rows):
     out_features, in_features = shape
     if in_features % (fmt.group_size or 1):
