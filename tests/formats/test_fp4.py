@@ -258,7 +258,7 @@ def test_buffers_are_exactly_the_stored_tensors(fmt, out_features, in_features):
     assert not any(name == "weight" for name, _ in module.named_parameters())
 
 
-@pytest.mark.parametrize("kernel", sorted(fp4_kernels.KERNELS))
+@pytest.mark.parametrize("kernel", sorted(k for k in fp4_kernels.KERNELS if "triton" not in k))
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 @pytest.mark.parametrize(("out_features", "in_features"), [*SHAPES, (300, 257)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
