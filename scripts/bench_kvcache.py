@@ -35,7 +35,7 @@ def run(chunk: int, windows: int, variants: list[str]) -> list[dict[str, Any]]:
     import torch
     from transformers import DynamicCache
 
-    from compress.utils.kvcache import QuantizedKVCache
+    from compress.utils.quantized_cache import QuantizedKVCache
 
     model, _, ids = smollm2_and_eval_windows(windows, 512)
     model.eval()

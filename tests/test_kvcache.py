@@ -16,7 +16,8 @@ from compress.export.writer import export_model
 from compress.quant.kv_cache import KVCacheConfig, kv_cache
 from compress.quant.rtn import RTNConfig, rtn
 from compress.registry import PassContext
-from compress.utils.kvcache import KV_CACHE_KEY, QuantizedKVCache, QuantizedKVLayer
+from compress.utils.kvcache import KV_CACHE_KEY
+from compress.utils.quantized_cache import QuantizedKVCache, QuantizedKVLayer
 
 
 def states(batch=1, heads=2, tokens=5, dim=16, seed=0, outliers=()):
