@@ -65,7 +65,7 @@ def modules_for(out_features: int, in_features: int) -> dict[str, Any]:
     return {"bf16": linear.weight.detach().to(torch.bfloat16), **modules}
 
 
-def gemv_rows(runs: int, calls: int, isas: list[str]) -> list[dict[str, Any]]:
+def gemv_rows(runs: int, calls: int, isas: list[str], dtype_name: str) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
 
@@ -73,10 +73,12 @@ def gemv_rows(runs: int, calls: int, isas: list[str]) -> list[dict[str, Any]]:
     rows = []
     for out_features, in_features in SHAPES:
         modules = modules_for(out_features, in_features)
-        x = torch.randn(1, in_features).to(torch.bfloat16)
+        dtype = getattr(torch, dtype_name)
+        x = torch.randn(1, in_features).to(dtype)
         weight = modules.pop("bf16")
+        xb = x.to(torch.bfloat16)  # the bf16 baseline always multiplies bf16
         cases: dict[str, tuple[str | None, Callable[[], object]]] = {
-            "bf16": (None, partial(F.linear, x, weight))
+            "bf16": (None, partial(F.linear, xb, weight))
         }
         for isa in ["native", *isas]:
             for name, module in modules.items():
@@ -104,6 +106,7 @@ def gemv_rows(runs: int, calls: int, isas: list[str]) -> list[dict[str, Any]]:
                 rows.append(
                     {
                         "shape": f"1x{in_features} · {out_features}x{in_features}",
+                        "activations": dtype_name,
                         "format": name,
                         "build": isa,
                         "kernel": kernels[key],
@@ -126,17 +129,20 @@ def write_markdown(data: dict[str, Any]) -> None:
         "",
         f"Command: `{data['command']}`",
         "",
-        "One bf16 activation row through each format's module (its decode kernel), interleaved "
+        "One activation row (bf16, or fp32 where the table says) through each format's module "
+        "(its decode kernel), interleaved "
         "with torch's bf16 `F.linear` on the same weight; medians of per-round means. `vs bf16` "
         "and `vs int4`: time ratios (above 1: faster). `build`: native = this CPU's build; avx2 "
         "= the AVX2 build forced by COMPRESS_CPU_ISA. `bytes`: stored tensors over bf16's.",
         "",
-        "| shape | format | build | kernel | ms | bf16 ms | vs bf16 | vs int4 | bytes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | activations | format | build | kernel | ms | bf16 ms | vs bf16 | vs int4 "
+        "| bytes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in data["rows"]:
         lines.append(
-            f"| {row['shape']} | {row['format']} | {row['build']} | {row['kernel']} | "
+            f"| {row['shape']} | {row['activations']} | {row['format']} | {row['build']} | "
+            f"{row['kernel']} | "
             f"{row['ms']:.3f} | {row['bf16_ms']:.3f} | **{row['vs_bf16']:.2f}x** | "
             f"{row['vs_int4']:.2f}x | {row['bytes_vs_bf16']:.3f} |"
         )
@@ -148,13 +154,22 @@ def main() -> None:
     parser.add_argument("--isa", nargs="*", default=[], help="also these lower native builds")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument(
+        "--dtype",
+        nargs="*",
+        default=["bfloat16"],
+        choices=["bfloat16", "float32"],
+        help="activation dtypes of the packed kernels (bf16's GEMV is always bf16)",
+    )
     args = parser.parse_args()
     data = {
         "machine": machine(),
         "cpu_flags": cpu_flags(),
         "date": datetime.date.today().isoformat(),
         "command": "python scripts/bench_gemv.py " + " ".join(sys.argv[1:]),
-        "rows": gemv_rows(args.runs, args.calls, args.isa),
+        "rows": [
+            row for name in args.dtype for row in gemv_rows(args.runs, args.calls, args.isa, name)
+        ],
     }
     (BENCHMARKS / "gemv.json").write_text(json.dumps(data, indent=2) + "\n")
     write_markdown(data)
