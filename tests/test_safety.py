@@ -32,9 +32,13 @@ RTN = "  - {pass: rtn, bits: 4, group_size: 32}\n"
 # until a signal arrives (a sleeping process takes SIGINT and SIGTERM like a working one).
 _DRIVER = textwrap.dedent(
     """\
-    import os, sys, time
+    import os, signal, sys, time
     from pathlib import Path
     from compress.cli import run
+
+    # a shell starts background jobs with SIGINT ignored, and children inherit that: restore
+    # Python's own handler, which a run started from a terminal has
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def pause():
         Path(os.environ["DRIVER_MARKER"]).write_text(str(os.getpid()))
