@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from compress.utils.native import ISA_LEVELS, cpu_isa
+
 TINY_LLAMA_SEED = 0
 
 
@@ -132,6 +134,21 @@ def write_word_text(path: Path, *, lines: int, words: int, vocabulary: int = len
     ]
     path.write_text("\n".join(text) + "\n")
     return path
+
+
+NATIVE_TEST_LEVELS = sorted({"avx2", cpu_isa()}, key=ISA_LEVELS.index)
+"""The native builds the kernel tests force: AVX2 and this CPU's own (the portable loops run in
+them too, for the shapes and tails the vector paths leave)."""
+
+
+def force_native_build(level: str, monkeypatch: pytest.MonkeyPatch, native: Any, what: str) -> str:
+    """Force ``level`` (``COMPRESS_CPU_ISA``) for a test, skipping a level this CPU cannot run;
+    ``native()`` must then build, or the test fails naming ``what``."""
+    if ISA_LEVELS.index(level) > ISA_LEVELS.index(cpu_isa()):
+        pytest.skip(f"this CPU runs the {cpu_isa()} build at most")
+    monkeypatch.setenv("COMPRESS_CPU_ISA", level)
+    assert native() is not None, f"the {level} build of {what} failed (see the log)"
+    return level
 
 
 def run_passes_on_tiny_model(passes: list[Any], folder: Path, *, seed: int) -> tuple[Any, Any]:

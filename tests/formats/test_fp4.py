@@ -29,7 +29,7 @@ from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import load_recipe, parse_recipe
 from compress.registry import PassContext
-from compress.utils.native import ISA_LEVELS, cpu_isa
+from tests.conftest import NATIVE_TEST_LEVELS, force_native_build
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
 FORMATS = [FP4Format(v) for v in VARIANTS] + [FP4Format("nf4", 32), FP4Format("fp4", 48)]
@@ -464,16 +464,9 @@ def test_packed_dequantize_is_the_reference_bit_for_bit(fmt, out_features, in_fe
         assert torch.equal(module.dequantize(dtype), record.dequantize(dtype))
 
 
-@pytest.fixture(params=sorted({"avx2", cpu_isa()}, key=ISA_LEVELS.index))
+@pytest.fixture(params=NATIVE_TEST_LEVELS)
 def isa(request, monkeypatch):
-    """The AVX2 build and this CPU's own (COMPRESS_CPU_ISA forces each); the portable loops
-    run in these builds too, for the shapes and tails the vector paths leave."""
-    level = request.param
-    if ISA_LEVELS.index(level) > ISA_LEVELS.index(cpu_isa()):
-        pytest.skip(f"this CPU runs the {cpu_isa()} build at most")
-    monkeypatch.setenv("COMPRESS_CPU_ISA", level)
-    assert fp4_cpu.native() is not None, f"the {level} build of the fp4 GEMV failed (see log)"
-    return level
+    return force_native_build(request.param, monkeypatch, fp4_cpu.native, "the fp4 GEMV")
 
 
 @pytest.mark.parametrize("fmt", [*FORMATS, FP4Format("nf4", block_size=128)], ids=str)

@@ -12,7 +12,7 @@ from compress.formats.fp8 import FP8Format, cpu, kernels
 from compress.formats.fp8.linear import FP8Linear
 from compress.formats.fp8.packed import PackedFP8
 from compress.ir import QuantizedWeight
-from compress.utils.native import ISA_LEVELS, cpu_isa
+from tests.conftest import NATIVE_TEST_LEVELS, force_native_build
 
 FORMATS = [
     FP8Format("e4m3", "channel"),
@@ -26,16 +26,9 @@ FORMATS = [
 SHAPES = [(37, 192), (16, 576), (5, 100), (9, 40)]
 
 
-@pytest.fixture(params=sorted({"avx2", cpu_isa()}, key=ISA_LEVELS.index))
+@pytest.fixture(params=NATIVE_TEST_LEVELS)
 def isa(request, monkeypatch):
-    """The AVX2 build and this CPU's own (COMPRESS_CPU_ISA forces each); the portable loops
-    run in these builds too, for the shapes and tails the vector paths leave."""
-    level = request.param
-    if ISA_LEVELS.index(level) > ISA_LEVELS.index(cpu_isa()):
-        pytest.skip(f"this CPU runs the {cpu_isa()} build at most")
-    monkeypatch.setenv("COMPRESS_CPU_ISA", level)
-    assert cpu.native() is not None, f"the {level} build of the FP8 GEMV failed (see the log)"
-    return level
+    return force_native_build(request.param, monkeypatch, cpu.native, "the FP8 GEMV")
 
 
 def packed(fmt: FP8Format, out_features: int, in_features: int, seed: int = 0) -> PackedFP8:

@@ -29,7 +29,8 @@ from compress.prune.prune import PruneConfig, prune
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import parse_recipe
 from compress.registry import PassContext
-from compress.utils.native import ISA_LEVELS, cpu_isa
+from compress.utils.native import cpu_isa
+from tests.conftest import NATIVE_TEST_LEVELS, force_native_build
 
 # --- spec ---------------------------------------------------------------------------------------
 
@@ -124,16 +125,9 @@ def test_a_run_with_too_many_nonzeros_names_row_and_columns():
 # --- kernels ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=sorted({"avx2", cpu_isa()}, key=ISA_LEVELS.index))
+@pytest.fixture(params=NATIVE_TEST_LEVELS)
 def isa(request, monkeypatch):
-    """The AVX2 build and this CPU's own (COMPRESS_CPU_ISA forces each); the portable loops
-    run in these builds too, for the shapes and tails the vector paths leave."""
-    level = request.param
-    if ISA_LEVELS.index(level) > ISA_LEVELS.index(cpu_isa()):
-        pytest.skip(f"this CPU runs the {cpu_isa()} build at most")
-    monkeypatch.setenv("COMPRESS_CPU_ISA", level)
-    assert cpu.native() is not None, f"the {level} build of the N:M GEMV failed (see the log)"
-    return level
+    return force_native_build(request.param, monkeypatch, cpu.native, "the N:M GEMV")
 
 
 # (out, in): 2:4 steps of 16 and 8 codes, per-channel rows whose kept count is no multiple of 16
