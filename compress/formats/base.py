@@ -28,6 +28,8 @@ Adding a format (``compress/formats/<kind>/``)
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ __all__ = [
     "register_format",
     "register_runtime",
     "runtime_for",
+    "select_packed_kernel",
     "share_buffers",
     "triton_kernel",
 ]
@@ -317,3 +320,46 @@ def triton_kernel(module: str, kind: str) -> Callable[[torch.Tensor, Any], torch
         return result
 
     return run
+
+
+TRITON_KERNELS = ("triton_gemv", "triton_gemm")
+TRITON_GEMV_MAX_ROWS = 4  # triton_tiles.GEMV_MAX_ROWS, not imported here: triton is optional
+_FORCED_LOGGED: set[tuple[str, str]] = set()
+
+
+def select_packed_kernel(
+    kernels: dict[str, Any],
+    *,
+    rows: int,
+    device: str,
+    native: Callable[[], object],
+    native_rows: int,
+    fallback: str,
+    what: str,
+) -> str:
+    """The kernel a packed Linear of a float or sparse format takes (their kernel tables share
+    the names ``reference``, ``cpu_gemv``, ``triton_gemv``, ``triton_gemm`` and ``fallback``).
+
+    CUDA with triton: the Triton GEMV for up to 4 rows, the GEMM above. CPU: ``cpu_gemv`` for up
+    to ``native_rows`` rows where the native build loads (``native()``), else ``fallback``.
+    ``COMPRESS_KERNEL`` forces a kernel the device can run; any other is logged once, naming
+    ``what`` (the format), and the default is taken."""
+    forced = os.environ.get("COMPRESS_KERNEL", "")
+    if device == "cuda" and importlib.util.find_spec("triton") is not None:
+        default = "triton_gemv" if rows <= TRITON_GEMV_MAX_ROWS else "triton_gemm"
+        return forced if forced in ("reference", *TRITON_KERNELS) else default
+    built = device == "cpu" and native() is not None
+    if forced in kernels and forced not in TRITON_KERNELS and (forced != "cpu_gemv" or built):
+        return forced
+    default = "cpu_gemv" if built and rows <= native_rows else fallback
+    if forced and (what, forced) not in _FORCED_LOGGED:
+        _FORCED_LOGGED.add((what, forced))
+        logging.getLogger(__name__).warning(
+            "COMPRESS_KERNEL=%s: %s has no such kernel here (it has %s; cpu_gemv needs the "
+            "native build); its modules use %s",
+            forced,
+            what,
+            ", ".join(sorted(kernels)),
+            default,
+        )
+    return default

@@ -24,15 +24,13 @@ have uses the reference and says so once in the log.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from compress.formats.base import triton_kernel
+from compress.formats.base import select_packed_kernel, triton_kernel
 from compress.formats.fp8 import cpu
 from compress.formats.fp8.packed import PackedFP8
 from compress.formats.fp8.spec import FP8Format
@@ -64,35 +62,21 @@ KERNELS: dict[str, Kernel] = {
     "triton_gemv": triton_kernel(_TRITON_MODULE, "gemv"),
     "triton_gemm": triton_kernel(_TRITON_MODULE, "gemm"),
 }
-_TRITON_GEMV_MAX_ROWS = 4  # triton_tiles.GEMV_MAX_ROWS, not imported here: triton is optional
-_TRITON = ("triton_gemv", "triton_gemm")
 
 
 def select(
     fmt: FP8Format, in_features: int, *, rows: int, dtype: torch.dtype, device: str = "cpu"
 ) -> str:
     """The kernel for a format, input width, activation dtype, row count and device."""
-    if device == "cuda" and importlib.util.find_spec("triton") is not None:
-        default = "triton_gemv" if rows <= _TRITON_GEMV_MAX_ROWS else "triton_gemm"
-        forced_kernel = os.environ.get("COMPRESS_KERNEL", "")
-        return forced_kernel if forced_kernel in ("reference", *_TRITON) else default
-    native = device == "cpu" and cpu.native() is not None
-    forced = os.environ.get("COMPRESS_KERNEL", "")
-    if forced in KERNELS and forced not in _TRITON and (forced != "cpu_gemv" or native):
-        return forced
-    default = "cpu_gemv" if native and rows <= cpu.MAX_ROWS else "reference"
-    if forced:
-        key = ("forced", forced)
-        if key not in _LOGGED:
-            _LOGGED.add(key)
-            log.warning(
-                "COMPRESS_KERNEL=%s: the fp8 format has no such kernel here (it has %s; "
-                "cpu_gemv needs the native build); fp8 modules use %s",
-                forced,
-                ", ".join(sorted(KERNELS)),
-                default,
-            )
-    return default
+    return select_packed_kernel(
+        KERNELS,
+        rows=rows,
+        device=device,
+        native=cpu.native,
+        native_rows=cpu.MAX_ROWS,
+        fallback="reference",
+        what="the fp8 format",
+    )
 
 
 def describe(fmt: FP8Format, in_features: int, device: str = "cpu") -> str:

@@ -19,15 +19,13 @@ native build is unavailable) is logged once and the default is used.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from compress.formats.base import triton_kernel
+from compress.formats.base import select_packed_kernel, triton_kernel
 from compress.formats.nm import cpu
 from compress.formats.nm.packed import PackedNM
 from compress.formats.nm.spec import NMIntFormat
@@ -58,31 +56,21 @@ KERNELS: dict[str, Kernel] = {
     "triton_gemv": triton_kernel(_TRITON_MODULE, "gemv"),
     "triton_gemm": triton_kernel(_TRITON_MODULE, "gemm"),
 }
-_TRITON_GEMV_MAX_ROWS = 4  # triton_kernels.GEMV_MAX_ROWS, not imported here: triton is optional
 
 
 def select(
     fmt: NMIntFormat, in_features: int, *, rows: int, dtype: torch.dtype, device: str = "cpu"
 ) -> str:
     """The kernel for a format, input width, activation dtype, row count and device."""
-    forced = os.environ.get("COMPRESS_KERNEL", "")
-    if device == "cuda" and importlib.util.find_spec("triton") is not None:
-        default = "triton_gemv" if rows <= _TRITON_GEMV_MAX_ROWS else "triton_gemm"
-        return forced if forced in ("reference", "triton_gemv", "triton_gemm") else default
-    native = device == "cpu" and cpu.native() is not None
-    if forced in ("reference", "cpu_gemv") and (forced != "cpu_gemv" or native):
-        return forced
-    default = "cpu_gemv" if native and rows <= cpu.MAX_ROWS else "reference"
-    if forced and ("forced", forced) not in _LOGGED:
-        _LOGGED.add(("forced", forced))
-        log.warning(
-            "COMPRESS_KERNEL=%s: the N:M sparse format has no such kernel here (it has %s; "
-            "cpu_gemv needs the native build); its modules use %s",
-            forced,
-            ", ".join(sorted(KERNELS)),
-            default,
-        )
-    return default
+    return select_packed_kernel(
+        KERNELS,
+        rows=rows,
+        device=device,
+        native=cpu.native,
+        native_rows=cpu.MAX_ROWS,
+        fallback="reference",
+        what="the N:M sparse format",
+    )
 
 
 def describe(fmt: NMIntFormat, in_features: int) -> str:
