@@ -28,7 +28,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchrows import BENCHMARKS, cpu_flags, load_rows, machine, write_rows
+from benchrows import (
+    BENCHMARKS,
+    cpu_flags,
+    load_rows,
+    machine,
+    run_llmc_peer,
+    score_decoder_weights,
+    write_rows,
+)
 
 MODEL = "smollm2-135m"
 CALIBRATION = {"dataset": "builtin:wiki", "samples": 64, "seq_len": 512, "seed": 0}
@@ -61,7 +69,77 @@ CASES: dict[str, dict[str, Any]] = {
     "mxfp4-gptq-mse": {"pass": "gptq", "format": "mxfp4", "observer": "mse", **GPTQ},
     "nvfp4-rtn-mse": {"pass": "rtn", "format": "nvfp4", "observer": "mse"},
     "nvfp4-gptq-mse": {"pass": "gptq", "format": "nvfp4", "observer": "mse", **GPTQ},
+    # AWQ's column scaling searched on the NF4 grid, then the GPTQ above
+    "nf4-awq-gptq-mse": {
+        "passes": [
+            {"pass": "awq", "format": "nf4", "scale_block": 64},
+            {"pass": "gptq", "format": "nf4", "scale_block": 64, "observer": "mse", **GPTQ},
+        ]
+    },
 }
+# Peers, each scored on the same windows: bitsandbytes' own 4-bit quantizer (what
+# `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=...)` does to a bf16 checkpoint),
+# and llm-compressor's round-to-nearest presets in its own venv (scripts/peers/llmc_scheme.py).
+PEERS: dict[str, dict[str, Any]] = {
+    "bnb-nf4": {"peer": "bitsandbytes", "format": "nf4", "scale_block": 64},
+    "llmc-nvfp4": {"peer": "llm-compressor", "format": "nvfp4", "scheme": "NVFP4A16"},
+    "llmc-mxfp4": {"peer": "llm-compressor", "format": "mxfp4", "scheme": "MXFP4A16"},
+}
+
+
+def bnb_weights(block: int, quant_type: str) -> dict[str, Any]:
+    """Every decoder Linear of SmolLM2 through bitsandbytes' quantize_4bit / dequantize_4bit."""
+    import torch
+    from bitsandbytes import functional as bnbf
+
+    from compress.models import load_model
+
+    model, _ = load_model(MODEL)
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            packed, state = bnbf.quantize_4bit(
+                module.weight.data, blocksize=block, quant_type=quant_type
+            )
+            weights[f"{name}.weight"] = bnbf.dequantize_4bit(packed, state)
+    return weights
+
+
+def run_peer(name: str, llmc_python: str | None) -> dict[str, Any]:
+    """A peer's weights, scored like our cases."""
+    from compress.data import calibration_batch
+    from compress.formats.fp4 import FP4Format
+    from compress.models import load_model
+
+    entry = PEERS[name]
+    start = time.perf_counter()
+    measured: dict[str, Any] = {}
+    if entry["peer"] == "bitsandbytes":
+        weights = bnb_weights(entry["scale_block"], entry["format"])
+        measured["seconds"] = time.perf_counter() - start
+    else:
+        if not llmc_python:
+            raise SystemExit(f"{name} needs --llmc-python (see scripts/peers/llmc_gptq.py)")
+        _, tokenizer = load_model(MODEL)
+        ids = calibration_batch(
+            tokenizer, CALIBRATION["dataset"], CALIBRATION["samples"], CALIBRATION["seq_len"], 0
+        )
+        options = ["--scheme", entry["scheme"]]
+        weights, measured = run_llmc_peer(llmc_python, "llmc_scheme.py", options, ids)
+    quality = score_decoder_weights(weights, EVALUATE["max_windows"], EVALUATE["seq_len"])
+    return {
+        "case": name,
+        "entry": entry,
+        "bits_per_weight": FP4Format(entry["format"], entry.get("scale_block")).bits_per_weight(
+            576
+        ),
+        "quality": {"builtin:wiki": quality},
+        "timings": {"passes_s": measured["seconds"]},
+        "run_seconds": time.perf_counter() - start,
+        "peak_rss_mb": measured.get(
+            "peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ),
+    }
 
 
 def run_one(name: str) -> dict[str, Any]:
@@ -70,11 +148,13 @@ def run_one(name: str) -> dict[str, Any]:
     from compress.recipe import parse_recipe
 
     entry = CASES[name]
-    recipe: dict[str, Any] = {"model": MODEL, "passes": [entry], "evaluate": EVALUATE}
-    if entry["pass"] == "gptq":
+    passes = entry.get("passes", [entry])
+    recipe: dict[str, Any] = {"model": MODEL, "passes": passes, "evaluate": EVALUATE}
+    if any(step["pass"] != "rtn" for step in passes):
         recipe["calibration"] = CALIBRATION
     parsed = parse_recipe(recipe, source=name)
-    bits = FP4Format(entry["format"], entry.get("scale_block")).bits_per_weight(576)
+    last = passes[-1]
+    bits = FP4Format(last["format"], last.get("scale_block")).bits_per_weight(576)
     start = time.perf_counter()
     result = Pipeline.from_recipe(parsed).run()
     seconds = time.perf_counter() - start
@@ -85,7 +165,7 @@ def run_one(name: str) -> dict[str, Any]:
         "entry": entry,
         "bits_per_weight": bits,
         "quality": scores,
-        "pass_metrics": result.report["passes"][0]["metrics"],
+        "pass_metrics": result.report["passes"][-1]["metrics"],
         "timings": result.report.get("timings", {}),
         "run_seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -216,7 +296,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=[*CASES, *PEERS])
+    parser.add_argument("--llmc-python", help="python of llm-compressor's venv (llmc-* peers)")
     parser.add_argument("--merge", action="store_true", help="keep rows of cases not rerun")
     parser.add_argument("--table", action="store_true", help="write the table of the JSON only")
     parser.add_argument(
@@ -253,9 +334,10 @@ def main() -> None:
         meta["speed"] = saved["meta"]["speed"]
     for name in args.cases:
         print(f"== {name}", flush=True)
-        rows[name] = {**run_one(name), "date": datetime.date.today().isoformat()}
+        row = run_peer(name, args.llmc_python) if name in PEERS else run_one(name)
+        rows[name] = {**row, "date": datetime.date.today().isoformat()}
         print(json.dumps(rows[name], indent=1, default=str), flush=True)
-        ordered = write_rows(out, meta, rows, CASES)
+        ordered = write_rows(out, meta, rows, [*CASES, *PEERS])
         (BENCHMARKS / "fp4.md").write_text(render(meta, ordered))
 
 

@@ -21,15 +21,17 @@ import argparse
 import datetime
 import json
 import resource
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from benchrows import BENCHMARKS, load_rows, machine, write_rows
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchrows import (
+    BENCHMARKS,
+    load_rows,
+    machine,
+    run_llmc_peer,
+    score_decoder_weights,
+    write_rows,
+)
 
 MODEL = "smollm2-135m"
 CALIBRATION = {"dataset": "builtin:wiki", "samples": 64, "seq_len": 512, "seed": 0}
@@ -54,54 +56,24 @@ METHODS: dict[str, dict[str, Any]] = {
 
 def run_peer(name: str, python: str) -> dict[str, Any]:
     """llm-compressor's pruning of the same model on the same calibration windows, scored here."""
-    import torch
-    from safetensors.torch import load_file
-
-    from compress.data import calibration_batch, load_texts, token_windows
-    from compress.evaluate.quality import compare_to_reference
-    from compress.models import load_model, model_folder
+    from compress.data import calibration_batch
+    from compress.models import load_model
 
     options = METHODS[name]
     start = time.perf_counter()
-    model, tokenizer = load_model(MODEL)
+    _, tokenizer = load_model(MODEL)
     ids = calibration_batch(
         tokenizer, CALIBRATION["dataset"], CALIBRATION["samples"], CALIBRATION["seq_len"], 0
     )
-    structure = options.get("pattern", "0:0")
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(ids, Path(tmp) / "calibration.pt")
-        command = [
-            python, str(ROOT / "scripts" / "peers" / "llmc_prune.py"),
-            "--model-dir", str(model_folder(MODEL)), "--calibration", f"{tmp}/calibration.pt",
-            "--method", options["method"], "--sparsity", "0.5", "--mask-structure", structure,
-            "--out", f"{tmp}/weights.safetensors",
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        if done.returncode != 0:
-            raise RuntimeError(f"llm-compressor failed: {done.stderr.strip()[-3000:]}")
-        measured = json.loads(done.stdout.strip().splitlines()[-1])
-        weights = load_file(f"{tmp}/weights.safetensors")
-    for key, tensor in weights.items():
-        module = model.get_submodule(key.removesuffix(".weight"))
-        module.weight.data.copy_(tensor.to(module.weight.dtype))
-    reference, _ = load_model(MODEL)
-    windows = token_windows(
-        tokenizer, load_texts("builtin:wiki", "evaluation"), EVALUATE["seq_len"], 32
-    )
-    metrics = compare_to_reference(model, reference, windows, batch_size=4)
+    arguments = ["--method", options["method"], "--sparsity", "0.5"]
+    arguments += ["--mask-structure", options.get("pattern", "0:0")]
+    weights, measured = run_llmc_peer(python, "llmc_prune.py", arguments, ids)
+    quality = score_decoder_weights(weights, EVALUATE["max_windows"], EVALUATE["seq_len"])
     return {
         "method": name,
         "options": options,
         "sparsity": measured["sparsity"],
-        "quality": {
-            "builtin:wiki": {
-                "perplexity": metrics.perplexity,
-                "reference_perplexity": metrics.reference_perplexity,
-                "kl_mean": metrics.kl_mean,
-                "top1_agreement": metrics.top1_agreement,
-                "tokens": metrics.tokens,
-            }
-        },
+        "quality": {"builtin:wiki": quality},
         "timings": {"passes_s": measured["seconds"]},
         "run_seconds": time.perf_counter() - start,
         "peak_rss_mb": measured["peak_rss_mb"],

@@ -62,3 +62,55 @@ def save_keyed(out: Path, key: str, value: dict[str, Any]) -> None:
     saved[key] = value
     out.write_text(json.dumps(saved, indent=1) + "\n")
     print(json.dumps(value, indent=1))
+
+
+def run_llmc_peer(
+    python: str, script: str, options: list[str], calibration: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``scripts/peers/<script>`` in llm-compressor's venv (``python``) on SmolLM2 with the
+    ``calibration`` token windows; returns the decoder weights it wrote and what it measured
+    (its last stdout line: oneshot seconds, peak RSS, ...)."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+
+    from compress.models import model_folder
+
+    root = BENCHMARKS.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(calibration, f"{tmp}/calibration.pt")
+        command = [
+            python, str(root / "scripts" / "peers" / script),
+            "--model-dir", str(model_folder("smollm2-135m")),
+            "--calibration", f"{tmp}/calibration.pt", "--out", f"{tmp}/weights.safetensors",
+            *options,
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, cwd=root)
+        if done.returncode != 0:
+            raise RuntimeError(f"llm-compressor failed: {done.stderr.strip()[-3000:]}")
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        return load_file(f"{tmp}/weights.safetensors"), measured
+
+
+def score_decoder_weights(
+    weights: dict[str, Any], windows: int = 32, seq_len: int = 512
+) -> dict[str, float]:
+    """Quality of SmolLM2 with these decoder weights put in (``{module}.weight`` keys, every one
+    must name a module), against the original, as the pipeline's evaluation reports it."""
+    from compress.evaluate.quality import compare_to_reference
+    from compress.models import load_model
+
+    reference, _, ids = smollm2_and_eval_windows(windows, seq_len)
+    model, _ = load_model("smollm2-135m")
+    for key, tensor in weights.items():
+        module = model.get_submodule(key.removesuffix(".weight"))
+        module.weight.data.copy_(tensor.to(module.weight.dtype))
+    metrics = compare_to_reference(model, reference, ids, batch_size=4)
+    return {
+        "perplexity": metrics.perplexity,
+        "reference_perplexity": metrics.reference_perplexity,
+        "kl_mean": metrics.kl_mean,
+        "top1_agreement": metrics.top1_agreement,
+        "tokens": metrics.tokens,
+    }

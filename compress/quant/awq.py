@@ -18,6 +18,12 @@ Example recipe entry::
       - {pass: awq, bits: 4, group_size: 64}
       - {pass: gptq, bits: 4, group_size: 64}
 
+or, for another format, its keys as ``rtn`` / ``gptq`` take them (the search rounds onto that
+format's grid)::
+
+      - {pass: awq, format: nf4, scale_block: 64}
+      - {pass: gptq, format: nf4, scale_block: 64, act_order: true}
+
 The report's ``per_module`` is keyed by the first Linear of each group (``…self_attn.q_proj`` for
 q/k/v, ``…self_attn.o_proj``, ``…mlp.gate_proj`` for gate/up, ``…mlp.down_proj``) with the chosen
 ``alpha`` and the group's relative output error on the search rows without (``error_before``) and
@@ -33,17 +39,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from compress.errors import PassError
-from compress.formats.int import IntFormat
-from compress.formats.int.spec import ScaleDtype
+from compress.formats import Format
 from compress.ir import get_quantized
 from compress.layouts import layout_of
 from compress.quant.awq_math import search_scales
-from compress.quant.checks import check_group_sizes, format_when_read
-from compress.registry import PassConfig, PassContext, PassReport, register_pass
+from compress.quant.checks import check_group_sizes
+from compress.quant.rtn import WeightFormatConfig
+from compress.registry import PassContext, PassReport, register_pass
 from compress.sequential import run_sequential
 from compress.utils.hadamard import transforms_input_online
 from compress.utils.hooks import capture_inputs
@@ -57,22 +63,10 @@ _LAYOUT_HINT = (
 )
 
 
-class AWQConfig(PassConfig):
-    """Settings of the ``awq`` pass: the target format of the pass that follows, and the search."""
+class AWQConfig(WeightFormatConfig):
+    """Settings of the ``awq`` pass: the target format of the pass that follows (the keys of
+    ``rtn`` / ``gptq``: ``format`` and that format's keys), and the search."""
 
-    bits: int = Field(default=4, ge=2, le=8, description="code width of the following pass")
-    group_size: int | None = Field(
-        default=128,
-        gt=0,
-        description="group size of the following pass; null = one scale per output channel",
-    )
-    symmetric: bool = Field(default=True, description="symmetric codes, as the following pass")
-    scale_dtype: ScaleDtype = Field(
-        default="float16",
-        description="how group scales are stored: float16 / bfloat16 / float32, or e8m0 (a "
-        "power-of-two exponent per group: block floating point; bits 8 with group_size 32 is "
-        "OCP MXINT8; needs symmetric)",
-    )
     grid: int = Field(
         default=20, ge=2, le=1000, description="exponents α tried in linspace(0, 1, grid)"
     )
@@ -88,14 +82,6 @@ class AWQConfig(PassConfig):
         description="glob patterns of modules awq must not change: a group that would change one "
         "is skipped",
     )
-
-    @model_validator(mode="after")
-    def _integer_format_exists(self) -> AWQConfig:
-        format_when_read(self.int_format)
-        return self
-
-    def int_format(self) -> IntFormat:
-        return IntFormat(self.bits, self.group_size, self.symmetric, self.scale_dtype)
 
 
 @dataclass(frozen=True)
@@ -117,7 +103,7 @@ class _Group:
 def awq(model: nn.Module, config: AWQConfig, context: PassContext) -> PassReport:
     """Activation-aware scaling (AWQ) of Linear inputs, folded into the preceding ops."""
     calibration = context.require_calibration("awq")
-    fmt = config.int_format()
+    fmt = config.weight_format()
     modules = dict(model.named_modules())
     report = PassReport(name="awq")
     plan = _plan(model, modules, config.ignore, fmt, report.skipped, "awq")
@@ -222,7 +208,7 @@ def _plan(
     model: nn.Module,
     modules: dict[str, nn.Module],
     ignore: list[str],
-    fmt: IntFormat | None,
+    fmt: Format | None,
     skipped: dict[str, str],
     pass_name: str,
 ) -> dict[str, list[_Group]]:
@@ -258,7 +244,7 @@ def _check_group(
     group: _Group,
     modules: dict[str, nn.Module],
     ignore: list[str],
-    fmt: IntFormat | None,
+    fmt: Format | None,
     pass_name: str,
 ) -> str | None:
     """Why the group cannot be scaled (``None``: it can); raises on what the user must fix."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.formats.int import IntFormat, dequantize_int, quantize_int
+from compress.formats import Format
 
 __all__ = [
     "ScaleSearch",
@@ -59,14 +59,14 @@ def activation_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def fake_quantize(weight: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, fmt: Format) -> torch.Tensor:
     """``dequant(quant(weight))`` with min-max ranges: what ``rtn`` leaves in the model."""
-    codes, scales, zeros = quantize_int(weight, fmt)
-    return dequantize_int(codes, scales, zeros, fmt, torch.float32)
+    codes, scales, zeros = fmt.quantize(weight)
+    return fmt.dequantize(codes, scales, zeros, torch.float32)
 
 
 def scaled_output_error(
-    weight: torch.Tensor, inputs: torch.Tensor, scales: torch.Tensor, fmt: IntFormat
+    weight: torch.Tensor, inputs: torch.Tensor, scales: torch.Tensor, fmt: Format
 ) -> float:
     """``||X (Q(W diag s) diag(1/s))ᵀ - X Wᵀ||²`` for ``weight`` (out, in), ``inputs`` (rows, in).
 
@@ -89,7 +89,7 @@ def search_scales(
     weights: Sequence[torch.Tensor],
     inputs: torch.Tensor,
     mean_abs: torch.Tensor,
-    fmt: IntFormat,
+    fmt: Format,
     *,
     grid: int = 20,
 ) -> ScaleSearch:

@@ -61,7 +61,7 @@ from compress.registry import PassConfig, PassContext, PassReport, register_pass
 from compress.sequential import for_each_layer
 from compress.utils.modules import decoder_layers, select_weights, untie_
 
-__all__ = ["RTNConfig", "quantization_error", "rtn"]
+__all__ = ["RTNConfig", "WeightFormatConfig", "quantization_error", "rtn"]
 
 
 WeightFormat = Literal["int", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4", "mxfp4", "nvfp4"]
@@ -142,8 +142,9 @@ def _refuse_fp4_key(chosen: str, key: str, value: Any, refuse: Callable[[str, st
         )
 
 
-class RTNConfig(PassConfig):
-    """Settings of the ``rtn`` pass."""
+class WeightFormatConfig(PassConfig):
+    """The keys that choose a weight format (``format`` and the keys of that format), shared by
+    the passes that quantize to it (``rtn``, ``gptq``) or prepare for it (``awq``)."""
 
     bits: int = Field(default=4, ge=2, le=8, description="code width in bits (2..8)")
     group_size: int | None = Field(
@@ -157,12 +158,6 @@ class RTNConfig(PassConfig):
         description="how group scales are stored: float16 / bfloat16 / float32, or e8m0 (a "
         "power-of-two exponent per group: block floating point; bits 8 with group_size 32 is "
         "OCP MXINT8; needs symmetric)",
-    )
-    observer: Literal["minmax", "mse"] = Field(
-        default="minmax",
-        description="range of each group: minmax = full range; mse = clip ratio searched per "
-        "group (int) or block (nf4, fp4, mxfp4, nvfp4) to minimise the weight reconstruction "
-        "error",
     )
     format: WeightFormat = Field(
         default="int",
@@ -182,17 +177,12 @@ class RTNConfig(PassConfig):
         f"(default {DEFAULT_FP8_BLOCK}; edge blocks may be partial); nf4 / fp4: columns per "
         f"absmax block (default {DEFAULT_BLOCKS['nf4']})",
     )
-    targets: list[str] | None = Field(
-        default=None,
-        description="glob patterns of module names; default: every Linear in decoder blocks. "
-        "Embeddings and lm_head are quantized only when named, e.g. [model.embed_tokens, "
-        "lm_head]; a tied pair named together is quantized once and stored once",
-    )
-    ignore: list[str] = Field(default_factory=list, description="glob patterns to leave as is")
 
     @model_validator(mode="wrap")
     @classmethod
-    def _keys_of_the_format(cls, data: Any, handler: ModelWrapValidatorHandler[RTNConfig]) -> Any:
+    def _keys_of_the_format(
+        cls, data: Any, handler: ModelWrapValidatorHandler[WeightFormatConfig]
+    ) -> Any:
         # Keys of the other format are refused where they stand (passes[0].bits), before field
         # validation, so that a recipe error names the key and its value.
         if isinstance(data, Mapping):
@@ -223,7 +213,7 @@ class RTNConfig(PassConfig):
         return data
 
     @model_validator(mode="after")
-    def _integer_format_exists(self) -> RTNConfig:
+    def _integer_format_exists(self) -> WeightFormatConfig:
         if self.format == "int":
             format_when_read(self.int_format)
         return self
@@ -244,6 +234,24 @@ class RTNConfig(PassConfig):
             return self.fp4_format()
         block = (self.scale_block or DEFAULT_FP8_BLOCK) if self.scaling == "block" else None
         return FP8Format("e4m3" if self.format == "fp8_e4m3" else "e5m2", self.scaling, block)
+
+
+class RTNConfig(WeightFormatConfig):
+    """Settings of the ``rtn`` pass."""
+
+    observer: Literal["minmax", "mse"] = Field(
+        default="minmax",
+        description="range of each group: minmax = full range; mse = clip ratio searched per "
+        "group (int) or block (nf4, fp4, mxfp4, nvfp4) to minimise the weight reconstruction "
+        "error",
+    )
+    targets: list[str] | None = Field(
+        default=None,
+        description="glob patterns of module names; default: every Linear in decoder blocks. "
+        "Embeddings and lm_head are quantized only when named, e.g. [model.embed_tokens, "
+        "lm_head]; a tied pair named together is quantized once and stored once",
+    )
+    ignore: list[str] = Field(default_factory=list, description="glob patterns to leave as is")
 
     def formats(self) -> list[Format]:
         """The formats this pass leaves on modules (their runtimes are prepared early)."""
