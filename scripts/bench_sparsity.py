@@ -47,6 +47,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "magnitude-4of8": {"method": "magnitude", "pattern": "4:8"},
     "wanda-4of8": {"method": "wanda", "pattern": "4:8"},
     "sparsegpt-4of8": {"method": "sparsegpt", "pattern": "4:8"},
+    # OWL: per-layer sparsity by outlier ratio (threshold 5x the mean score, +-0.08), mean 50%
+    "wanda-50-owl": {"method": "wanda", "sparsity": 0.5, "allocation": "owl"},
+    "sparsegpt-50-owl": {"method": "sparsegpt", "sparsity": 0.5, "allocation": "owl"},
     "llmc-sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5, "peer": "llm-compressor"},
     "llmc-wanda-50": {"method": "wanda", "sparsity": 0.5, "peer": "llm-compressor"},
     "llmc-sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4", "peer": "llm-compressor"},
@@ -119,10 +122,13 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     for row in rows:
         q = next(iter(row["quality"].values()))
         pattern = row["options"].get("pattern", "unstructured")
+        method = row["options"]["method"]
+        if row["options"].get("allocation", "uniform") != "uniform":
+            method += f" ({row['options']['allocation']} allocation)"
         lines.append(
-            f"| {row['options'].get('peer', 'compress')} | {row['options']['method']} | "
+            f"| {row['options'].get('peer', 'compress')} | {method} | "
             f"{pattern} | {row['sparsity']:.3f} | "
-            f"{q['perplexity']:.2f} | {q['kl_mean']:.3f} | {100 * q['top1_agreement']:.1f}% | "
+            f"{q['perplexity']:.2f} | {q['kl_mean']:.4f} | {100 * q['top1_agreement']:.1f}% | "
             f"{row['timings'].get('passes_s', float('nan')):.0f} | {row['run_seconds']:.0f} |"
         )
     reference = next(iter(rows[0]["quality"].values()))["reference_perplexity"] if rows else None

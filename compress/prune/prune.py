@@ -47,6 +47,7 @@ from torch import nn
 
 from compress.errors import PassError
 from compress.ir import SparsityMask, attach, get_quantized
+from compress.prune.allocation import allocate_sparsity, outlier_ratios
 from compress.prune.masks import nm_mask, parse_pattern, pruned_per_row, row_mask
 from compress.prune.sparsegpt_math import accumulate_gram, sparsegpt_prune
 from compress.prune.structured import prune_structured
@@ -107,6 +108,20 @@ class PruneConfig(PassConfig):
         description="structure heads/channels: aggregate of |activation| over calibration tokens "
         "that ranks them (default l2); layers are ranked by block influence",
     )
+    allocation: Literal["uniform", "owl"] = Field(
+        default="uniform",
+        description="unstructured wanda/sparsegpt: the same sparsity in every decoder layer, or "
+        "owl: layers with more outlier scores pruned less, the mean kept (OWL)",
+    )
+    owl_threshold: float = Field(
+        default=5.0, gt=1.0, description="owl: a score is an outlier above this times the mean"
+    )
+    owl_spread: float = Field(
+        default=0.08,
+        ge=0.0,
+        lt=0.5,
+        description="owl: layer sparsities span the target plus or minus this",
+    )
 
     @field_validator("pattern", mode="before")
     @classmethod
@@ -119,6 +134,30 @@ class PruneConfig(PassConfig):
         if isinstance(value, str):
             parse_pattern(value)  # ValueError names the value
         return value
+
+    @model_validator(mode="after")
+    def _allocation_keys(self) -> PruneConfig:
+        if self.allocation == "uniform":
+            for key, default in (("owl_threshold", 5.0), ("owl_spread", 0.08)):
+                if getattr(self, key) != default:
+                    raise ValueError(
+                        f"{key} {getattr(self, key)!r} applies to allocation: owl only; set "
+                        "allocation: owl or leave it out"
+                    )
+            return self
+        if self.structure != "weights" or self.pattern != "unstructured":
+            what = (
+                f"structure {self.structure!r}"
+                if self.structure != "weights"
+                else (f"pattern {self.pattern!r} (every row keeps N of M: nothing to allocate)")
+            )
+            raise ValueError(f"allocation owl applies to unstructured pruning, not {what}")
+        if self.method == "magnitude":
+            raise ValueError(
+                "allocation owl ranks layers by activation-weighted (Wanda) scores; use method "
+                "wanda or sparsegpt, which calibrate"
+            )
+        return self
 
     @model_validator(mode="after")
     def _structure_keys(self) -> PruneConfig:
@@ -228,6 +267,10 @@ def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassRe
     if config.weight_method != "magnitude":
         calibration = context.require_calibration(f"prune (method {config.weight_method})")
     report = PassReport(name="prune", skipped=skipped)
+    layer_sparsity: dict[str, float] = {}
+    if config.allocation == "owl":
+        assert calibration is not None  # the config refuses owl with magnitude
+        layer_sparsity = _owl_allocation(model, modules, calibration, config, context, report)
 
     if calibration is None:
 
@@ -261,18 +304,19 @@ def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassRe
 
             with capture_inputs(mine, collect):
                 run()
+            fraction = layer_sparsity.get(layer_name, config.fraction)
             for name, module in mine.items():
                 held, count = stats.pop(name, (None, 0))
                 if held is None or count == 0:
                     raise PassError(f"prune: layer {name} saw no calibration input")
                 if config.weight_method == "wanda":
-                    mask = wanda_mask(module.weight, held, config.fraction, config.nm)
+                    mask = wanda_mask(module.weight, held, fraction, config.nm)
                     _apply(name, module, mask, None, config, report)
                 else:
                     result = sparsegpt_prune(
                         module.weight,
                         held,
-                        sparsity=config.fraction,
+                        sparsity=fraction,
                         nm=config.nm,
                         block_size=config.block_size,
                         dampening=config.dampening,
@@ -300,6 +344,40 @@ def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassRe
         entries
     )
     return report
+
+
+def _owl_allocation(
+    model: nn.Module,
+    modules: dict[str, nn.Linear],
+    calibration: torch.Tensor,
+    config: PruneConfig,
+    context: PassContext,
+    report: PassReport,
+) -> dict[str, float]:
+    """Each decoder layer's sparsity under OWL, also written to the report."""
+    found = outlier_ratios(
+        model,
+        modules,
+        calibration,
+        context,
+        threshold=config.owl_threshold,
+        batch_size=config.batch_size,
+    )
+    names = list(found)
+    ratios = [found[name][0] for name in names]
+    sparsities = allocate_sparsity(
+        ratios, [found[name][1] for name in names], config.fraction, config.owl_spread
+    )
+    report.metrics["owl_min_layer_sparsity"] = min(sparsities)
+    report.metrics["owl_max_layer_sparsity"] = max(sparsities)
+    report.notes.append(
+        "owl layer sparsities: "
+        + ", ".join(
+            f"{name.rsplit('.', 1)[-1]}: {s:.3f} (outliers {100 * r:.2f}%)"
+            for name, s, r in zip(names, sparsities, ratios, strict=True)
+        )
+    )
+    return dict(zip(names, sparsities, strict=True))
 
 
 def _inside(modules: dict[str, nn.Linear], layer_name: str) -> dict[str, nn.Linear]:
