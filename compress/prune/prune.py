@@ -10,6 +10,8 @@ Calibrated methods go layer by layer through :mod:`compress.sequential`, so each
 is calibrated on the outputs of the already pruned layers before it. ``pattern: "N:M"`` keeps N
 of every M consecutive input columns of each row (2:4 is what sparse tensor cores run);
 ``sparsity`` is then implied (1 - N/M). Only Linears inside the decoder layers are pruned.
+``allocation: owl`` gives unstructured Wanda / SparseGPT a sparsity per decoder layer by its
+share of outlier scores, the mean kept (:mod:`compress.prune.allocation`).
 
 Results: pruned weights are zero in place and each pruned Linear carries a
 :class:`compress.ir.SparsityMask`. The export writer stores weights dense (zeros included; no

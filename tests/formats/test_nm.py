@@ -188,6 +188,24 @@ def test_module_buffers_are_the_stored_tensors_and_forward_is_the_record():
         assert torch.allclose(module(rows), expected[: len(rows)], rtol=1e-5, atol=1e-5)
 
 
+def test_unpacked_zero_points_are_kept_until_qzeros_changes():
+    fmt = NMIntFormat(2, 4, 4, 32, symmetric=False)
+    linear = nn.Linear(128, 24)
+    codes, scales, zeros = fmt.quantize(linear.weight.detach())
+    module = NMLinear.from_record(linear, QuantizedWeight(codes, scales, zeros, fmt))
+    first = module.packed().unpacked_zeros
+    assert first is not None and torch.equal(first, zeros)
+    assert module.packed().unpacked_zeros is first  # not unpacked again
+    shifted = (zeros.to(torch.int16) + 1).clamp(max=15).to(torch.uint8)
+    module.qzeros.copy_(pack_codes(shifted.reshape(1, -1), fmt.bits)[0])
+    assert torch.equal(module.packed().unpacked_zeros, shifted)
+    # the native GEMV reads the new zero points, as a freshly unpacked reference does
+    fresh = PackedNM(module.qweight, module.qindex, module.scales, module.qzeros, None, fmt, 128)
+    x = torch.randn(1, 128)
+    expected = F.linear(x, fresh.dequantize(), linear.bias)
+    assert torch.allclose(module(x), expected, rtol=1e-5, atol=1e-5)
+
+
 # --- export -------------------------------------------------------------------------------------
 
 

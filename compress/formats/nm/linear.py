@@ -100,7 +100,29 @@ class NMLinear(KernelDispatch, nn.Module):
             self.bias,
             self.fmt,
             self.in_features,
+            self._unpacked_zeros(),
         )
+
+    def _unpacked_zeros(self) -> torch.Tensor | None:
+        """The zero points unpacked, kept until ``qzeros`` changes (its storage or version)."""
+        if self.qzeros is None:
+            return None
+        key = (self.qzeros.data_ptr(), self.qzeros._version, self.qzeros.device)
+        cached = self.__dict__.get("_zeros_cache")
+        if cached is None or cached[0] != key:
+            zeros = PackedNM(
+                self.qweight,
+                self.qindex,
+                self.scales,
+                self.qzeros,
+                None,
+                self.fmt,
+                self.in_features,
+            ).zeros()
+            assert zeros is not None  # qzeros is stored
+            cached = self.__dict__["_zeros_cache"] = (key, zeros.contiguous())
+        result: torch.Tensor = cached[1]
+        return result
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (N, K) weight; for the reference kernel and tests only."""

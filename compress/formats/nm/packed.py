@@ -38,6 +38,9 @@ class PackedNM(NamedTuple):
     bias: torch.Tensor | None
     fmt: NMIntFormat
     in_features: int
+    # (N, G) uint8 zero points already unpacked from qzeros (the module keeps them, so that a
+    # decode step does not unpack them again for every Linear); None: unpack on demand
+    unpacked_zeros: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -59,6 +62,8 @@ class PackedNM(NamedTuple):
         return within + run
 
     def zeros(self) -> torch.Tensor | None:
+        if self.unpacked_zeros is not None:
+            return self.unpacked_zeros
         return unpack_zeros(self.qzeros, self.fmt.values, self.out_features, self.in_features)
 
     def codes(self) -> torch.Tensor:
