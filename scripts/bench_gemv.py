@@ -9,6 +9,7 @@ native kernels with the AVX2 build forced by ``COMPRESS_CPU_ISA`` (the path of C
 AVX-512), in the same process and rounds.
 
     python scripts/bench_gemv.py --isa avx2          # -> benchmarks/gemv.json, gemv.md
+    python scripts/bench_gemv.py --out gemv_zen3     # another machine: its own files
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def gemv_rows(runs: int, calls: int, isas: list[str], dtype_name: str) -> list[d
     return rows
 
 
-def write_markdown(data: dict[str, Any]) -> None:
+def write_markdown(data: dict[str, Any], stem: str) -> None:
     lines = [
         "# Batch-1 GEMV of the packed formats against bf16, one thread",
         "",
@@ -146,7 +147,7 @@ def write_markdown(data: dict[str, Any]) -> None:
             f"{row['ms']:.3f} | {row['bf16_ms']:.3f} | **{row['vs_bf16']:.2f}x** | "
             f"{row['vs_int4']:.2f}x | {row['bytes_vs_bf16']:.3f} |"
         )
-    (BENCHMARKS / "gemv.md").write_text("\n".join(lines) + "\n")
+    (BENCHMARKS / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -161,6 +162,9 @@ def main() -> None:
         choices=["bfloat16", "float32"],
         help="activation dtypes of the packed kernels (bf16's GEMV is always bf16)",
     )
+    parser.add_argument(
+        "--out", default="gemv", help="file stem under benchmarks/ (one per machine kept)"
+    )
     args = parser.parse_args()
     data = {
         "machine": machine(),
@@ -171,8 +175,8 @@ def main() -> None:
             row for name in args.dtype for row in gemv_rows(args.runs, args.calls, args.isa, name)
         ],
     }
-    (BENCHMARKS / "gemv.json").write_text(json.dumps(data, indent=2) + "\n")
-    write_markdown(data)
+    (BENCHMARKS / f"{args.out}.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_markdown(data, args.out)
 
 
 if __name__ == "__main__":

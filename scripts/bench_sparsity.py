@@ -134,6 +134,23 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     reference = next(iter(rows[0]["quality"].values()))["reference_perplexity"] if rows else None
     if reference is not None:
         lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
+    kl = {row["method"]: next(iter(row["quality"].values()))["kl_mean"] for row in rows}
+    comparisons = []
+    for method in ("wanda", "sparsegpt"):
+        settings = (("50", [f"{method}-50", f"{method}-50-owl"]), ("2of4", [f"{method}-2of4"]))
+        for setting, ours in settings:
+            peer = f"llmc-{method}-{setting}"
+            run = [name for name in ours if name in kl]
+            if peer not in kl or not run:
+                continue
+            best = min(run, key=kl.__getitem__)
+            verdict = "below" if kl[best] < kl[peer] else "not below"
+            comparisons.append(
+                f"- {method} {setting.replace('of', ':')}: ours ({best}) {kl[best]:.4f}, "
+                f"llm-compressor {kl[peer]:.4f}: {verdict} theirs."
+            )
+    if comparisons:
+        lines += ["", "Against llm-compressor at the same setting (KL):", "", *comparisons]
     return "\n".join(lines) + "\n"
 
 
