@@ -115,6 +115,7 @@ def run_sequential(
     progress: Progress | None = None,
     layers: LayerAccess | None = None,
     report: PassReport | None = None,
+    changes_layers: bool = True,
 ) -> None:
     """Call ``step`` on every decoder layer in order, on the outputs of the compressed layers.
 
@@ -122,6 +123,8 @@ def run_sequential(
     batches through the (still uncompressed) layer, removes its hooks and compresses the layer.
     ``layers`` decides where layers live and checkpoints each finished one (with the part of
     ``report`` about it); layers an interrupted run already finished are restored, not redone.
+    ``changes_layers=False`` (a step that only measures): the outputs of the step's last
+    ``run()`` feed the next layer, instead of running the layer once more.
     """
     progress = progress or NullProgress()
     access = layers or LayerAccess()
@@ -145,15 +148,23 @@ def run_sequential(
         for index in progress.track(pending, description, total=len(pending)):
             layer = blocks[index]
             access.load(index, layer)
+            produced: list[list[torch.Tensor]] = []
 
-            def run(layer: nn.Module = layer) -> None:
+            def run(
+                layer: nn.Module = layer, produced: list[list[torch.Tensor]] = produced
+            ) -> None:
                 with torch.no_grad():
-                    batches.run(layer)
+                    outputs = batches.run(layer)
+                if not changes_layers:
+                    produced[:] = [outputs]
 
             step(index, f"{prefix}.{index}", layer, run)
             access.load(index, layer)  # weights the step released are rebuilt from their codes
-            with torch.no_grad():
-                batches.hidden = batches.run(layer)
+            if produced:
+                batches.hidden = produced[0]
+            else:
+                with torch.no_grad():
+                    batches.hidden = batches.run(layer)
             access.finish(index, f"{prefix}.{index}", layer, batches.hidden, report)
             release_free_memory()  # the layer's statistics and temporaries
     finally:

@@ -55,6 +55,42 @@ def test_steps_run_in_order_and_hooks_see_every_sample(tiny_llama):
     assert not any(m._forward_pre_hooks for m in tiny_llama.modules())
 
 
+@pytest.mark.parametrize("changes_layers", [True, False])
+def test_a_measuring_step_runs_each_layer_once(tiny_llama_copy, changes_layers):
+    # changes_layers=False: the step's own run feeds the next layer, with the same outputs
+    model = tiny_llama_copy
+    calls = {index: 0 for index in range(len(model.model.layers))}
+    inputs = {}
+    handles = [
+        layer.register_forward_hook(
+            lambda _m, _a, _o, index=index: calls.__setitem__(index, calls[index] + 1)
+        )
+        for index, layer in enumerate(model.model.layers)
+    ]
+
+    def step(index, name, layer, run):
+        with capture_inputs(
+            {"q": layer.self_attn.q_proj}, lambda n, x: inputs.setdefault(index, x)
+        ):
+            run()
+
+    run_sequential(model, ids(), step, batch_size=4, changes_layers=changes_layers)
+    for handle in handles:
+        handle.remove()
+    batches = 2  # 6 samples in batches of 4
+    assert set(calls.values()) == {batches * (2 if changes_layers else 1)}
+    reference = {}
+    with (
+        capture_inputs(
+            {"q": model.model.layers[1].self_attn.q_proj},
+            lambda n, x: reference.setdefault(1, x),
+        ),
+        torch.no_grad(),
+    ):
+        model(ids()[:4])
+    assert torch.allclose(inputs[1], reference[1], atol=1e-6)
+
+
 def test_later_layers_see_compressed_outputs(tiny_llama_copy):
     model = tiny_llama_copy
     captured = {}

@@ -123,5 +123,6 @@ def outlier_ratios(
         description="prune: outlier ratios (owl)",
         progress=context.progress,
         layers=_Passthrough(context.layers),
+        changes_layers=False,
     )
     return found
