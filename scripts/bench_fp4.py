@@ -275,6 +275,15 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     reference = next(iter(rows[0]["quality"].values()))["reference_perplexity"] if rows else None
     if reference is not None:
         lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
+    here = meta.get("machine")
+    elsewhere = [row for row in rows if row.get("machine", here) != here]
+    if elsewhere:
+        lines += [
+            "",
+            "Rows run on another machine (KL is comparable; seconds are not): "
+            + "; ".join(f"{row['case']}: {row['machine']}" for row in elsewhere)
+            + ".",
+        ]
     kl = {row["case"]: next(iter(row["quality"].values()))["kl_mean"] for row in rows}
 
     def pair(a: str, b: str) -> str:
