@@ -267,12 +267,16 @@ def test_gptq_after_prune_keeps_the_zeros_and_compensates(tiny_llama, symmetric,
         assert torch.all(quantized.dequantize()[~record.mask] == 0), name
     plain = copy.deepcopy(pruned)
     rtn(plain, RTNConfig(bits=4, group_size=32, symmetric=symmetric), PassContext())
-    ids = calibration(samples=4, length=24, seed=7)
+    # Scored on the calibration windows, the error GPTQ minimises: there it is 0.66-0.70 of
+    # RTN's in every case. (On 4 held-out windows of this random model the margin was a few
+    # percent either way, and flipped for asymmetric act-order between an AVX2 and an AVX-512
+    # CPU.)
+    ids = calibration()
     with torch.no_grad():
         reference = pruned(ids).logits
         gptq_error = (model(ids).logits - reference).square().mean()
         rtn_error = (plain(ids).logits - reference).square().mean()
-    assert gptq_error < rtn_error
+    assert gptq_error < 0.8 * rtn_error
 
 
 def test_prune_after_quantization_is_refused(tiny_llama):
