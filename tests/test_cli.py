@@ -288,7 +288,10 @@ def test_recipes_list_shows_rtn_and_its_options(capsys) -> None:
     assert result.code == 0, result.err
     _, options, summary = row_cells(result.out, "rtn")
     assert options == ", ".join(RTNConfig.model_fields)  # every option, in declaration order
-    assert options.startswith("bits, group_size, symmetric, scale_dtype, observer")
+    # the format's keys (shared with awq) first, then rtn's own
+    assert options.startswith(
+        "bits, group_size, symmetric, scale_dtype, format, scaling, scale_block, observer"
+    )
     _, gptq_options, _ = row_cells(result.out, "gptq")
     assert gptq_options == ", ".join(GPTQConfig.model_fields)
     assert gptq_options.endswith("damp, act_order, batch_size")
