@@ -27,7 +27,12 @@ from compress.registry import LayerAccess, PassContext, PassReport
 from compress.sequential import run_sequential
 from compress.utils.hooks import capture_inputs
 
-__all__ = ["allocate_sparsity", "outlier_ratio", "outlier_ratios"]
+__all__ = ["allocate_sparsity", "inside_layer", "outlier_ratio", "outlier_ratios"]
+
+
+def inside_layer(modules: dict[str, nn.Linear], layer_name: str) -> dict[str, nn.Linear]:
+    """The entries of ``modules`` that belong to decoder layer ``layer_name``."""
+    return {n: m for n, m in modules.items() if n.startswith(layer_name + ".")}
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], threshold: float) -> float:
@@ -98,7 +103,7 @@ def outlier_ratios(
     found: dict[str, tuple[float, int]] = {}
 
     def step(index: int, layer_name: str, layer: nn.Module, run: Callable[[], None]) -> None:
-        mine = {n: m for n, m in modules.items() if n.startswith(layer_name + ".")}
+        mine = inside_layer(modules, layer_name)
         if not mine:
             return
         squares: dict[str, torch.Tensor] = {}

@@ -49,7 +49,7 @@ from torch import nn
 
 from compress.errors import PassError
 from compress.ir import SparsityMask, attach, get_quantized
-from compress.prune.allocation import allocate_sparsity, outlier_ratios
+from compress.prune.allocation import allocate_sparsity, inside_layer, outlier_ratios
 from compress.prune.masks import nm_mask, parse_pattern, pruned_per_row, row_mask
 from compress.prune.sparsegpt_math import accumulate_gram, sparsegpt_prune
 from compress.prune.structured import prune_structured
@@ -277,7 +277,7 @@ def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassRe
     if calibration is None:
 
         def plain_step(index: int, layer_name: str, layer: nn.Module) -> None:
-            for name, module in _inside(modules, layer_name).items():
+            for name, module in inside_layer(modules, layer_name).items():
                 scores = module.weight.detach().to(torch.float32).abs()
                 _apply(name, module, _mask(scores, config), None, config, report)
 
@@ -292,7 +292,7 @@ def prune(model: nn.Module, config: PruneConfig, context: PassContext) -> PassRe
     else:
 
         def step(index: int, layer_name: str, layer: nn.Module, run: Callable[[], None]) -> None:
-            mine = _inside(modules, layer_name)
+            mine = inside_layer(modules, layer_name)
             if not mine:
                 return
             stats: dict[str, tuple[torch.Tensor | None, int]] = {}
@@ -380,10 +380,6 @@ def _owl_allocation(
         )
     )
     return dict(zip(names, sparsities, strict=True))
-
-
-def _inside(modules: dict[str, nn.Linear], layer_name: str) -> dict[str, nn.Linear]:
-    return {n: m for n, m in modules.items() if n.startswith(layer_name + ".")}
 
 
 def _check_modules(modules: dict[str, nn.Linear], config: PruneConfig) -> None:

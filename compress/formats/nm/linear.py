@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compress.formats.base import KernelDispatch, share_buffers
+from compress.formats.int.packed import unpack_zeros
 from compress.formats.nm import cpu, kernels
 from compress.formats.nm.packed import PackedNM, pack_nm
 from compress.formats.nm.spec import NMIntFormat
@@ -110,15 +111,7 @@ class NMLinear(KernelDispatch, nn.Module):
         key = (self.qzeros.data_ptr(), self.qzeros._version, self.qzeros.device)
         cached = self.__dict__.get("_zeros_cache")
         if cached is None or cached[0] != key:
-            zeros = PackedNM(
-                self.qweight,
-                self.qindex,
-                self.scales,
-                self.qzeros,
-                None,
-                self.fmt,
-                self.in_features,
-            ).zeros()
+            zeros = unpack_zeros(self.qzeros, self.fmt.values, self.out_features, self.in_features)
             assert zeros is not None  # qzeros is stored
             cached = self.__dict__["_zeros_cache"] = (key, zeros.contiguous())
         result: torch.Tensor = cached[1]
