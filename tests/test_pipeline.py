@@ -108,11 +108,19 @@ def test_smollm2_reloaded_export_matches_in_memory_model(smollm2, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_int8_recipe_quality(tmp_path):
-    """Acceptance: the shipped int8 RTN recipe keeps top-1 >= 95% and KL <= 0.005 nats/token."""
+    """Acceptance: the shipped int8 RTN recipe keeps top-1 >= 95% and KL <= 0.005 nats/token.
+
+    On the recipe's first 8 windows of its 32 (4096 tokens): a bf16 evaluation of 32 windows
+    takes six minutes on a CPU without bf16 instructions (Zen 3), and the 32-window numbers are
+    benchmarks/quality.md's."""
     recipe = load_recipe("recipes/smollm2-w8-rtn.yaml")
     assert recipe.export is not None and recipe.evaluate is not None
+    assert recipe.evaluate.max_windows == 32
     recipe = recipe.model_copy(
-        update={"export": recipe.export.model_copy(update={"dir": tmp_path / "w8"})}
+        update={
+            "export": recipe.export.model_copy(update={"dir": tmp_path / "w8"}),
+            "evaluate": recipe.evaluate.model_copy(update={"max_windows": 8}),
+        }
     )
     result = Pipeline.from_recipe(recipe).run()
     quality = result.report["quality"]["builtin:wiki"]
