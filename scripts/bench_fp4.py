@@ -26,6 +26,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from benchrows import (
@@ -187,6 +188,7 @@ def measure_speed(size: int = 4096, repeats: int = 5) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from compress.formats.fp4 import FP4Format, quantize_fp4
+    from compress.formats.fp4 import cpu as fp4_cpu
     from compress.formats.fp4 import kernels as fp4_kernels
     from compress.formats.fp4.packed import PackedFP4, pack_fp4_codes
 
@@ -199,12 +201,17 @@ def measure_speed(size: int = 4096, repeats: int = 5) -> dict[str, Any]:
         fmt = FP4Format(variant)
         codes, scales, tensor_scale = quantize_fp4(weight, fmt)
         packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, None, fmt, size)
-        for name, kernel in fp4_kernels.KERNELS.items():
+        for name in ("reference", "cpu_tiled", "cpu_gemv"):  # the CPU's kernels
+            kernel = fp4_kernels.KERNELS[name]
 
             def call(k: fp4_kernels.Kernel = kernel, p: PackedFP4 = packed) -> object:
                 return k(x, p)
 
             ms[f"{variant} {name}"] = timed(call, repeats)
+        if fp4_cpu.native() is not None:
+            ms[f"{variant} cpu_gemv fp32"] = timed(
+                partial(fp4_cpu.gemv, x, packed, int16_acts=False), repeats
+            )
     return {"size": size, "threads": 1, "activation": "bfloat16", "rows": 1, "ms": ms}
 
 
@@ -317,13 +324,11 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"Command: `{speed['command']}`. Ratios are against the bf16 dense GEMV of the same "
             "run (above 1: slower than bf16). `reference` and `cpu_tiled` decode the codes with "
             "torch ops into a dense weight (whole, or a slab of rows at a time) and multiply it; "
-            "`cpu_gemv` is the native fused kernel (codes decoded in AVX2 registers, each "
-            "weight rounded to the activation dtype as the reference casts it, fp32 products "
-            "and sums), what decode rows take: on SmolLM2 its logits equal the in-memory "
-            "model's. It reads a quarter of bf16's bytes but spends more instructions per "
-            "weight (two table permutes, a blend, a scale multiply and the bf16 rounding per 8 "
-            "codes); the issue's 3x-faster-than-bf16 target needs integer dot products on "
-            "quantized activations (or AVX-512 16-entry permutes), not done yet.",
+            "`cpu_gemv` is the native fused kernel, what decode rows take: for bf16 rows it "
+            "rounds the activations to int16 per 64 columns and runs integer multiply-adds "
+            "against int16 table values (E2M1 doubled exactly, NF4 in 1/4096 steps of its "
+            "largest); `cpu_gemv fp32` is its other path (fp32 table values, products and "
+            "sums), which fp32 rows and layouts without whole 32-column steps take.",
             "",
             "| kernel | ms | x bf16 time |",
             "|---|---|---|",

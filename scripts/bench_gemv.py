@@ -38,6 +38,7 @@ FORMATS: dict[str, dict[str, Any]] = {
     "mxfp8 e4m3": {"kind": "fp8", "variant": "e4m3", "scaling": "mx"},
     "nf4 b64": {"kind": "fp4", "variant": "nf4", "block_size": 64},
     "mxfp4": {"kind": "fp4", "variant": "mxfp4"},
+    "nvfp4": {"kind": "fp4", "variant": "nvfp4"},
 }
 
 

@@ -485,3 +485,80 @@ def test_native_gemv_matches_the_reference_on_every_build(
     got = fp4_cpu.gemv(x, packed)
     expected = F.linear(x.double(), packed.dequantize(torch.float64), bias.double())
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("block", "in_features", "takes"),
+    [
+        (16, 576, True),
+        (32, 192, True),
+        (64, 576, True),
+        (128, 4160, True),
+        (32, 96, False),
+        (48, 192, False),
+        (64, 40, False),
+        (96, 192, False),
+    ],
+)
+def test_int16_path_takes_whole_steps_and_chunk_aligned_blocks(block, in_features, takes):
+    assert fp4_cpu.int16_path(block, in_features) is takes
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS[:4], FP4Format("nf4", block_size=128)], ids=str)
+@pytest.mark.parametrize(("out_features", "in_features"), [(300, 576), (5, 192), (9, 4160)])
+@pytest.mark.parametrize("rows", [1, 11])
+def test_int16_gemv_is_exact_but_for_the_activation_rounding(
+    isa, fmt, out_features, in_features, rows
+):
+    """Integer dots against int16 table values: the only error is x's rounding to int16 per 64
+    columns (and NF4's table to 1/4096 of its largest), far below bf16's. A column 400x the
+    others (SmolLM2 has such) costs the small ones of its chunk precision, nothing else."""
+    if not fp4_cpu.native().int16_acts():
+        pytest.skip(f"the {isa} build has no int16 path")
+    weight = seeded(out_features, in_features, seed=8) * 0.05
+    codes, scales, tensor_scale = quantize_fp4(weight, fmt)
+    bias = seeded(out_features, seed=4)
+    packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, bias, fmt, in_features)
+    x = seeded(rows, in_features, seed=9)
+    x[:, 3] = 400.0
+    expected = F.linear(x.double(), packed.dequantize(torch.float64), bias.double())
+    got = fp4_cpu.gemv(x, packed, int16_acts=True).double()
+    error = float((got - expected).norm() / expected.norm())
+    assert error < (4e-4 if fmt.variant in ("nf4", "fp4") else 1e-4)
+    # the same through the default choice for bf16 rows: int16 where the layout allows
+    x16 = x.to(torch.bfloat16)
+    default = fp4_cpu.gemv(x16, packed)
+    assert torch.equal(default, fp4_cpu.gemv(x16, packed, int16_acts=True))
+
+
+def test_bf16_rows_keep_the_fp32_path_where_the_layout_has_no_whole_steps():
+    *_, module = packed_linear(FP4Format("nf4", block_size=32), 6, 96)  # 96 % 64 != 0
+    x = seeded(1, 96, seed=2).to(torch.bfloat16)
+    packed = module.packed()
+    assert torch.equal(fp4_cpu.gemv(x, packed), fp4_cpu.gemv(x, packed, int16_acts=False))
+
+
+@pytest.mark.parametrize(("variant", "kind"), [("mxfp4", 1), ("nvfp4", 2)])
+def test_int16_gemv_decodes_e8m0_and_e4m3_scales_as_their_table_does(variant, kind):
+    """The in-register scale decoders against the 256-entry table (a gather), every code a
+    scale can hold: subnormal E4M3 and E8M0 0, NaN E4M3 0x7F, inf E8M0 255 included."""
+    ext = fp4_cpu.native()
+    if ext is None or not ext.int16_acts():
+        pytest.skip("no int16 path in this build")
+    fmt = FP4Format(variant)
+    generator = torch.Generator().manual_seed(3)
+    n, k = 512, 64 * 4
+    scales = torch.randint(0, 256, (n, k // fmt.block), generator=generator, dtype=torch.uint8)
+    scales[:256, 0] = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    qweight = torch.randint(0, 256, (n, k // 2), generator=generator, dtype=torch.uint8)
+    qweight[:256, fmt.block // 2 :] = 0  # rows 0-255: block 0 alone, scale code = row, bare
+    tensor_scale = torch.tensor(0.37)
+    table = fmt.effective_scales(torch.arange(256).to(torch.uint8), tensor_scale).contiguous()
+    table16, unit = fp4_cpu._int16_table(fmt)
+    x = seeded(2, k, seed=5)
+    by_table = ext.gemv_int16(x, qweight, scales, table, 0, 1.0, table16, unit, fmt.block)
+    decoded = ext.gemv_int16(
+        x, qweight, scales, torch.empty(0), kind, float(tensor_scale), table16, unit, fmt.block
+    )
+    assert by_table.isnan().any() or by_table.isinf().any()  # the special codes took part
+    torch.testing.assert_close(decoded, by_table, rtol=0, atol=0, equal_nan=True)

@@ -11,9 +11,11 @@ it is decoded, so a forward holds one slab of dense weight (at most ``_SLAB_BYTE
 packed codes instead of the whole dense matrix. The same products as the reference (each output
 column is the dot product with one row of the weight); only the BLAS blocking may differ.
 
-``cpu_gemv``: the native fused GEMV of :mod:`compress.formats.fp4.cpu` (codes decoded in AVX-512
-or AVX2 registers by table permutes, products and sums in fp32, weights not rounded to the
-activation dtype, one pass over the packed bytes), chosen for up to
+``cpu_gemv``: the native fused GEMV of :mod:`compress.formats.fp4.cpu`, one pass over the packed
+bytes, weights not rounded to the activation dtype: for bf16/fp16 rows (where the layout has
+whole 32-column steps) integer dots of int16-rounded activations against int16 table values;
+otherwise codes decoded in AVX-512 or AVX2 registers by table permutes, products and sums in
+fp32. Chosen for up to
 :data:`~compress.formats.fp4.cpu.MAX_ROWS` activation rows on the CPU when the extension builds
 here. Prefill (more rows) stays on ``cpu_tiled``, whose slabs feed torch's GEMM.
 
@@ -100,7 +102,10 @@ def describe(fmt: FP4Format, in_features: int, device: str = "cpu") -> str:
     tiled = "cpu_tiled (decode a slab of rows to the activation dtype, F.linear)"
     if device == "cpu" and cpu.native() is not None:
         isa = "AVX2" if cpu.vectorized() else "portable"
-        return f"cpu_gemv (native fused, {isa}; ≤{cpu.MAX_ROWS} rows), {tiled}"
+        int16 = (
+            "; int16 dots" if cpu.vectorized() and cpu.int16_path(fmt.block, in_features) else ""
+        )
+        return f"cpu_gemv (native fused, {isa}{int16}; ≤{cpu.MAX_ROWS} rows), {tiled}"
     return tiled
 
 
