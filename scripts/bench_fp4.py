@@ -328,7 +328,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             "rounds the activations to int16 per 64 columns and runs integer multiply-adds "
             "against int16 table values (E2M1 doubled exactly, NF4 in 1/4096 steps of its "
             "largest); `cpu_gemv fp32` is its other path (fp32 table values, products and "
-            "sums), which fp32 rows and layouts without whole 32-column steps take.",
+            "sums), which fp32 rows and layouts without whole 64-column steps take. "
+            f"Machine: {speed.get('machine', '?')}; CPU flags: {speed.get('cpu_flags', '?')}.",
             "",
             "| kernel | ms | x bf16 time |",
             "|---|---|---|",
