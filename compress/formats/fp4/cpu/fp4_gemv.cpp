@@ -206,15 +206,16 @@ inline __m256 e8m0(__m256i e) {
   return _mm256_castsi256_ps(_mm256_max_epu32(_mm256_slli_epi32(e, 23), _mm256_set1_epi32(0x00400000)));
 }
 
-// E4M3 (fn) bytes (one a 32-bit lane) -> their fp32 values, as torch casts them: the magnitude
-// bits shifted into an fp16 land on the value times 2^-8, subnormals included (F16C converts
-// them exactly), and 0x7F / 0xFF are NaN.
-inline __m256 e4m3(__m256i c) {
+// E4M3 (fn) bytes (one a 32-bit lane) -> their fp32 values times 2^-8, which `times` (a power
+// of two times the tensor scale) takes back in the same multiply, one rounding as the table's:
+// the magnitude bits shifted into an fp16 land on the value times 2^-8, subnormals included
+// (F16C converts them exactly), and 0x7F / 0xFF are NaN.
+inline __m256 e4m3_times(__m256i c, __m256 times) {
   const __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
   const __m256i half = _mm256_or_si256(_mm256_slli_epi32(mag, 7),
                                        _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 8));
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(half, half), 0x08);
-  const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(packed)), _mm256_set1_ps(256.f));
+  const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(packed)), times);
   const __m256 nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F)));
   return _mm256_blendv_ps(v, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), nan);
 }
@@ -226,7 +227,7 @@ struct RowScales {
   const uint8_t* codes;  // the row's uint8 scale codes, or nullptr
   const float* lut;      // their values (256)
   int kind;              // how octet() decodes codes: kScaleLut, kScaleE8M0 or kScaleE4M3
-  float multiplier;      // kScaleE4M3: the tensor scale
+  float multiplier;      // kScaleE4M3: 256 times the tensor scale
   const float* floats;   // the row's fp32 scales, or nullptr
   const float* filled;   // one scale per sub-block in order, or nullptr
   int64_t subs;          // sub-blocks in the row
@@ -237,7 +238,7 @@ struct RowScales {
   // Codes in lanes -> their scales, as the kind says.
   inline __m256 decode(__m256i idx) const {
     if (kind == kScaleE8M0) return e8m0(idx);
-    if (kind == kScaleE4M3) return _mm256_mul_ps(e4m3(idx), _mm256_set1_ps(multiplier));
+    if (kind == kScaleE4M3) return e4m3_times(idx, _mm256_set1_ps(multiplier));
     return _mm256_i32gather_ps(lut, idx, 4);
   }
 
@@ -584,7 +585,7 @@ torch::Tensor gemv_int16(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   float* op = result.data_ptr<float>();
   const __m256i order = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(slots));
   const int kind = static_cast<int>(scale_kind);
-  const float multiplier = static_cast<float>(tensor_scale);
+  const float multiplier = 256.f * static_cast<float>(tensor_scale);  // exact: a power of two
   at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> filled(per_block > 1 ? static_cast<size_t>(subs) : 0);
     for (int64_t n = begin; n < end; ++n) {
