@@ -283,12 +283,15 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if reference is not None:
         lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
     here = meta.get("machine")
-    elsewhere = [row for row in rows if row.get("machine", here) != here]
+    elsewhere: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("machine", here) != here:
+            elsewhere.setdefault(row["machine"], []).append(row["case"])
     if elsewhere:
         lines += [
             "",
             "Rows run on another machine (KL is comparable; seconds are not): "
-            + "; ".join(f"{row['case']}: {row['machine']}" for row in elsewhere)
+            + "; ".join(f"{', '.join(cases)} on {where}" for where, cases in elsewhere.items())
             + ".",
         ]
     kl = {row["case"]: next(iter(row["quality"].values()))["kl_mean"] for row in rows}
@@ -376,10 +379,13 @@ def main() -> None:
     }
     if args.merge and saved is not None and "speed" in saved["meta"]:
         meta["speed"] = saved["meta"]["speed"]
+    if args.merge and saved is not None:  # kept rows name the machine that ran them
+        for kept in rows.values():
+            kept.setdefault("machine", saved["meta"].get("machine"))
     for name in args.cases:
         print(f"== {name}", flush=True)
         row = run_peer(name, args.llmc_python) if name in PEERS else run_one(name)
-        rows[name] = {**row, "date": datetime.date.today().isoformat()}
+        rows[name] = {**row, "machine": machine(), "date": datetime.date.today().isoformat()}
         print(json.dumps(rows[name], indent=1, default=str), flush=True)
         ordered = write_rows(out, meta, rows, [*CASES, *PEERS])
         (BENCHMARKS / "fp4.md").write_text(render(meta, ordered))

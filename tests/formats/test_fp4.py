@@ -26,10 +26,12 @@ from compress.formats.fp4.packed import PackedFP4, pack_fp4_codes, unpack_fp4_co
 from compress.ir import QuantizedWeight, get_quantized
 from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline
+from compress.quant.awq import AWQConfig
+from compress.quant.gptq import GPTQConfig
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import load_recipe, parse_recipe
 from compress.registry import PassContext
-from tests.conftest import NATIVE_TEST_LEVELS, force_native_build
+from tests.conftest import NATIVE_TEST_LEVELS, force_native_build, run_passes_on_tiny_model
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
 FORMATS = [FP4Format(v) for v in VARIANTS] + [FP4Format("nf4", 32), FP4Format("fp4", 48)]
@@ -377,12 +379,23 @@ def test_rtn_leaves_fp4_records_and_dequantized_weights(tiny_llama, variant, obs
 
 
 @pytest.mark.parametrize("variant", ["nf4", "mxfp4", "nvfp4"])
-def test_shipped_gptq_recipes(variant):
+def test_shipped_gptq_recipes(variant, tmp_path):
+    """Each recipe's passes end in gptq onto its format (NF4's after awq on the same grid), and
+    run through the Pipeline on a tiny model into an export that reloads with equal weights."""
     recipe = load_recipe(RECIPES / f"smollm2-{variant}-gptq.yaml")
-    (config,) = recipe.passes
-    assert config.formats() == [FP4Format(variant)]
+    *before, config = recipe.passes
+    assert isinstance(config, GPTQConfig) and config.formats() == [FP4Format(variant)]
+    assert [type(c) for c in before] == ([AWQConfig] if variant == "nf4" else [])
+    assert all(c.weight_format() == FP4Format(variant) for c in before)
     assert recipe.calibration is not None and recipe.evaluate is not None
     assert recipe.evaluate.max_windows == 32 and recipe.evaluate.seq_len == 512
+    result, loaded = run_passes_on_tiny_model(recipe.passes, tmp_path, seed=7)
+    linear = [n for n, m in loaded.named_modules() if isinstance(m, FP4Linear)]
+    assert len(linear) == 2 * 7
+    name = linear[0]
+    record = get_quantized(result.model.get_submodule(name))
+    assert record is not None and record.fmt == FP4Format(variant)
+    assert torch.equal(loaded.get_submodule(name).dequantize(torch.float32), record.dequantize())
 
 
 # ------------------------------------------------------------------------------------- export
