@@ -35,9 +35,10 @@ def gemma3() -> Path:
         raise
 
 
-def small_recipe(tmp_path: Path, passes: list[dict[str, object]]) -> Path:
+def small_recipe(tmp_path: Path, passes: list[dict[str, object]], dtype: str = "auto") -> Path:
     """The shipped recipe with few windows: what is checked is the path, not the quality."""
     recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["model"] = {"name": recipe["model"], "dtype": dtype}
     recipe["calibration"].update(samples=4, seq_len=256)
     recipe["passes"] = passes
     recipe["export"]["dir"] = str(tmp_path / "export")
@@ -48,11 +49,18 @@ def small_recipe(tmp_path: Path, passes: list[dict[str, object]]) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("passes", "max_kl", "max_size"),
+    ("passes", "dtype", "max_kl", "max_size"),
     [
         # the embedding (62% of the parameters) kept in bf16, then entropy-coded (lossless)
-        ([{"pass": "rtn", "bits": 4, "group_size": 128}, {"pass": "entropy_code"}], 1.5, 0.80),
-        (yaml.safe_load(RECIPE.read_text())["passes"], 0.8, 0.45),
+        (
+            [{"pass": "rtn", "bits": 4, "group_size": 128}, {"pass": "entropy_code"}],
+            "auto",
+            1.5,
+            0.80,
+        ),
+        # the shipped passes on the model loaded in fp32: a third of the time on CPUs without
+        # bf16 instructions (Zen 3); the bf16 path is the case above's
+        (yaml.safe_load(RECIPE.read_text())["passes"], "float32", 0.8, 0.45),
     ],
     ids=["rtn-int4-entropy-coded", "gptq-int4-int8-embeddings"],
 )
@@ -60,10 +68,11 @@ def test_apply_exports_reloads_and_reports_kl(
     gemma3: Path,
     tmp_path: Path,
     passes: list[dict[str, object]],
+    dtype: str,
     max_kl: float,
     max_size: float,
 ) -> None:
-    assert run(["apply", str(small_recipe(tmp_path, passes))]) == 0
+    assert run(["apply", str(small_recipe(tmp_path, passes, dtype))]) == 0
     export = tmp_path / "export"
     config = json.loads((export / "config.json").read_text())
     assert config["compress_base_model_type"] == "gemma3_text"
@@ -72,4 +81,6 @@ def test_apply_exports_reloads_and_reports_kl(
     # 2 x 256 tokens: loose bounds that a broken export (random layers, KL ~10) cannot meet
     assert 0.0 < quality["kl_mean"] < max_kl
     assert quality["top1_agreement"] > 0.5
-    assert report["size"]["export_bytes"] < max_size * report["size"]["original_bytes"]
+    # max_size is against the bf16 checkpoint (an fp32 load holds twice its bytes)
+    checkpoint_bytes = report["size"]["original_bytes"] / (2 if dtype == "float32" else 1)
+    assert report["size"]["export_bytes"] < max_size * checkpoint_bytes
