@@ -145,9 +145,10 @@ void rows_avx2(const float* x, int64_t m_rows, int64_t k_cols, const uint8_t* q,
 // Then A = e0.x + o0.x holds the dots of columns 0-15 (low lane) and 32-47 (high), B those of
 // 16-31 and 48-63: a sub-block of S = min(block, 64) columns lies in one lane of A or B (S=16),
 // one lane of A + B (S=32) or all of it (S=64). The int32 lanes (at most 8 products of
-// 4096 x 32767, below 2^31) become fp32, and every eight sub-blocks a few horizontal adds leave
-// their eight sums in one vector, in an order kSlots gives, scaled by one multiply and FMA
-// against the weight and activation scales laid out in that order.
+// 4096 x 32767; S=16 sums its sub-blocks' 16 in integers, 2^31 - 65535 at worst) become fp32,
+// and every eight sub-blocks a few horizontal adds leave their eight sums in one vector, in an
+// order kSlots gives, scaled by one multiply and FMA against the weight and activation scales
+// laid out in that order.
 
 constexpr int kSlots[3][8] = {
     {0, 1, 4, 5, 2, 3, 6, 7},  // S=16: hadd(hadd(A1, B1), hadd(A2, B2)), two steps
