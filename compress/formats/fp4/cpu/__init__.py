@@ -82,7 +82,7 @@ def gemv(x: torch.Tensor, w: PackedFP4, int16_acts: bool | None = None) -> torch
 
     ``int16_acts`` (default: x is bf16/fp16 and :func:`int16_path` holds) rounds x to int16 per
     64 columns and runs integer multiply-adds against int16 table values, a third of the fp32
-    path's time at 4096x4096 (benchmarks/gemv.md): finer than half precision's own rounding but
+    path's time at 4096x4096 (benchmarks/fp4.md): finer than half precision's own rounding but
     for elements far below their chunk's largest. Otherwise table values, products and sums in
     fp32. Neither rounds the weights to ``x``'s dtype as the reference does."""
     ext = native()

@@ -166,12 +166,11 @@ inline int step_position(int c) {
 }
 
 struct QuantX {
-  int64_t rows, k_cols, chunks;
+  int64_t k_cols, chunks;
   std::vector<int16_t> q;     // (rows, k_cols), each 64-column step in step order
   std::vector<float> scale;   // (rows, chunks): x ~ q * scale over a chunk of 64 columns
 
   void build(const float* x, int64_t M, int64_t K) {
-    rows = M;
     k_cols = K;
     chunks = K / 64;
     q.assign(static_cast<size_t>(M * K), 0);
@@ -447,17 +446,27 @@ bool vectorized() {
 #endif
 }
 
-torch::Tensor gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                   torch::Tensor scale_lut, torch::Tensor lut, int64_t block) {
+// The arguments both GEMVs take alike; returns whether the scales are uint8 codes. `what`
+// names the caller, `lut_needed` whether uint8 scales must come with their 256-entry table.
+static bool check_inputs(const torch::Tensor& x, const torch::Tensor& qweight,
+                         const torch::Tensor& scales, const torch::Tensor& scale_lut,
+                         const char* what, bool lut_needed) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous (M, K) float32 tensor");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "gemv takes at most ", kMaxRows, " rows");
+  TORCH_CHECK(x.size(0) <= kMaxRows, what, " takes at most ", kMaxRows, " rows");
   TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight");
   const bool coded = scales.scalar_type() == torch::kUInt8;
   TORCH_CHECK((coded || scales.scalar_type() == torch::kFloat32) && scales.is_contiguous(),
               "scales must be contiguous float32 or uint8");
-  TORCH_CHECK(!coded || (scale_lut.scalar_type() == torch::kFloat32 && scale_lut.numel() == 256),
+  TORCH_CHECK(!coded || !lut_needed ||
+                  (scale_lut.scalar_type() == torch::kFloat32 && scale_lut.numel() == 256),
               "uint8 scales need a 256-entry float32 scale_lut");
+  return coded;
+}
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                   torch::Tensor scale_lut, torch::Tensor lut, int64_t block) {
+  const bool coded = check_inputs(x, qweight, scales, scale_lut, "gemv", true);
   TORCH_CHECK(lut.scalar_type() == torch::kFloat32 && lut.numel() == 16, "lut");
   const int64_t m_rows = x.size(0), k_cols = x.size(1), n_rows = qweight.size(0);
   const int64_t row_bytes = qweight.size(1), groups = scales.size(1);
@@ -530,16 +539,8 @@ bool int16_acts() {
 torch::Tensor gemv_int16(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                          torch::Tensor scale_lut, int64_t scale_kind, double tensor_scale,
                          torch::Tensor lut16, double lut_scale, int64_t block) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be a contiguous (M, K) float32 tensor");
-  TORCH_CHECK(x.size(0) <= kMaxRows, "gemv_int16 takes at most ", kMaxRows, " rows");
-  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(), "qweight");
-  const bool coded = scales.scalar_type() == torch::kUInt8;
-  TORCH_CHECK((coded || scales.scalar_type() == torch::kFloat32) && scales.is_contiguous(),
-              "scales must be contiguous float32 or uint8");
-  TORCH_CHECK(!coded || scale_kind != 0 ||
-                  (scale_lut.scalar_type() == torch::kFloat32 && scale_lut.numel() == 256),
-              "uint8 scales of scale_kind 0 need a 256-entry float32 scale_lut");
+  // scale_kind 0 reads uint8 scales through scale_lut; 1 and 2 decode them in registers
+  const bool coded = check_inputs(x, qweight, scales, scale_lut, "gemv_int16", scale_kind == 0);
   TORCH_CHECK(lut16.scalar_type() == torch::kInt16 && lut16.numel() == 16, "lut16");
   const int64_t m_rows = x.size(0), k_cols = x.size(1), n_rows = qweight.size(0);
   const int64_t groups = scales.size(1);
