@@ -34,6 +34,7 @@ LAYERS: list[list[str]] = [
         "compress.formats.fp8",
         "compress.formats.fp4",
         "compress.formats.entropy",
+        "compress.formats.bitmask",
     ],
     # format kinds built on another kind (N:M sparsity over integer codes)
     ["compress.formats.nm"],
@@ -68,6 +69,7 @@ PLUGIN_STRINGS = {
         "compress.formats.fp8",
         "compress.formats.fp4",
         "compress.formats.nm",
+        "compress.formats.bitmask",
     },
 }
 

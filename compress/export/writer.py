@@ -30,6 +30,7 @@ from compress.export.manifest import (
 )
 from compress.export.stream import StoredItem
 from compress.formats import runtime_for
+from compress.formats.bitmask.spec import VALUE_DTYPES, BitmaskFormat
 from compress.formats.int.spec import IntFormat
 from compress.formats.nm.spec import NMIntFormat, nonzero_codes
 from compress.ir import Adapter, ConfigPatch, QuantizedWeight, SparsityMask, get, get_quantized
@@ -52,6 +53,7 @@ __all__ = [
     "export_model",
     "layout_for",
     "packed_state",
+    "sparse_float_record",
     "unwritable_target",
 ]
 
@@ -69,7 +71,9 @@ def packed_state(
     """The tensors an export stores, in module order; quantized weights packed, aliases dropped.
 
     ``sparse``: an integer-quantized Linear that an ``N:M`` prune left sparse is stored in the
-    N:M sparse format (kept codes and their positions, :func:`stored_record`).
+    N:M sparse format (kept codes and their positions, :func:`stored_record`); a pruned Linear
+    of a decoder layer that no pass quantized, in the bitmask format (its nonzero values and one
+    bit a weight, :func:`sparse_float_record`) where that is smaller.
 
     Tied weights (``lm_head`` sharing the embedding) are stored once: dense ones are re-tied by
     transformers; a quantized pair (one record on both modules) is added to ``ties`` as
@@ -99,6 +103,8 @@ def packed_state(
         record = get_quantized(module)
         if record is not None and sparse:
             record = stored_record(owner, module, record)
+        elif record is None and sparse and leaf == "weight" and index is not None:
+            record = sparse_float_record(module)
         if record is not None and leaf == "weight":
             if id(record) in packed_owner:  # a tied module: its codes are stored already
                 if ties is not None:
@@ -158,6 +164,24 @@ def stored_record(name: str, module: nn.Module, record: QuantizedWeight) -> Quan
             hint="prune after the passes that change weights, or export with sparse: false",
         )
     return QuantizedWeight(record.codes, record.scales, record.zeros, fmt)
+
+
+def sparse_float_record(module: nn.Module) -> QuantizedWeight | None:
+    """A pruned, unquantized Linear's weight in the bitmask sparse format (its nonzero values
+    plus one bit a weight), when that is smaller than the dense weight; else ``None``.
+
+    Lossless: the values are the weight's own, so the reloaded layer computes the same
+    function (a ``-0.0`` weight reads back as ``+0.0``)."""
+    if not isinstance(module, nn.Linear) or get(module, SparsityMask) is None:
+        return None
+    weight = module.weight.detach()
+    if weight.device.type == "meta" or weight.dtype not in VALUE_DTYPES.values():
+        return None
+    fmt = BitmaskFormat.for_weight(weight)
+    if not fmt.pays(module.in_features):
+        return None
+    codes, scales, zeros = fmt.quantize(weight)
+    return QuantizedWeight(codes, scales, zeros, fmt)
 
 
 def _packed_module(module: nn.Module, record: QuantizedWeight) -> nn.Module:
@@ -406,8 +430,9 @@ def export_model(
     ``quantization_config`` and every :class:`~compress.ir.ConfigPatch` a pass left (shapes a
     structured pass changed), the tokenizer and the manifest.
 
-    ``sparse``: N:M-pruned integer layers are stored as kept codes plus positions (our format
-    only; the other layouts store them dense).
+    ``sparse``: N:M-pruned integer layers are stored as kept codes plus positions, pruned
+    unquantized layers as a bitmask plus their nonzero values (our format only; the other
+    layouts store them dense).
     """
     progress = progress or NullProgress()
     directory = Path(directory)

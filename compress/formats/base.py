@@ -126,6 +126,7 @@ BUILTIN_KINDS: dict[str, str] = {
     "fp8": "compress.formats.fp8",
     "fp4": "compress.formats.fp4",
     "nm_int": "compress.formats.nm",
+    "bitmask": "compress.formats.bitmask",
 }
 """Kind -> the package that registers it. Imported by name when a kind is first looked up, so
 this layer never imports the folders above it and ``import compress.formats`` stays light."""

@@ -14,9 +14,11 @@ A format's tile function is a ``@triton.jit`` function passed as a compile-time 
 
 returning the fp32 tile; ``P*`` are the format's tensors (pointers), ``I*`` its integers and
 ``C*`` its compile-time constants, in whatever meaning the format gives them (unused ones are
-0). Tests run the kernels on CPU under ``TRITON_INTERPRET=1`` set before import, as for the
-integer format's own kernels (:mod:`compress.formats.int.triton_kernels`); without it they need
-CUDA tensors. Imported only where triton is installed (the ``gpu`` extra).
+0). ``offs_k`` is always one contiguous run ``k0 + arange(BLOCK_K)`` (the bitmask format's
+decode counts set bits from ``k0`` on). Tests run the kernels on CPU under
+``TRITON_INTERPRET=1`` set before import, as for the integer format's own kernels
+(:mod:`compress.formats.int.triton_kernels`); without it they need CUDA tensors. Imported only
+where triton is installed (the ``gpu`` extra).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ def _gemm_kernel(
     C3: tl.constexpr,
     C4: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -114,7 +117,10 @@ def _gemm_kernel(
         w = DECODE(
             offs_k, offs_n, mask_k, mask_n, P0, P1, P2, P3, I0, I1, I2, I3, C0, C1, C2, C3, C4
         )
-        acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
+        if DOT_FP32:  # the interpreter: the same roundings, products taken in fp32
+            acc += tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -242,6 +248,8 @@ def dequant_gemm(
         x2d.stride(0),
         out.stride(0),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        # Triton's interpreter multiplies bf16 operands as their raw uint16 bits (triton 3.x)
+        DOT_FP32=INTERPRETED and x.dtype == torch.bfloat16,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

@@ -14,8 +14,10 @@ of every M consecutive input columns of each row (2:4 is what sparse tensor core
 share of outlier scores, the mean kept (:mod:`compress.prune.allocation`).
 
 Results: pruned weights are zero in place and each pruned Linear carries a
-:class:`compress.ir.SparsityMask`. The export writer stores weights dense (zeros included; no
-sparse format yet), so an export reloads with the same logits but is not smaller.
+:class:`compress.ir.SparsityMask`. The export writer stores a pruned Linear that no pass quantized
+as its nonzero values plus a bitmask (:mod:`compress.formats.bitmask`: 9 bits a weight at 50% in
+bf16), an N:M-pruned integer one as kept codes plus positions (:mod:`compress.formats.nm`); the
+export reloads with the same logits and is smaller (``export: {sparse: false}`` stores it dense).
 
 With quantization: prune first. A later ``rtn`` keeps zeros exactly (zero is a grid point of
 every integer format it writes); a later ``gptq`` reads the mask, gives pruned positions the

@@ -76,7 +76,8 @@ class ExportSpec(_Spec):
     sparse: bool = Field(
         default=True,
         description='store integer layers pruned N:M (prune pattern: "2:4") as their kept codes '
-        "plus positions, read by sparse kernels (format: compress only); false stores them dense",
+        "plus positions, and pruned unquantized layers as their nonzero values plus a bitmask, "
+        "read by sparse kernels (format: compress only); false stores them dense",
     )
 
     @field_validator("dir")

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from compress.errors import PassError, RecipeError
 from compress.export.writer import export_model
+from compress.formats.bitmask.linear import BitmaskLinear
 from compress.ir import SparsityMask, get, get_quantized, records
 from compress.offload import LayerStore, work_dir_for
 from compress.pipeline import Pipeline
@@ -157,8 +158,11 @@ def test_export_reloads_with_equal_logits(tiny_llama, tmp_path, method):
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
     reloaded = dict(loaded.named_modules())
-    for name, record in masks(model).items():  # stored dense, zeros included
-        assert torch.all(reloaded[name].weight[~record.mask] == 0)
+    for name, record in masks(model).items():  # stored as values plus a bitmask
+        module = reloaded[name]
+        assert isinstance(module, BitmaskLinear)
+        assert torch.all(module.dequantize()[~record.mask] == 0)
+        assert torch.equal(module.dequantize(), model.get_submodule(name).weight.detach())
 
 
 def pipeline(model_dir, text_file, out, passes, **kwargs) -> Pipeline:
