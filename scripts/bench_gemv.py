@@ -39,6 +39,8 @@ FORMATS: dict[str, dict[str, Any]] = {
     "nf4 b64": {"kind": "fp4", "variant": "nf4", "block_size": 64},
     "mxfp4": {"kind": "fp4", "variant": "mxfp4"},
     "nvfp4": {"kind": "fp4", "variant": "nvfp4"},
+    # pruned, unquantized: the weight magnitude-pruned per row, stored as bf16 values + bitmask
+    "bf16 50% bitmask": {"kind": "bitmask", "pruned": 0.5},
 }
 
 
@@ -49,32 +51,45 @@ def _mean_seconds(call: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def modules_for(out_features: int, in_features: int) -> dict[str, Any]:
-    """Each format's packed Linear of one random weight (the 2:4 one magnitude-pruned)."""
+def modules_for(out_features: int, in_features: int, selected: list[str]) -> dict[str, Any]:
+    """Each format's packed Linear of one random weight (the 2:4 one magnitude-pruned; the
+    bitmask one magnitude-pruned per row to its ``pruned`` fraction, in bf16)."""
     import torch
 
     from compress.formats import format_from_dict, runtime_for
+    from compress.formats.bitmask.spec import BitmaskFormat
     from compress.ir import QuantizedWeight
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features, bias=False)
     modules = {}
     for name, spec in FORMATS.items():
-        fmt = format_from_dict(spec)
-        codes, scales, zeros = fmt.quantize(linear.weight.detach())
+        if name not in selected:
+            continue
+        weight = linear.weight.detach()
+        if spec["kind"] == "bitmask":
+            drop = round(spec["pruned"] * in_features)
+            order = weight.abs().argsort(dim=1)[:, :drop]
+            weight = weight.scatter(1, order, 0.0).to(torch.bfloat16)
+            fmt = BitmaskFormat.for_weight(weight)
+        else:
+            fmt = format_from_dict(spec)
+        codes, scales, zeros = fmt.quantize(weight)
         record = QuantizedWeight(codes, scales, zeros, fmt)
         modules[name] = runtime_for(fmt).linear_from_record(linear, record).eval()
     return {"bf16": linear.weight.detach().to(torch.bfloat16), **modules}
 
 
-def gemv_rows(runs: int, calls: int, isas: list[str], dtype_name: str) -> list[dict[str, Any]]:
+def gemv_rows(
+    runs: int, calls: int, isas: list[str], dtype_name: str, selected: list[str]
+) -> list[dict[str, Any]]:
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(1)
     rows = []
     for out_features, in_features in SHAPES:
-        modules = modules_for(out_features, in_features)
+        modules = modules_for(out_features, in_features, selected)
         dtype = getattr(torch, dtype_name)
         x = torch.randn(1, in_features).to(dtype)
         weight = modules.pop("bf16")
@@ -164,16 +179,26 @@ def main() -> None:
         help="activation dtypes of the packed kernels (bf16's GEMV is always bf16)",
     )
     parser.add_argument(
+        "--formats",
+        nargs="*",
+        default=list(FORMATS),
+        choices=list(FORMATS),
+        help="formats to time (int4 g64 sym, the ratios' reference, is always timed)",
+    )
+    parser.add_argument(
         "--out", default="gemv", help="file stem under benchmarks/ (one per machine kept)"
     )
     args = parser.parse_args()
+    selected = ["int4 g64 sym", *(name for name in args.formats if name != "int4 g64 sym")]
     data = {
         "machine": machine(),
         "cpu_flags": cpu_flags(),
         "date": datetime.date.today().isoformat(),
         "command": "python scripts/bench_gemv.py " + " ".join(sys.argv[1:]),
         "rows": [
-            row for name in args.dtype for row in gemv_rows(args.runs, args.calls, args.isa, name)
+            row
+            for name in args.dtype
+            for row in gemv_rows(args.runs, args.calls, args.isa, name, selected)
         ],
     }
     (BENCHMARKS / f"{args.out}.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -12,9 +12,11 @@
 //
 // The AVX2 path (also what an AVX-512 build runs) takes 8 columns a step: their mask byte b
 // picks a permutation that moves the next popcount(b) values into the lanes of the set bits
-// (the others are zeroed), and the step costs one FMA per activation row against the 8
-// activations as they lie. The values are read as they are stored (a load of 8 past the
-// row's end uses a copy), so a 50%-sparse bf16 row streams 9 bits per weight, not 16.
+// (one table entry: the lane's rank, its sign bit set where the bit is clear, so one blend
+// zeroes those lanes), and the step costs one FMA per activation row against the 8
+// activations as they lie. Mask bytes are read 8 at a time and all-zero bytes skipped. The
+// values are read as they are stored (near the tensor's end through a copy), so a 50%-sparse
+// bf16 row streams 9 bits per weight, not 16.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -79,26 +81,24 @@ void row_portable(const uint8_t* mask, const void* values, ValueKind kind, int64
 }
 
 #ifdef BM_AVX2
-struct ExpandTables {
-  // lane j of index[b]: the rank of bit j among b's set bits (which value goes to lane j);
-  // lane j of keep[b]: all ones where bit j is set
+// lane j of index[b]: the rank of bit j among b's set bits (which value goes to lane j), with
+// the sign bit set where bit j is clear (vpermps reads only the low 3 bits; blendv the sign)
+struct ExpandTable {
   alignas(32) std::array<std::array<int32_t, 8>, 256> index;
-  alignas(32) std::array<std::array<int32_t, 8>, 256> keep;
-  ExpandTables() {
+  ExpandTable() {
     for (int b = 0; b < 256; ++b) {
       int rank = 0;
       for (int j = 0; j < 8; ++j) {
         const bool set = (b >> j) & 1;
-        index[b][j] = set ? rank : 0;
-        keep[b][j] = set ? -1 : 0;
+        index[b][j] = set ? rank : static_cast<int32_t>(0x80000000u);
         rank += set;
       }
     }
   }
 };
 
-const ExpandTables& tables() {
-  static const ExpandTables instance;
+const ExpandTable& expand_table() {
+  static const ExpandTable instance;
   return instance;
 }
 
@@ -120,63 +120,108 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_hadd_ps(lo, lo));
 }
 
-// Whole bytes of the row (columns [0, K - K % 8)); returns the values consumed.
-template <ValueKind kKind, int kRows>
+// Whole bytes of the row (columns [0, K - K % 8)); returns the values consumed. kChecked: the
+// row is the tensor's last, so a load of 8 values past its end goes through a copy (other rows
+// read into the next row, whose lanes the blend zeroes). kAcc independent sums per activation
+// row hide the FMA latency when there are few rows.
+template <ValueKind kKind, int kRows, bool kChecked>
 int64_t row_vector(const uint8_t* mask, const void* values, int64_t kept, const float* x,
                    int64_t k_cols, float* out) {
   constexpr int64_t kSize = kKind == ValueKind::kFp32 ? 4 : 2;
-  const ExpandTables& t = tables();
+  constexpr int kAcc = kRows == 1 ? 4 : (kRows == 2 ? 2 : 1);
+  const ExpandTable& t = expand_table();
   const auto* base = static_cast<const uint8_t*>(values);
   alignas(32) uint8_t tail[8 * kSize] = {};
-  __m256 acc[kRows];
-  for (int r = 0; r < kRows; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc[kAcc][kRows];
+  for (int a = 0; a < kAcc; ++a)
+    for (int r = 0; r < kRows; ++r) acc[a][r] = zero;
   int64_t used = 0;
   const int64_t steps = k_cols / 8;
-  for (int64_t i = 0; i < steps; ++i) {
-    const unsigned b = mask[i];
-    if (b == 0) continue;
-    const void* src = base + used * kSize;
-    if (used + 8 > kept) {  // the row's last values: do not read past the tensor
-      std::memcpy(tail, src, (kept - used) * kSize);
-      src = tail;
+  // one step: columns [8i, 8i + 8) with mask byte b, whose first value is number `at`
+  auto step = [&](int64_t i, unsigned b, int64_t at, int a) {
+    const void* src = base + at * kSize;
+    if constexpr (kChecked) {
+      if (at + 8 > kept) {
+        std::memcpy(tail, src, (kept - at) * kSize);
+        src = tail;
+      }
     }
     const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.index[b].data()));
-    const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(t.keep[b].data()));
-    const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(load8<kKind>(src), index), keep);
+    const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(load8<kKind>(src), index), zero,
+                                      _mm256_castsi256_ps(index));
     for (int r = 0; r < kRows; ++r) {
-      acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * k_cols + 8 * i), acc[r]);
+      acc[a][r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * k_cols + 8 * i), acc[a][r]);
     }
-    used += __builtin_popcount(b);
+  };
+  int64_t i = 0;
+  for (; i + 8 <= steps; i += 8) {  // 64 columns: one load of their mask bytes
+    uint64_t word;
+    std::memcpy(&word, mask + i, 8);
+    if (word == 0) continue;
+    // each byte's popcount, then their running sums (byte j: bytes 0..j), so that every step's
+    // first value is known without waiting for the step before it
+    uint64_t c = word - ((word >> 1) & 0x5555555555555555ull);
+    c = (c & 0x3333333333333333ull) + ((c >> 2) & 0x3333333333333333ull);
+    c = (c + (c >> 4)) & 0x0f0f0f0f0f0f0f0full;
+    const uint64_t before = (c * 0x0101010101010101ull) << 8;  // byte j: bytes 0..j-1
+    for (int j = 0; j < 8; ++j) {
+      const unsigned b = (word >> (8 * j)) & 0xffu;
+      if (b) step(i + j, b, used + ((before >> (8 * j)) & 0xffu), j % kAcc);
+    }
+    used += __builtin_popcountll(word);
   }
-  for (int r = 0; r < kRows; ++r) out[r] = hsum(acc[r]);
+  for (; i < steps; ++i) {
+    if (mask[i]) {
+      step(i, mask[i], used, 0);
+      used += __builtin_popcount(mask[i]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    __m256 sum = acc[0][r];
+    for (int a = 1; a < kAcc; ++a) sum = _mm256_add_ps(sum, acc[a][r]);
+    out[r] = hsum(sum);
+  }
   return used;
 }
 
-template <ValueKind kKind>
+template <ValueKind kKind, bool kChecked>
 int64_t row_vector_rows(int64_t rows, const uint8_t* mask, const void* values, int64_t kept,
                         const float* x, int64_t k_cols, float* out) {
   switch (rows) {
-    case 1: return row_vector<kKind, 1>(mask, values, kept, x, k_cols, out);
-    case 2: return row_vector<kKind, 2>(mask, values, kept, x, k_cols, out);
-    case 3: return row_vector<kKind, 3>(mask, values, kept, x, k_cols, out);
-    case 4: return row_vector<kKind, 4>(mask, values, kept, x, k_cols, out);
-    case 5: return row_vector<kKind, 5>(mask, values, kept, x, k_cols, out);
-    case 6: return row_vector<kKind, 6>(mask, values, kept, x, k_cols, out);
-    case 7: return row_vector<kKind, 7>(mask, values, kept, x, k_cols, out);
-    default: return row_vector<kKind, 8>(mask, values, kept, x, k_cols, out);
+    case 1: return row_vector<kKind, 1, kChecked>(mask, values, kept, x, k_cols, out);
+    case 2: return row_vector<kKind, 2, kChecked>(mask, values, kept, x, k_cols, out);
+    case 3: return row_vector<kKind, 3, kChecked>(mask, values, kept, x, k_cols, out);
+    case 4: return row_vector<kKind, 4, kChecked>(mask, values, kept, x, k_cols, out);
+    case 5: return row_vector<kKind, 5, kChecked>(mask, values, kept, x, k_cols, out);
+    case 6: return row_vector<kKind, 6, kChecked>(mask, values, kept, x, k_cols, out);
+    case 7: return row_vector<kKind, 7, kChecked>(mask, values, kept, x, k_cols, out);
+    default: return row_vector<kKind, 8, kChecked>(mask, values, kept, x, k_cols, out);
   }
 }
 
-int64_t row_vector_any(ValueKind kind, int64_t rows, const uint8_t* mask, const void* values,
-                       int64_t kept, const float* x, int64_t k_cols, float* out) {
+template <bool kChecked>
+int64_t row_vector_kind(ValueKind kind, int64_t rows, const uint8_t* mask, const void* values,
+                        int64_t kept, const float* x, int64_t k_cols, float* out) {
   switch (kind) {
     case ValueKind::kBf16:
-      return row_vector_rows<ValueKind::kBf16>(rows, mask, values, kept, x, k_cols, out);
+      return row_vector_rows<ValueKind::kBf16, kChecked>(rows, mask, values, kept, x, k_cols,
+                                                         out);
     case ValueKind::kFp16:
-      return row_vector_rows<ValueKind::kFp16>(rows, mask, values, kept, x, k_cols, out);
+      return row_vector_rows<ValueKind::kFp16, kChecked>(rows, mask, values, kept, x, k_cols,
+                                                         out);
     default:
-      return row_vector_rows<ValueKind::kFp32>(rows, mask, values, kept, x, k_cols, out);
+      return row_vector_rows<ValueKind::kFp32, kChecked>(rows, mask, values, kept, x, k_cols,
+                                                         out);
   }
+}
+
+// Rows before the tensor's last 8 values' row may read 8 values past their own end.
+int64_t row_vector_any(bool last, ValueKind kind, int64_t rows, const uint8_t* mask,
+                       const void* values, int64_t kept, const float* x, int64_t k_cols,
+                       float* out) {
+  if (last) return row_vector_kind<true>(kind, rows, mask, values, kept, x, k_cols, out);
+  return row_vector_kind<false>(kind, rows, mask, values, kept, x, k_cols, out);
 }
 #endif
 
@@ -223,7 +268,9 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor bitmask, torch::Tensor values)
       int64_t used = 0, from = 0;
       for (int64_t r = 0; r < rows; ++r) acc[r] = 0.f;
 #ifdef BM_AVX2
-      used = row_vector_any(kind, rows, mask, row_values, kept, xp, k_cols, acc);
+      // values after this row's: at least 8 unless the row is among the last (kept may be < 8)
+      const bool last = (out_features - 1 - o) * kept < 8;
+      used = row_vector_any(last, kind, rows, mask, row_values, kept, xp, k_cols, acc);
       from = k_cols - k_cols % 8;
 #endif
       row_portable(mask, row_values, kind, used, xp, rows, k_cols, from, acc);
