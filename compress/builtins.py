@@ -7,6 +7,7 @@ from compress.lossless import entropy_code as _entropy
 from compress.prune import contextual as _contextual
 from compress.prune import prune as _prune
 from compress.quant import act_quant as _act_quant
+from compress.quant import allocate as _allocate
 from compress.quant import awq as _awq
 from compress.quant import correct as _correct
 from compress.quant import gptq as _gptq
@@ -23,6 +24,7 @@ BUILTIN_PASS_MODULES = (
     _rearrange,
     _smoothquant,
     _act_quant,
+    _allocate,
     _rtn,
     _gptq,
     _awq,

@@ -12,6 +12,7 @@ Kinds:
   dequantized values (:func:`set_quantized`), so the in-memory model computes exactly what the
   exported one will.
 * :class:`SparsityMask` — which weights a pruning pass zeroed (unstructured or N:M).
+* :class:`BitWidth` — the code width a bit-allocation pass chose for a weight.
 * :class:`Permutation` — a channel order fused into the weights (channel rearrangement).
 * :class:`Rotation` — an orthogonal transform fused into the weights, or applied online.
 * :class:`Adapter` — a trainable correction beside a weight (low-rank or Walsh-Hadamard).
@@ -35,6 +36,7 @@ from compress.formats import Format, format_from_dict
 
 __all__ = [
     "Adapter",
+    "BitWidth",
     "ConfigPatch",
     "EntropyPlan",
     "Permutation",
@@ -172,6 +174,23 @@ class SparsityMask(Record):
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> SparsityMask:
         return cls(tensors["mask"], str(meta.get("pattern", "unstructured")))
+
+
+@dataclass
+class BitWidth(Record):
+    """The code width a bit-allocation pass chose for a module's weight; the quantizers that
+    follow (``rtn``, ``gptq``) use it in place of their own ``bits``."""
+
+    kind: ClassVar[str] = "bit_width"
+
+    bits: int
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"bits": self.bits}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> BitWidth:
+        return cls(int(meta["bits"]))
 
 
 @dataclass

@@ -33,6 +33,7 @@ from compress.formats.fp4 import FP4Format
 from compress.formats.fp8 import FP8Format
 from compress.formats.int import IntFormat
 from compress.ir import QuantizedWeight, SparsityMask, get, set_quantized
+from compress.quant.allocate import allocated_format
 from compress.quant.checks import check_group_sizes
 from compress.quant.gptq_math import accumulate_hessian, gptq_quantize
 from compress.quant.rtn import RTNConfig, quantization_error
@@ -95,7 +96,9 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
             last_use = not any(hessians.shared(name, later) for later in names[position + 1 :])
             if last_use:  # GPTQ may work inside it; nothing else holds it past this module
                 hessians.drop(name)
-            _quantize_module(name, mine[name], hessian, fmt, config, report, consume=last_use)
+            chosen = allocated_format(name, mine[name], fmt, "gptq")  # allocate_bits' width
+            assert isinstance(chosen, IntFormat | FP4Format | FP8Format)
+            _quantize_module(name, mine[name], hessian, chosen, config, report, consume=last_use)
             del hessian
             context.layers.release_weight(mine[name])  # offloading: its codes are enough now
 

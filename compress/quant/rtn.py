@@ -55,6 +55,7 @@ from compress.formats.fp8 import FP8Format
 from compress.formats.int import IntFormat
 from compress.formats.int.spec import ScaleDtype
 from compress.ir import QuantizedWeight, set_quantized
+from compress.quant.allocate import allocated_format
 from compress.quant.checks import check_group_sizes, format_when_read
 from compress.quant.observers import choose_clip
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
@@ -302,13 +303,14 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
             set_quantized(module, tied[1], update_weight=False)
             report.touched.append(name)
             return
+        chosen = allocated_format(name, module, fmt, "rtn")  # allocate_bits' width, if any
         clip: torch.Tensor | float = 1.0
-        if isinstance(fmt, IntFormat):
-            clip = choose_clip(weight, fmt, config.observer)
-        elif isinstance(fmt, FP4Format) and config.observer == "mse":
-            clip = fmt.search_clip(weight)
-        codes, scales, zeros = fmt.quantize(weight, clip_ratio=clip)
-        record = QuantizedWeight(codes, scales, zeros, fmt)
+        if isinstance(chosen, IntFormat):
+            clip = choose_clip(weight, chosen, config.observer)
+        elif isinstance(chosen, FP4Format) and config.observer == "mse":
+            clip = chosen.search_clip(weight)
+        codes, scales, zeros = chosen.quantize(weight, clip_ratio=clip)
+        record = QuantizedWeight(codes, scales, zeros, chosen)
         report.per_module[name] = {"relative_error": quantization_error(weight, record)}
         if tied is not None:
             shared[id(weight)] = (weight, record)
