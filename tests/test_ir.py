@@ -9,6 +9,7 @@ from torch import nn
 from compress.formats.int import IntFormat
 from compress.ir import (
     Adapter,
+    BitWidth,
     ConfigPatch,
     EntropyPlan,
     Permutation,
@@ -31,6 +32,7 @@ def examples():
     return [
         QuantizedWeight(*fmt.quantize(weight), fmt),
         SparsityMask(weight.abs() > 0.5, "unstructured"),
+        BitWidth(3),
         Permutation(columns=torch.randperm(16), group="layer0.mlp"),
         Permutation(torch.randperm(6), torch.randperm(16), "layer0.mlp,residual"),
         Rotation("random_hadamard", 16, "in", fused=False, seed=3),

@@ -36,8 +36,9 @@ LAYERS: list[list[str]] = [
         "compress.formats.entropy",
         "compress.formats.bitmask",
     ],
-    # format kinds built on another kind (N:M sparsity over integer codes)
-    ["compress.formats.nm"],
+    # format kinds built on another kind (N:M sparsity over integer codes, MXFP6 over the 4-bit
+    # table formats' rounding, scales and quantize/dequantize)
+    ["compress.formats.nm", "compress.formats.fp6"],
     # adapters that correct a layer's output (PEFT methods and the in-pipeline hooks)
     ["compress.adapters"],
     [
@@ -68,6 +69,7 @@ PLUGIN_STRINGS = {
         "compress.formats.int",
         "compress.formats.fp8",
         "compress.formats.fp4",
+        "compress.formats.fp6",
         "compress.formats.nm",
         "compress.formats.bitmask",
     },

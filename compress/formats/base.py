@@ -125,6 +125,7 @@ BUILTIN_KINDS: dict[str, str] = {
     "int": "compress.formats.int",
     "fp8": "compress.formats.fp8",
     "fp4": "compress.formats.fp4",
+    "fp6": "compress.formats.fp6",
     "nm_int": "compress.formats.nm",
     "bitmask": "compress.formats.bitmask",
 }

@@ -13,10 +13,12 @@ Example recipe entries::
     passes:
       - {pass: gptq, bits: 4, group_size: 64, act_order: true, observer: mse}
       - {pass: gptq, format: nvfp4}            # or nf4 (scale_block: 64), fp4, mxfp4
+      - {pass: gptq, format: mxfp6_e3m2}       # OCP MXFP6, or mxfp6_e2m3
       - {pass: gptq, format: fp8_e4m3, scaling: channel}
 
 ``format`` takes ``int`` (the default), a 4-bit table format (``nf4``, ``fp4``, ``mxfp4``,
-``nvfp4``) or FP8 (``fp8_e4m3``, ``fp8_e5m2``, any ``scaling``), with the same keys as ``rtn``;
+``nvfp4``), MXFP6 (``mxfp6_e2m3``, ``mxfp6_e3m2``) or FP8 (``fp8_e4m3``, ``fp8_e5m2``, any
+``scaling``), with the same keys as ``rtn``;
 GPTQ then rounds onto that format's grid.
 """
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from compress.errors import PassError
 from compress.formats.fp4 import FP4Format
+from compress.formats.fp6 import FP6Format
 from compress.formats.fp8 import FP8Format
 from compress.formats.int import IntFormat
 from compress.ir import QuantizedWeight, SparsityMask, get, set_quantized
@@ -57,10 +60,10 @@ class GPTQConfig(RTNConfig):
     )
     batch_size: int = Field(default=8, gt=0, description="calibration samples per forward")
 
-    def gptq_format(self) -> IntFormat | FP4Format | FP8Format:
-        """The format GPTQ rounds onto: integer, 4-bit table or FP8 grids."""
+    def gptq_format(self) -> IntFormat | FP4Format | FP6Format | FP8Format:
+        """The format GPTQ rounds onto: integer, 4-bit table, MXFP6 or FP8 grids."""
         fmt = self.weight_format()
-        assert isinstance(fmt, IntFormat | FP4Format | FP8Format)
+        assert isinstance(fmt, IntFormat | FP4Format | FP6Format | FP8Format)
         return fmt
 
 
@@ -97,7 +100,7 @@ def gptq(model: nn.Module, config: GPTQConfig, context: PassContext) -> PassRepo
             if last_use:  # GPTQ may work inside it; nothing else holds it past this module
                 hessians.drop(name)
             chosen = allocated_format(name, mine[name], fmt, "gptq")  # allocate_bits' width
-            assert isinstance(chosen, IntFormat | FP4Format | FP8Format)
+            assert isinstance(chosen, IntFormat | FP4Format | FP6Format | FP8Format)
             _quantize_module(name, mine[name], hessian, chosen, config, report, consume=last_use)
             del hessian
             context.layers.release_weight(mine[name])  # offloading: its codes are enough now
@@ -166,7 +169,7 @@ def _quantize_module(
     name: str,
     module: nn.Linear,
     hessian: torch.Tensor,
-    fmt: IntFormat | FP4Format | FP8Format,
+    fmt: IntFormat | FP4Format | FP6Format | FP8Format,
     config: GPTQConfig,
     report: PassReport,
     *,

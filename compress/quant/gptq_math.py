@@ -34,7 +34,9 @@ through the same loop with their own grid: a column is divided by its block's ef
 rounded to the nearest table value (a non-uniform grid: the rounding is the format's own
 :meth:`~compress.formats.fp4.FP4Format.encode`), block scales (absmax, E8M0 or E4M3 as the variant
 stores them) come from the error-updated weights at the block's first column, or from the original
-weight under act_order, and NVFP4's per-tensor scale from the whole weight up front.
+weight under act_order, and NVFP4's per-tensor scale from the whole weight up front. OCP MXFP6
+(:mod:`compress.formats.fp6`, E2M3 / E3M2 elements, E8M0 scales per 32) is a table format too
+(a 64-value grid) and takes the same path.
 
 FP8 (:mod:`compress.formats.fp8`, E4M3 / E5M2 per tensor, channel or 2-D block) goes through the
 loop too: every scale is fixed up front from the original weight (a scale block spans many rows,
@@ -53,7 +55,9 @@ import numpy as np
 import torch
 
 from compress.errors import PassError
-from compress.formats.fp4 import FP4Format, quantize_fp4
+from compress.formats.fp4 import FP4Format
+from compress.formats.fp4.spec import TableFormat, quantize_table
+from compress.formats.fp6 import FP6Format
 from compress.formats.fp8 import FP8Format, quantize_fp8
 from compress.formats.int import IntFormat, quantize_int
 from compress.quant.observers import Observer, choose_clip
@@ -120,7 +124,7 @@ class GPTQResult:
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    fmt: IntFormat | FP4Format | FP8Format,
+    fmt: IntFormat | FP4Format | FP6Format | FP8Format,
     *,
     block_size: int = 128,
     damp: float = 0.01,
@@ -144,7 +148,7 @@ def gptq_quantize(
     is not either unless ``consume_hessian`` (the caller's last use of a float32 CPU Hessian):
     then it becomes the work matrix, which saves a copy of the largest buffer of a wide layer.
     """
-    if isinstance(fmt, FP4Format):
+    if isinstance(fmt, FP4Format | FP6Format):
         return _gptq_table(
             weight, hessian, fmt, block_size, damp, act_order, observer, consume_hessian, keep
         )
@@ -288,7 +292,7 @@ def _prepare_factor(
 def _gptq_table(
     weight: torch.Tensor,
     hessian: torch.Tensor,
-    fmt: FP4Format,
+    fmt: TableFormat,
     block_size: int,
     damp: float,
     act_order: bool,
@@ -296,13 +300,14 @@ def _gptq_table(
     consume_hessian: bool,
     keep: torch.Tensor | None,
 ) -> GPTQResult:
-    """GPTQ onto a 4-bit table grid: each column is rounded to the nearest table value after
-    dividing by its block's scale (:meth:`FP4Format.encode`, the reference's own rounding).
+    """GPTQ onto a table grid (4-bit, MXFP6): each column is rounded to the nearest table value
+    after dividing by its block's scale (the format's ``encode``, the reference's own rounding).
 
     Block scales come from the block's current (error-updated) weights when its first column is
     reached, as integer groups' do; under act_order they are static, from the original weight
-    (:func:`quantize_fp4`). NVFP4's tensor scale is taken from the whole weight up front.
-    ``observer: mse`` picks each block's scale by :meth:`FP4Format.search_clip` (least squared
+    (:func:`~compress.formats.fp4.spec.quantize_table`). NVFP4's tensor scale is taken from the
+    whole weight up front.
+    ``observer: mse`` picks each block's scale by the format's ``search_clip`` (least squared
     rounding error of the block's weights as they stand when the scale is chosen).
     """
     _check_arguments(weight, hessian, block_size, damp)
@@ -316,7 +321,7 @@ def _gptq_table(
     effective = torch.empty(out_features, groups, device=w.device)
     if act_order:
         clip = fmt.search_clip(w) if observer == "mse" else 1.0
-        _, fixed, _ = quantize_fp4(w, fmt, clip_ratio=clip)
+        _, fixed, _ = quantize_table(w, fmt, clip_ratio=clip)
         stored.copy_(fixed)
         effective.copy_(fmt.effective_scales(fixed, tensor_scale))
 

@@ -13,20 +13,23 @@ Example recipe entries::
       - {pass: rtn, format: fp8_e4m3, scaling: mx}               # OCP MXFP8: E8M0 per 32
       - {pass: rtn, format: nf4, scale_block: 64}                # bitsandbytes NF4, absmax/64
       - {pass: rtn, format: mxfp4}                               # OCP MXFP4: E2M1, E8M0 per 32
+      - {pass: rtn, format: mxfp6_e2m3}                          # OCP MXFP6 (or mxfp6_e3m2)
       - {pass: rtn, bits: 8, group_size: 32, scale_dtype: e8m0}  # OCP MXINT8
       - {pass: rtn, bits: 4, group_size: 16, scale_dtype: e8m0}  # block floating point, 4-bit
 
 ``format`` names the number format (``int``, the default; ``fp8_e4m3`` / ``fp8_e5m2``; or a
 4-bit table format, :mod:`compress.formats.fp4`: ``nf4`` / ``fp4`` as bitsandbytes defines them,
-``mxfp4``, ``nvfp4``); the keys after it belong to some formats only: ``bits``, ``group_size``,
+``mxfp4``, ``nvfp4``; or OCP MXFP6, :mod:`compress.formats.fp6`: ``mxfp6_e2m3``,
+``mxfp6_e3m2``); the keys after it belong to some formats only: ``bits``, ``group_size``,
 ``symmetric`` and ``scale_dtype`` to ``int`` (``scale_dtype: e8m0`` makes it block floating
 point: a power-of-two scale per group, stored as one exponent byte; see
-:mod:`compress.formats.int.spec`); ``observer: mse`` to ``int`` and the 4-bit table
-formats (each block's scale searched for the least rounding error); ``scaling`` (``tensor``,
+:mod:`compress.formats.int.spec`); ``observer: mse`` to ``int``, the 4-bit table formats and
+MXFP6 (each block's scale searched for the least rounding error); ``scaling`` (``tensor``,
 ``channel``, the default, ``block``, or ``mx`` for OCP MXFP8) to FP8; ``scale_block`` to FP8
 with ``scaling: block`` (the side of a square 2-D block, default 128; edge blocks may be
-partial) and to ``nf4`` / ``fp4`` (columns per absmax block, default 64). ``mxfp4`` and
-``nvfp4`` fix their blocks (32 and 16). A key the chosen format does not take is refused, naming it.
+partial) and to ``nf4`` / ``fp4`` (columns per absmax block, default 64). ``mxfp4``,
+``nvfp4`` and MXFP6 fix their blocks (32, 16 and 32). A key the chosen format does not take is
+refused, naming it.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ from compress.errors import PassError
 from compress.formats import Format
 from compress.formats.fp4 import DEFAULT_BLOCKS, FP4Format
 from compress.formats.fp4.spec import Variant as FP4Variant
+from compress.formats.fp6 import MX_BLOCK, FP6Format
+from compress.formats.fp6.spec import Variant as FP6Variant
 from compress.formats.fp8 import FP8Format
 from compress.formats.int import IntFormat
 from compress.formats.int.spec import ScaleDtype
@@ -65,11 +70,16 @@ from compress.utils.modules import decoder_layers, select_weights, untie_
 __all__ = ["RTNConfig", "WeightFormatConfig", "quantization_error", "rtn"]
 
 
-WeightFormat = Literal["int", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4", "mxfp4", "nvfp4"]
+WeightFormat = Literal[
+    "int", "fp8_e4m3", "fp8_e5m2", "nf4", "fp4", "mxfp4", "nvfp4", "mxfp6_e2m3", "mxfp6_e3m2"
+]
 _INT_ONLY = ("bits", "group_size", "symmetric", "scale_dtype")
 _FP8_ONLY = ("scaling", "scale_block")
 _FP4_FORMATS = ("nf4", "fp4", "mxfp4", "nvfp4")
-_FREE_BLOCKS = ("nf4", "fp4")  # the 4-bit formats whose block size is a choice
+_FP6_FORMATS = ("mxfp6_e2m3", "mxfp6_e3m2")
+_TABLE_FORMATS = (*_FP4_FORMATS, *_FP6_FORMATS)  # codes into a fixed table, a scale per block
+_TABLE_BLOCKS = {**DEFAULT_BLOCKS, **dict.fromkeys(_FP6_FORMATS, MX_BLOCK)}
+_FREE_BLOCKS = ("nf4", "fp4")  # the table formats whose block size is a choice
 DEFAULT_FP8_BLOCK = 128  # DeepSeek-V3's weight blocks
 
 
@@ -91,8 +101,8 @@ def _format_key_problems(data: Mapping[Any, Any]) -> list[InitErrorDetails]:
                 f"{key} applies to format: fp8_e4m3 or fp8_e5m2, not format: int; set format: "
                 "fp8_e4m3, or use group_size for integer groups",
             )
-        elif chosen in _FP4_FORMATS:
-            _refuse_fp4_key(chosen, key, data[key], refuse)
+        elif chosen in _TABLE_FORMATS:
+            _refuse_table_key(chosen, key, data[key], refuse)
         elif chosen != "int" and key in _INT_ONLY:
             fix = (
                 "set scaling: block and scale_block for finer scales" if key == "group_size" else ""
@@ -119,14 +129,17 @@ def _format_key_problems(data: Mapping[Any, Any]) -> list[InitErrorDetails]:
     return problems
 
 
-def _refuse_fp4_key(chosen: str, key: str, value: Any, refuse: Callable[[str, str], None]) -> None:
-    """The keys a 4-bit table format does not take (see :func:`_format_key_problems`)."""
-    what = f"format: {chosen} (4-bit codes into a fixed table, a scale per block)"
+def _refuse_table_key(
+    chosen: str, key: str, value: Any, refuse: Callable[[str, str], None]
+) -> None:
+    """The keys a table format (4-bit, MXFP6) does not take (see :func:`_format_key_problems`)."""
+    bits = 6 if chosen in _FP6_FORMATS else 4
+    what = f"format: {chosen} ({bits}-bit codes into a fixed table, a scale per block)"
     if key in _INT_ONLY:
         fix = (
             "set scale_block for the block size"
             if chosen in _FREE_BLOCKS
-            else f"its blocks are {DEFAULT_BLOCKS[chosen]} wide by definition; drop it"
+            else f"its blocks are {_TABLE_BLOCKS[chosen]} wide by definition; drop it"
         )
         refuse(
             key,
@@ -138,7 +151,7 @@ def _refuse_fp4_key(chosen: str, key: str, value: Any, refuse: Callable[[str, st
     elif key == "scale_block" and value is not None and chosen not in _FREE_BLOCKS:
         refuse(
             key,
-            f"format: {chosen} has blocks of {DEFAULT_BLOCKS[chosen]} by definition; drop "
+            f"format: {chosen} has blocks of {_TABLE_BLOCKS[chosen]} by definition; drop "
             "scale_block, or use nf4 / fp4 for other block sizes",
         )
 
@@ -163,7 +176,8 @@ class WeightFormatConfig(PassConfig):
     format: WeightFormat = Field(
         default="int",
         description="number format of the weights: int (bits, group_size, symmetric), "
-        "fp8_e4m3 / fp8_e5m2 (scaling, scale_block), nf4 / fp4 (scale_block), mxfp4, nvfp4",
+        "fp8_e4m3 / fp8_e5m2 (scaling, scale_block), nf4 / fp4 (scale_block), mxfp4, nvfp4, "
+        "mxfp6_e2m3 / mxfp6_e3m2",
     )
     scaling: Literal["tensor", "channel", "block", "mx"] = Field(
         default="channel",
@@ -197,7 +211,7 @@ class WeightFormatConfig(PassConfig):
         # Only the keys of the chosen format: an integer recipe dumps as it always has (the
         # manifest's recipe, resume), and a dump validates again.
         data: dict[str, Any] = handler(self)
-        if self.format in _FP4_FORMATS:
+        if self.format in _TABLE_FORMATS:
             for key in (*_INT_ONLY, "scaling"):
                 data.pop(key, None)
             data.pop("scale_block", None)
@@ -227,12 +241,18 @@ class WeightFormatConfig(PassConfig):
         """The 4-bit table format of ``format: nf4 | fp4 | mxfp4 | nvfp4``."""
         return FP4Format(typing.cast(FP4Variant, self.format), self.scale_block)
 
+    def fp6_format(self) -> FP6Format:
+        """The MXFP6 format of ``format: mxfp6_e2m3 | mxfp6_e3m2``."""
+        return FP6Format(typing.cast(FP6Variant, self.format.removeprefix("mxfp6_")))
+
     def weight_format(self) -> Format:
         """The format this pass quantizes weights to."""
         if self.format == "int":
             return self.int_format()
         if self.format in _FP4_FORMATS:
             return self.fp4_format()
+        if self.format in _FP6_FORMATS:
+            return self.fp6_format()
         block = (self.scale_block or DEFAULT_FP8_BLOCK) if self.scaling == "block" else None
         return FP8Format("e4m3" if self.format == "fp8_e4m3" else "e5m2", self.scaling, block)
 
@@ -243,8 +263,8 @@ class RTNConfig(WeightFormatConfig):
     observer: Literal["minmax", "mse"] = Field(
         default="minmax",
         description="range of each group: minmax = full range; mse = clip ratio searched per "
-        "group (int) or block (nf4, fp4, mxfp4, nvfp4) to minimise the weight reconstruction "
-        "error",
+        "group (int) or block (nf4, fp4, mxfp4, nvfp4, mxfp6_*) to minimise the weight "
+        "reconstruction error",
     )
     targets: list[str] | None = Field(
         default=None,
@@ -268,7 +288,8 @@ def quantization_error(weight: torch.Tensor, record: QuantizedWeight) -> float:
 
 @register_pass("rtn", RTNConfig)
 def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport:
-    """Round-to-nearest quantization of Linear weights (integer, FP8 or a 4-bit table format)."""
+    """Round-to-nearest quantization of Linear weights (integer, FP8, a 4-bit table format or
+    MXFP6)."""
     fmt = config.weight_format()
     modules, skipped = select_weights(model, config.targets, config.ignore)
     if not modules:
@@ -307,7 +328,7 @@ def rtn(model: nn.Module, config: RTNConfig, context: PassContext) -> PassReport
         clip: torch.Tensor | float = 1.0
         if isinstance(chosen, IntFormat):
             clip = choose_clip(weight, chosen, config.observer)
-        elif isinstance(chosen, FP4Format) and config.observer == "mse":
+        elif isinstance(chosen, FP4Format | FP6Format) and config.observer == "mse":
             clip = chosen.search_clip(weight)
         codes, scales, zeros = chosen.quantize(weight, clip_ratio=clip)
         record = QuantizedWeight(codes, scales, zeros, chosen)

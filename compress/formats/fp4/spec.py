@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +66,17 @@ __all__ = [
     "NF4",
     "VARIANTS",
     "FP4Format",
+    "Rounding",
+    "TableFormat",
     "dequantize_fp4",
+    "dequantize_table",
+    "e8m0_scales",
+    "e8m0_values",
     "expand_blocks",
+    "magnitude_rounding",
     "quantize_fp4",
+    "quantize_table",
+    "search_clip",
 ]
 
 NF4: tuple[float, ...] = (
@@ -116,7 +124,7 @@ def _signed_table(magnitudes: tuple[float, ...]) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _Rounding:
+class Rounding:
     """Nearest-value rounding onto a sorted set of values, with a tie rule per midpoint."""
 
     values: torch.Tensor  # (V,) float32, ascending
@@ -125,7 +133,7 @@ class _Rounding:
     tie_up: torch.Tensor  # (V-1,) bool: a value exactly on midpoint i goes to values[i+1]
 
     @classmethod
-    def build(cls, values: list[float], codes: list[int], tie_up: list[bool]) -> _Rounding:
+    def build(cls, values: list[float], codes: list[int], tie_up: list[bool]) -> Rounding:
         exact = torch.tensor(values, dtype=torch.float64)
         return cls(
             exact.to(torch.float32),
@@ -143,17 +151,21 @@ class _Rounding:
         return self.codes.to(x.device)[index]
 
 
-def _magnitude_rounding(magnitudes: tuple[float, ...], *, ties_to_even: bool) -> _Rounding:
+def magnitude_rounding(magnitudes: tuple[float, ...], *, ties_to_even: bool) -> Rounding:
+    """Rounding onto ``magnitudes`` (code -> value, any order); ``ties_to_even``: a value halfway
+    between two goes to the one whose code is even (a float's round half to even, its last
+    mantissa bit being the code's), else to the lower one (bitsandbytes)."""
     order = sorted(range(len(magnitudes)), key=lambda code: magnitudes[code])
     ranked = [magnitudes[code] for code in order]
     # a tie goes up where the upper neighbour's code is even (round half to even), else down
     ups = [ties_to_even and order[i + 1] % 2 == 0 for i in range(len(order) - 1)]
-    return _Rounding.build(ranked, order, ups)
+    return Rounding.build(ranked, order, ups)
 
 
-_NF4_ROUNDING = _Rounding.build(list(NF4), list(range(16)), [False] * 15)
-_BNB_FP4_ROUNDING = _magnitude_rounding(BNB_FP4, ties_to_even=False)
-_E2M1_ROUNDING = _magnitude_rounding(E2M1, ties_to_even=True)
+_NF4_ROUNDING = Rounding.build(list(NF4), list(range(16)), [False] * 15)
+_BNB_FP4_ROUNDING = magnitude_rounding(BNB_FP4, ties_to_even=False)
+_E2M1_ROUNDING = magnitude_rounding(E2M1, ties_to_even=True)
+_E2M1_EMAX = 2  # E2M1's largest exponent: 6 = 1.5 * 2**2
 
 
 @cache
@@ -164,6 +176,69 @@ def _scale_table(variant: str) -> torch.Tensor:
     if variant == "mxfp4":
         return torch.ldexp(torch.ones(256), byte - 127)
     return byte.to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def e8m0_values(biased: torch.Tensor) -> torch.Tensor:
+    """float32 ``2**(e - 127)`` of E8M0 biased exponents ``biased`` (uint8, any shape)."""
+    return _scale_table("mxfp4").to(biased.device)[biased.long()]  # 256 entries: exact decodes
+
+
+def e8m0_scales(amax: torch.Tensor, emax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OCP Microscaling shared scales of blocks with absolute maxima ``amax`` (float32, any
+    shape): ``X = 2**(floor(log2(amax)) - emax)`` (``emax``: the element format's largest
+    exponent), as its E8M0 biased exponent (uint8, 127 = 1.0; a zero block gets the smallest,
+    0) and as float32. The block's largest value then lands in ``[2**emax, 2**(emax+1))`` and
+    saturates above the element format's largest value."""
+    _, exponent = torch.frexp(amax)  # amax = m * 2**e, m in [0.5, 1): floor(log2) = e-1
+    shared = torch.where(amax > 0, exponent - 1 - emax, torch.full_like(exponent, -127))
+    biased = (shared.clamp(-127, 127) + 127).to(torch.uint8)
+    return biased, e8m0_values(biased)
+
+
+class TableFormat(Protocol):
+    """What the table helpers (:func:`quantize_table`, :func:`dequantize_table`,
+    :func:`search_clip`, GPTQ's table grid) read of a format whose codes index a fixed table,
+    times a scale per block along the rows: :class:`FP4Format`, and MXFP6
+    (:mod:`compress.formats.fp6`)."""
+
+    @property
+    def variant(self) -> str: ...
+
+    @property
+    def block(self) -> int: ...
+
+    @property
+    def table(self) -> torch.Tensor: ...
+
+    @property
+    def zero_code(self) -> int: ...
+
+    @property
+    def scale_dtype(self) -> torch.dtype: ...
+
+    def label(self) -> str: ...
+
+    def check_width(self, in_features: int) -> None: ...
+
+    def scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]: ...
+
+    def tensor_scale(self, weight: torch.Tensor) -> torch.Tensor | None: ...
+
+    def block_scales(
+        self, amax: torch.Tensor, tensor_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def effective_scales(
+        self, scales: torch.Tensor, tensor_scale: torch.Tensor | None
+    ) -> torch.Tensor: ...
+
+    def encode(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor: ...
+
+    def search_clip(
+        self, weight: torch.Tensor, tensor_scale: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
 
 
 @register_format(runtime="compress.formats.fp4.runtime")
@@ -288,10 +363,7 @@ class FP4Format:
         if self.variant in ("nf4", "fp4"):
             return amax, amax
         if self.variant == "mxfp4":
-            _, exponent = torch.frexp(amax)  # amax = m * 2**e, m in [0.5, 1): floor(log2) = e-1
-            shared = torch.where(amax > 0, exponent - 1 - 2, torch.full_like(exponent, -127))
-            biased = (shared.clamp(-127, 127) + 127).to(torch.uint8)
-            return biased, self.effective_scales(biased, None)
+            return e8m0_scales(amax, _E2M1_EMAX)
         if tensor_scale is None:
             raise FormatError("nvfp4 block scales need the tensor scale")
         wanted = (amax / _E2M1_MAX / tensor_scale.to(amax.device)).clamp(max=_E4M3_MAX)
@@ -330,28 +402,10 @@ class FP4Format:
     def search_clip(
         self, weight: torch.Tensor, tensor_scale: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(N, G) float32 clip ratio per block of ``weight`` (N, K): the one of
-        :data:`CLIP_CANDIDATES` whose scale (``ratio * absmax``, as this variant stores it)
-        rounds the block with the least squared error (the first candidate on a tie). Ratios
-        below 1 clip the block's largest values; above 1 they leave the table's ends unused,
-        which can pay where a scale's rounding (E8M0's powers of two, E4M3's 3 bits) would
-        saturate them. ``tensor_scale`` (NVFP4): the whole weight's, when ``weight`` is a part of
-        it; by default ``weight``'s own."""
-        w = weight.detach().to(torch.float32)
-        blocks = _blocks(w, self.block)  # (N, G, B)
-        amax = blocks.abs().amax(dim=2)
-        if tensor_scale is None:
-            tensor_scale = self.tensor_scale(w)
-        best = torch.ones_like(amax)
-        best_error = torch.full_like(amax, float("inf"))
-        for ratio in CLIP_CANDIDATES:
-            _, effective = self.block_scales(amax * ratio, tensor_scale)
-            scale = effective.unsqueeze(-1)
-            error = (blocks - self.decode(self.encode(blocks, scale)) * scale).square().sum(2)
-            better = error < best_error
-            best = torch.where(better, torch.full_like(best, ratio), best)
-            best_error = torch.where(better, error, best_error)
-        return best
+        """(N, G) float32 clip ratio per block of ``weight`` (N, K): :func:`search_clip`.
+        ``tensor_scale`` (NVFP4): the whole weight's, when ``weight`` is a part of it; by
+        default ``weight``'s own."""
+        return search_clip(self, weight, tensor_scale)
 
     # ----------------------------------------------------------------------- the Format API
 
@@ -399,16 +453,43 @@ def expand_blocks(per_block: torch.Tensor, block: int, in_features: int) -> torc
     return per_block.repeat_interleave(block, dim=1)[:, :in_features]
 
 
-def quantize_fp4(
-    weight: torch.Tensor, fmt: FP4Format, *, clip_ratio: torch.Tensor | float = 1.0
+def search_clip(
+    fmt: TableFormat, weight: torch.Tensor, tensor_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(N, G) float32 clip ratio per block of ``weight`` (N, K): the one of
+    :data:`CLIP_CANDIDATES` whose scale (``ratio * absmax``, as ``fmt`` stores it) rounds the
+    block with the least squared error (the first candidate on a tie). Ratios below 1 clip the
+    block's largest values; above 1 they leave the table's ends unused, which can pay where a
+    scale's rounding (E8M0's powers of two, E4M3's 3 bits) would saturate them.
+    ``tensor_scale`` (NVFP4): the whole weight's, when ``weight`` is a part of it; by default
+    ``weight``'s own."""
+    w = weight.detach().to(torch.float32)
+    blocks = _blocks(w, fmt.block)  # (N, G, B)
+    amax = blocks.abs().amax(dim=2)
+    if tensor_scale is None:
+        tensor_scale = fmt.tensor_scale(w)
+    best = torch.ones_like(amax)
+    best_error = torch.full_like(amax, float("inf"))
+    for ratio in CLIP_CANDIDATES:
+        _, effective = fmt.block_scales(amax * ratio, tensor_scale)
+        scale = effective.unsqueeze(-1)
+        error = (blocks - fmt.decode(fmt.encode(blocks, scale)) * scale).square().sum(2)
+        better = error < best_error
+        best = torch.where(better, torch.full_like(best, ratio), best)
+        best_error = torch.where(better, error, best_error)
+    return best
+
+
+def quantize_table(
+    weight: torch.Tensor, fmt: TableFormat, *, clip_ratio: torch.Tensor | float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Round-to-nearest codes of ``weight`` (out, in) in ``fmt``.
+    """Round-to-nearest codes of ``weight`` (out, in) in the table format ``fmt``.
 
     ``clip_ratio`` (a scalar, or one per block) shrinks each block's absmax before its scale is
     chosen; values beyond the table's ends saturate.
 
-    Returns ``codes`` (out, in) uint8 in [0, 15], ``scales`` (out, blocks) as stored and the
-    per-tensor scale (1,) for ``nvfp4`` (else None).
+    Returns ``codes`` (out, in) uint8 (indices into ``fmt.table``), ``scales`` (out, blocks) as
+    stored and the per-tensor scale (1,) for ``nvfp4`` (else None).
     """
     if weight.dim() != 2:
         raise FormatError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
@@ -428,8 +509,17 @@ def quantize_fp4(
     return codes, stored.contiguous(), tensor_scale
 
 
+def quantize_fp4(
+    weight: torch.Tensor, fmt: FP4Format, *, clip_ratio: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest codes of ``weight`` (out, in) in ``fmt`` (:func:`quantize_table`):
+    ``codes`` (out, in) uint8 in [0, 15], ``scales`` (out, blocks) as stored and the per-tensor
+    scale (1,) for ``nvfp4`` (else None)."""
+    return quantize_table(weight, fmt, clip_ratio=clip_ratio)
+
+
 def _check_stored(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, fmt: FP4Format
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, fmt: TableFormat
 ) -> None:
     if codes.dtype != torch.uint8 or codes.dim() != 2:
         raise FormatError(
@@ -450,11 +540,11 @@ def _check_stored(
         )
 
 
-def dequantize_fp4(
+def dequantize_table(
     codes: torch.Tensor,
     scales: torch.Tensor,
     tensor_scale: torch.Tensor | None,
-    fmt: FP4Format,
+    fmt: TableFormat,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``table[code] * scale`` in float32, then ``dtype``; codes (out, in) -> weight (out, in)."""
@@ -462,3 +552,14 @@ def dequantize_fp4(
     effective = fmt.effective_scales(scales, tensor_scale)
     expanded = expand_blocks(effective, fmt.block, codes.shape[1])
     return (fmt.decode(codes) * expanded).to(dtype)
+
+
+def dequantize_fp4(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    tensor_scale: torch.Tensor | None,
+    fmt: FP4Format,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The weight 4-bit ``codes`` stand for (:func:`dequantize_table`)."""
+    return dequantize_table(codes, scales, tensor_scale, fmt, dtype)
