@@ -14,7 +14,9 @@ top-1 against the original on 32 windows x 512 tokens of the builtin:wiki evalua
 
 ``--speed`` loads an export twice, with its adapter (as ``from_pretrained`` applies it) and
 without (``compress_adapter=None``), and times greedy decoding of 64 tokens on one thread,
-alternating the two, five times each; medians go to ``benchmarks/adapters_speed.json``.
+interleaved (the order flipped every repeat), 15 times each; the medians, their spread, the
+adapter's method and trained parameters, the load average and the machine go to the ``speed``
+entry of ``benchmarks/adapters.json``, keyed by the export's folder name.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from benchrows import (
     cpu_flags,
     load_rows,
     machine,
-    save_keyed,
     smollm2_and_eval_windows,
     write_rows,
 )
@@ -122,43 +123,81 @@ def run_bits(bits: int, variants: list[str], adapter_lr: float) -> list[dict[str
     return rows
 
 
-def measure_speed(export: str, tokens: int = 64, repeats: int = 5) -> dict[str, Any]:
+def measure_speed(
+    export: str, tokens: int = 64, repeats: int = 15, threads: int = 1
+) -> dict[str, Any]:
+    import os
     import statistics
 
     import torch
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import compress  # noqa: F401  (registers the loader)
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    load = os.getloadavg()[0]
     tokenizer = AutoTokenizer.from_pretrained(export)
     prompt = tokenizer("The history of the city begins", return_tensors="pt")
     models = {
         "with adapter": AutoModelForCausalLM.from_pretrained(export).eval(),
         "without": AutoModelForCausalLM.from_pretrained(export, compress_adapter=None).eval(),
     }
+    adapter = models["with adapter"].config.compress_adapter
+    weights = Path(export) / adapter["dir"] / "adapter_model.safetensors"
+    # the trained numbers (LoRA's A and B, QWHA's values), not QWHA's integer indices and counts
+    params = sum(t.numel() for t in load_file(weights).values() if t.is_floating_point())
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for model in models.values():  # warm-up: kernels built, caches touched
             model.generate(**prompt, max_new_tokens=4, do_sample=False)
-        for _ in range(repeats):
-            for name, model in models.items():
+        for repeat in range(repeats):  # interleaved, the order flipped every repeat
+            for name in list(models)[:: 1 if repeat % 2 else -1]:
                 start = time.perf_counter()
-                model.generate(
+                out = models[name].generate(
                     **prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False
                 )
                 times[name].append(time.perf_counter() - start)
-    rates = {name: tokens / statistics.median(t) for name, t in times.items()}
-    config = json.loads((Path(export) / "config.json").read_text())
+                assert out.shape[1] - prompt["input_ids"].shape[1] == tokens
+    rates = {name: [tokens / t for t in ts] for name, ts in times.items()}
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    paired = [a / b for a, b in zip(rates["with adapter"], rates["without"], strict=True)]
+    kernels = {str(m.kernel) for m in models["without"].modules() if hasattr(m, "kernel")}
     return {
         "export": export,
-        "adapter": config.get("compress_adapter"),
-        "tokens_per_s": rates,
-        "ratio": rates["with adapter"] / rates["without"],
-        "threads": 1,
+        "adapter": {**adapter, "params": params, "bytes": weights.stat().st_size},
+        "tokens": tokens,
+        "repeats": repeats,
+        "tokens_per_s": medians,
+        "tokens_per_s_range": {name: [min(r), max(r)] for name, r in rates.items()},
+        "ratio": medians["with adapter"] / medians["without"],
+        "paired_ratio": {"median": statistics.median(paired), "range": [min(paired), max(paired)]},
+        "threads": threads,
+        "kernels": sorted(kernels),
+        "load_average": [load, os.getloadavg()[0]],
         "machine": f"{machine()} ({cpu_flags()})",
         "date": datetime.date.today().isoformat(),
     }
+
+
+def render_speed(speeds: dict[str, Any]) -> str:
+    lines = [
+        "| export | adapter | adapter params | without: tokens/s (min-max) | with adapter | "
+        "ratio | per-pair ratio (min-max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in speeds.items():
+        rate = {}
+        for kind, median in s["tokens_per_s"].items():
+            low, high = s["tokens_per_s_range"][kind]
+            rate[kind] = f"{median:.1f} ({low:.1f}-{high:.1f})"
+        pair, (low, high) = s["paired_ratio"]["median"], s["paired_ratio"]["range"]
+        lines.append(
+            f"| {name} | {s['adapter']['method']} on {s['adapter']['modules']} Linears | "
+            f"{s['adapter']['params'] / 1e6:.2f}M | {rate['without']} | {rate['with adapter']} | "
+            f"{s['ratio']:.3f} | {pair:.3f} ({low:.3f}-{high:.3f}) |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -185,15 +224,23 @@ def main() -> None:
     parser.add_argument("--merge", action="store_true", help="keep rows of other bit widths")
     parser.add_argument("--table", action="store_true", help="print the table of the JSON")
     parser.add_argument("--speed", metavar="EXPORT", help="decode speed with and without adapter")
+    parser.add_argument("--repeats", type=int, default=15, help="--speed: timed runs of each")
+    parser.add_argument("--tokens", type=int, default=64, help="--speed: tokens per run")
+    parser.add_argument("--threads", type=int, default=1, help="--speed: torch threads")
     args = parser.parse_args()
-    if args.speed:
-        speeds = BENCHMARKS / "adapters_speed.json"
-        save_keyed(speeds, Path(args.speed).name, measure_speed(args.speed))
-        return
     out = BENCHMARKS / "adapters.json"
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    if args.speed:
+        result = measure_speed(args.speed, args.tokens, args.repeats, args.threads)
+        saved.setdefault("speed", {})[Path(args.speed).name] = result
+        out.write_text(json.dumps(saved, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        print(render_speed(saved["speed"]), end="")
+        return
     if args.table:
-        saved = json.loads(out.read_text())
         print(render(saved["meta"], saved["rows"]), end="")
+        if "speed" in saved:
+            print("\n" + render_speed(saved["speed"]), end="")
         return
     rows = load_rows(out, "case", args.merge)
     for row in run_bits(args.bits, args.variants, args.adapter_lr):
@@ -206,6 +253,10 @@ def main() -> None:
     }
     order = sorted(rows, key=lambda c: (rows[c]["bits"], list(VARIANTS).index(rows[c]["variant"])))
     ordered = write_rows(out, meta, rows, order)
+    if "speed" in saved:  # write_rows keeps meta and rows alone
+        out.write_text(
+            json.dumps({**json.loads(out.read_text()), "speed": saved["speed"]}, indent=1) + "\n"
+        )
     (BENCHMARKS / "adapters.md").write_text(render(meta, ordered))
     print(render(meta, ordered), flush=True)
 
