@@ -159,17 +159,13 @@ int64_t row_vector(const uint8_t* mask, const void* values, int64_t kept, const 
     uint64_t word;
     std::memcpy(&word, mask + i, 8);
     if (word == 0) continue;
-    // each byte's popcount, then their running sums (byte j: bytes 0..j), so that every step's
-    // first value is known without waiting for the step before it
-    uint64_t c = word - ((word >> 1) & 0x5555555555555555ull);
-    c = (c & 0x3333333333333333ull) + ((c >> 2) & 0x3333333333333333ull);
-    c = (c + (c >> 4)) & 0x0f0f0f0f0f0f0f0full;
-    const uint64_t before = (c * 0x0101010101010101ull) << 8;  // byte j: bytes 0..j-1
     for (int j = 0; j < 8; ++j) {
       const unsigned b = (word >> (8 * j)) & 0xffu;
-      if (b) step(i + j, b, used + ((before >> (8 * j)) & 0xffu), j % kAcc);
+      if (b) {
+        step(i + j, b, used, j % kAcc);
+        used += __builtin_popcount(b);
+      }
     }
-    used += __builtin_popcountll(word);
   }
   for (; i < steps; ++i) {
     if (mask[i]) {
