@@ -47,6 +47,7 @@ __all__ = [
     "FormatRuntime",
     "KernelDispatch",
     "StoredTensor",
+    "derived_from",
     "format_from_dict",
     "format_kinds",
     "register_format",
@@ -255,6 +256,20 @@ def share_buffers(target: nn.Module, source: nn.Module, names: tuple[str, ...]) 
                 f"this module {_held(mine)}"
             )
         target._buffers[name] = theirs
+
+
+def derived_from(
+    module: nn.Module, name: str, source: torch.Tensor, derive: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """``derive()``, kept on ``module`` under ``name`` until ``source`` changes (its storage,
+    version or device): what a packed module computes from a stored buffer once rather than on
+    every decode step (unpacked zero points, per-block value offsets)."""
+    key = (source.data_ptr(), source._version, source.device)
+    cached = module.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = module.__dict__[name] = (key, derive())
+    result: torch.Tensor = cached[1]
+    return result
 
 
 class KernelDispatch:

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compress.formats.base import KernelDispatch, share_buffers
+from compress.formats.base import KernelDispatch, derived_from, share_buffers
 from compress.formats.bitmask import cpu, kernels
 from compress.formats.bitmask.packed import PackedBitmask, block_offsets, pack_bitmask
 from compress.formats.bitmask.spec import BitmaskFormat
@@ -93,12 +93,9 @@ class BitmaskLinear(KernelDispatch, nn.Module):
 
     def _offsets(self) -> torch.Tensor:
         """Per-block value offsets, kept until ``bitmask`` changes (its storage or version)."""
-        key = (self.bitmask.data_ptr(), self.bitmask._version, self.bitmask.device)
-        cached = self.__dict__.get("_offsets_cache")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_offsets_cache"] = (key, block_offsets(self.bitmask))
-        result: torch.Tensor = cached[1]
-        return result
+        return derived_from(
+            self, "_offsets_cache", self.bitmask, lambda: block_offsets(self.bitmask)
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (N, K) weight; for the reference kernel and tests only."""

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from compress.formats.base import KernelDispatch, share_buffers
+from compress.formats.base import KernelDispatch, derived_from, share_buffers
 from compress.formats.int.packed import unpack_zeros
 from compress.formats.nm import cpu, kernels
 from compress.formats.nm.packed import PackedNM, pack_nm
@@ -106,16 +106,16 @@ class NMLinear(KernelDispatch, nn.Module):
 
     def _unpacked_zeros(self) -> torch.Tensor | None:
         """The zero points unpacked, kept until ``qzeros`` changes (its storage or version)."""
-        if self.qzeros is None:
+        qzeros = self.qzeros
+        if qzeros is None:
             return None
-        key = (self.qzeros.data_ptr(), self.qzeros._version, self.qzeros.device)
-        cached = self.__dict__.get("_zeros_cache")
-        if cached is None or cached[0] != key:
-            zeros = unpack_zeros(self.qzeros, self.fmt.values, self.out_features, self.in_features)
+
+        def unpack() -> torch.Tensor:
+            zeros = unpack_zeros(qzeros, self.fmt.values, self.out_features, self.in_features)
             assert zeros is not None  # qzeros is stored
-            cached = self.__dict__["_zeros_cache"] = (key, zeros.contiguous())
-        result: torch.Tensor = cached[1]
-        return result
+            return zeros.contiguous()
+
+        return derived_from(self, "_zeros_cache", qzeros, unpack)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (N, K) weight; for the reference kernel and tests only."""
