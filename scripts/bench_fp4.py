@@ -190,7 +190,8 @@ def measure_speed(size: int = 4096, repeats: int = 5) -> dict[str, Any]:
     from compress.formats.fp4 import FP4Format, quantize_fp4
     from compress.formats.fp4 import cpu as fp4_cpu
     from compress.formats.fp4 import kernels as fp4_kernels
-    from compress.formats.fp4.packed import PackedFP4, pack_fp4_codes
+    from compress.formats.fp4.packed import pack_fp4_codes
+    from compress.formats.table import PackedTable
 
     torch.set_num_threads(1)
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)) * 0.02
@@ -200,11 +201,11 @@ def measure_speed(size: int = 4096, repeats: int = 5) -> dict[str, Any]:
     for variant in ("nf4", "mxfp4", "nvfp4"):
         fmt = FP4Format(variant)
         codes, scales, tensor_scale = quantize_fp4(weight, fmt)
-        packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, None, fmt, size)
+        packed = PackedTable(pack_fp4_codes(codes), scales, tensor_scale, None, fmt, size)
         for name in ("reference", "cpu_tiled", "cpu_gemv"):  # the CPU's kernels
             kernel = fp4_kernels.KERNELS[name]
 
-            def call(k: fp4_kernels.Kernel = kernel, p: PackedFP4 = packed) -> object:
+            def call(k: fp4_kernels.Kernel = kernel, p: PackedTable = packed) -> object:
                 return k(x, p)
 
             ms[f"{variant} {name}"] = timed(call, repeats)

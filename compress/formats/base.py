@@ -16,7 +16,10 @@ Adding a format (``compress/formats/<kind>/``)
    declares them as data.
 2. ``runtime.py``: a :class:`FormatRuntime` registered with :func:`register_runtime`: the
    module classes whose buffers are exactly the stored tensors, how a record is packed into
-   them, and the kernels (taking buffers and the format, never the module).
+   them, and the kernels (taking buffers and the format, never the module). Float and sparse
+   formats build on :mod:`compress.formats.modules` (``PackedLinear``, ``PackedEmbedding``,
+   ``register_packed_runtime``) and :class:`PackedKernels` (the shared kernel table), and
+   write only how their buffers are filled and read.
 3. ``__init__.py`` imports ``spec`` (so the kind is registered when the folder is imported), and
    :data:`BUILTIN_KINDS` names the folder (a format from elsewhere registers by being imported).
 4. Tests next to the others: a bit-exact pack/unpack round trip, the reference against every
@@ -46,15 +49,18 @@ __all__ = [
     "Format",
     "FormatRuntime",
     "KernelDispatch",
+    "PackedKernels",
     "StoredTensor",
     "derived_from",
     "format_from_dict",
     "format_kinds",
+    "reference_kernel",
     "register_format",
     "register_runtime",
     "runtime_for",
     "select_packed_kernel",
     "share_buffers",
+    "tiled_kernel",
     "triton_kernel",
 ]
 
@@ -380,3 +386,96 @@ def select_packed_kernel(
             default,
         )
     return default
+
+
+def reference_kernel(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """The whole weight decoded into the activation dtype (``packed.dequantize``), then
+    ``F.linear``: every packed format's test oracle."""
+    bias = packed.bias.to(x.dtype) if packed.bias is not None else None
+    result: torch.Tensor = nn.functional.linear(x, packed.dequantize(x.dtype), bias)
+    return result
+
+
+TILED_SLAB_BYTES = 4 << 20
+"""fp32 bytes of the weight rows :func:`tiled_kernel` decodes at a time."""
+
+
+def tiled_kernel(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """Prefill without a dense copy of the weight: slabs of rows (``packed.dequantize_rows``,
+    :data:`TILED_SLAB_BYTES` of fp32 each) decoded in turn into torch's GEMM."""
+    rows = max(1, TILED_SLAB_BYTES // max(1, 4 * packed.in_features))
+    if rows >= packed.out_features:
+        return reference_kernel(x, packed)
+    bias = packed.bias.to(x.dtype) if packed.bias is not None else None
+    parts = []
+    for start in range(0, packed.out_features, rows):
+        stop = min(start + rows, packed.out_features)
+        slab = packed.dequantize_rows(start, stop, x.dtype)  # (rows, K)
+        parts.append(nn.functional.linear(x, slab, None if bias is None else bias[start:stop]))
+    return torch.cat(parts, dim=-1)
+
+
+class NativeKernels(Protocol):
+    """What a format's native CPU extension module offers :class:`PackedKernels`."""
+
+    MAX_ROWS: int
+
+    def native(self) -> object: ...
+
+    def gemv(self, x: torch.Tensor, w: Any) -> torch.Tensor: ...
+
+
+class PackedKernels:
+    """The kernel table of a float or sparse format, and what :class:`KernelDispatch` calls on it
+    (``KERNELS``, ``select``, ``log_choice``).
+
+    These formats have the same kernels under the same names: ``reference``
+    (:func:`reference_kernel`), ``cpu_gemv`` (the format's native extension, for up to its
+    ``MAX_ROWS`` rows), ``triton_gemv`` / ``triton_gemm`` (``triton_linear`` of the format's
+    Triton module, the ``gpu`` extra), and optionally ``cpu_tiled`` (:func:`tiled_kernel`), the
+    CPU prefill path when ``tiled`` is set (else ``reference`` is). Only the packed weight, the
+    extension and the Triton module differ, so one class serves them all."""
+
+    def __init__(
+        self, *, cpu: NativeKernels, triton_module: str, module_class: str, what: str, tiled: bool
+    ) -> None:
+        self.cpu = cpu
+        self.module_class = module_class  # the packed Linear's name, for the log
+        self.what = what  # the format family, for COMPRESS_KERNEL warnings
+        self.fallback = "cpu_tiled" if tiled else "reference"
+        self.KERNELS: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {
+            "reference": reference_kernel,
+            **({"cpu_tiled": tiled_kernel} if tiled else {}),
+            "cpu_gemv": lambda x, w: cpu.gemv(x, w),  # looked up per call: tests patch it
+            "triton_gemv": triton_kernel(triton_module, "gemv"),
+            "triton_gemm": triton_kernel(triton_module, "gemm"),
+        }
+        self._logged: set[tuple[str, str]] = set()
+
+    def select(
+        self, fmt: Any, in_features: int, *, rows: int, dtype: torch.dtype, device: str = "cpu"
+    ) -> str:
+        """The kernel for a format, input width, activation dtype, row count and device."""
+        return select_packed_kernel(
+            self.KERNELS,
+            rows=rows,
+            device=device,
+            native=self.cpu.native,
+            native_rows=self.cpu.MAX_ROWS,
+            fallback=self.fallback,
+            what=self.what,
+        )
+
+    def log_choice(self, kernel: str, fmt: Any) -> None:
+        """Log, once per (kernel, format), which path the packed Linear takes."""
+        key = (kernel, fmt.label())
+        if key not in self._logged:
+            self._logged.add(key)
+            logging.getLogger(__name__).info(
+                "%s %s uses kernel %r", self.module_class, key[1], kernel
+            )
+
+    def run(self, kernel: str, x: torch.Tensor, w: Any) -> torch.Tensor:
+        """``x @ W.T + bias`` through the named kernel (logged once per format)."""
+        self.log_choice(kernel, w.fmt)
+        return self.KERNELS[kernel](x, w)

@@ -16,10 +16,11 @@ pytest.importorskip("triton", reason="the `gpu` extra is not installed")
 from compress.formats import triton_tiles
 from compress.formats.fp4 import FP4Format, quantize_fp4
 from compress.formats.fp4 import triton_kernels as fp4_tk
-from compress.formats.fp4.packed import PackedFP4, pack_fp4_codes
+from compress.formats.fp4.packed import pack_fp4_codes
 from compress.formats.fp8 import FP8Format
 from compress.formats.fp8 import triton_kernels as fp8_tk
 from compress.formats.fp8.packed import PackedFP8
+from compress.formats.table import PackedTable
 
 if torch.cuda.is_available() == triton_tiles.INTERPRETED:  # imported earlier in the other mode
     triton_tiles = importlib.reload(triton_tiles)
@@ -69,7 +70,7 @@ def test_fp8_kernels_match_the_reference(fmt, kernel, rows):
 def test_fp4_kernels_match_the_reference(fmt, kernel, rows):
     weight = torch.randn(40, 192, generator=torch.Generator().manual_seed(0)) * 0.05
     codes, scales, tensor_scale = quantize_fp4(weight, fmt)
-    packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, torch.randn(40), fmt, 192)
+    packed = PackedTable(pack_fp4_codes(codes), scales, tensor_scale, torch.randn(40), fmt, 192)
     check(fp4_tk.triton_linear, on_device(packed), 192, kernel, rows)
 
 

@@ -17,12 +17,14 @@ from compress import cli
 from compress.errors import FormatError, RecipeError
 from compress.export.summary import summarize_export
 from compress.export.writer import export_model
+from compress.formats import base as formats_base
 from compress.formats import format_from_dict, format_kinds, runtime_for
 from compress.formats.fp4 import NF4, VARIANTS, FP4Format, dequantize_fp4, quantize_fp4
 from compress.formats.fp4 import cpu as fp4_cpu
 from compress.formats.fp4 import kernels as fp4_kernels
 from compress.formats.fp4.linear import FP4Embedding, FP4Linear
-from compress.formats.fp4.packed import PackedFP4, pack_fp4_codes, unpack_fp4_codes
+from compress.formats.fp4.packed import pack_fp4_codes, unpack_fp4_codes
+from compress.formats.table import PackedTable
 from compress.ir import QuantizedWeight, get_quantized
 from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline
@@ -265,7 +267,7 @@ def test_buffers_are_exactly_the_stored_tensors(fmt, out_features, in_features):
 @pytest.mark.parametrize(("out_features", "in_features"), [*SHAPES, (300, 257)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_the_reference(kernel, fmt, out_features, in_features, dtype, monkeypatch):
-    monkeypatch.setattr(fp4_kernels, "_SLAB_BYTES", 4 * in_features * 7)  # slabs of 7 rows
+    monkeypatch.setattr(formats_base, "TILED_SLAB_BYTES", 4 * in_features * 7)  # slabs of 7 rows
     _, record, module = packed_linear(fmt, out_features, in_features)
     x = seeded(3, in_features, seed=2).to(dtype)
     expected = F.linear(x, record.dequantize(dtype), module.bias.to(dtype))
@@ -493,7 +495,7 @@ def test_native_gemv_matches_the_reference_on_every_build(
     weight = seeded(out_features, in_features, seed=8) * 0.05
     codes, scales, tensor_scale = quantize_fp4(weight, fmt)
     bias = seeded(out_features, seed=4)
-    packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, bias, fmt, in_features)
+    packed = PackedTable(pack_fp4_codes(codes), scales, tensor_scale, bias, fmt, in_features)
     x = seeded(rows, in_features, seed=9)
     got = fp4_cpu.gemv(x, packed)
     expected = F.linear(x.double(), packed.dequantize(torch.float64), bias.double())
@@ -531,7 +533,7 @@ def test_int16_gemv_is_exact_but_for_the_activation_rounding(
     weight = seeded(out_features, in_features, seed=8) * 0.05
     codes, scales, tensor_scale = quantize_fp4(weight, fmt)
     bias = seeded(out_features, seed=4)
-    packed = PackedFP4(pack_fp4_codes(codes), scales, tensor_scale, bias, fmt, in_features)
+    packed = PackedTable(pack_fp4_codes(codes), scales, tensor_scale, bias, fmt, in_features)
     x = seeded(rows, in_features, seed=9)
     x[:, 3] = 400.0
     expected = F.linear(x.double(), packed.dequantize(torch.float64), bias.double())

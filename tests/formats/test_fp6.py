@@ -15,13 +15,15 @@ from transformers import AutoModelForCausalLM
 
 import compress  # noqa: F401  (registers the transformers quantizer)
 from compress.errors import FormatError, RecipeError
+from compress.formats import base as formats_base
 from compress.formats import format_from_dict, format_kinds, runtime_for
 from compress.formats.fp6 import VARIANTS, FP6Format, dequantize_fp6, quantize_fp6
 from compress.formats.fp6 import cpu as fp6_cpu
 from compress.formats.fp6 import kernels as fp6_kernels
 from compress.formats.fp6 import spec as fp6_spec
 from compress.formats.fp6.linear import FP6Embedding, FP6Linear
-from compress.formats.fp6.packed import PackedFP6, pack_fp6_codes, unpack_fp6_codes
+from compress.formats.fp6.packed import pack_fp6_codes, unpack_fp6_codes
+from compress.formats.table import PackedTable
 from compress.ir import QuantizedWeight, get_quantized
 from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline
@@ -287,7 +289,7 @@ def test_buffers_are_exactly_the_stored_tensors(fmt, out_features, in_features):
 @pytest.mark.parametrize(("out_features", "in_features"), [*SHAPES, (300, 257)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_the_reference(kernel, fmt, out_features, in_features, dtype, monkeypatch):
-    monkeypatch.setattr(fp6_kernels, "_SLAB_BYTES", 4 * in_features * 7)  # slabs of 7 rows
+    monkeypatch.setattr(formats_base, "TILED_SLAB_BYTES", 4 * in_features * 7)  # slabs of 7 rows
     _, record, module = packed_linear(fmt, out_features, in_features)
     x = seeded(3, in_features, seed=2).to(dtype)
     expected = F.linear(x, record.dequantize(dtype), module.bias.to(dtype))
@@ -331,7 +333,7 @@ def test_native_gemv_matches_the_reference_on_every_build(
     weight[0, 1] = 3.0  # a block where small weights land on subnormal codes
     codes, scales, _ = quantize_fp6(weight, fmt)
     bias = seeded(out_features, seed=4)
-    packed = PackedFP6(pack_fp6_codes(codes), scales, bias, fmt, in_features)
+    packed = PackedTable(pack_fp6_codes(codes), scales, None, bias, fmt, in_features)
     x = seeded(rows, in_features, seed=9)
     got = fp6_cpu.gemv(x, packed)
     expected = F.linear(x.double(), packed.dequantize(torch.float64), bias.double())

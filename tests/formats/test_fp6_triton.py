@@ -17,7 +17,8 @@ pytest.importorskip("triton", reason="the `gpu` extra is not installed")
 from compress.formats import triton_tiles
 from compress.formats.fp6 import VARIANTS, FP6Format, quantize_fp6
 from compress.formats.fp6 import triton_kernels as fp6_tk
-from compress.formats.fp6.packed import PackedFP6, pack_fp6_codes
+from compress.formats.fp6.packed import pack_fp6_codes
+from compress.formats.table import PackedTable
 
 if torch.cuda.is_available() == triton_tiles.INTERPRETED:  # imported earlier in the other mode
     triton_tiles = importlib.reload(triton_tiles)
@@ -26,13 +27,13 @@ if torch.cuda.is_available() == triton_tiles.INTERPRETED:  # imported earlier in
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def packed(fmt: FP6Format, out_features: int, in_features: int) -> PackedFP6:
+def packed(fmt: FP6Format, out_features: int, in_features: int) -> PackedTable:
     weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(0))
     weight[0, :3] = torch.tensor([1e-4, -3e-3, 2.0])  # subnormal codes beside a large value
     codes, scales, _ = quantize_fp6(weight * 0.05, fmt)
     bias = torch.randn(out_features, generator=torch.Generator().manual_seed(1))
-    w = PackedFP6(pack_fp6_codes(codes), scales, bias, fmt, in_features)
-    return PackedFP6(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in w))
+    w = PackedTable(pack_fp6_codes(codes), scales, None, bias, fmt, in_features)
+    return PackedTable(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in w))
 
 
 @pytest.mark.parametrize("fmt", [FP6Format(v) for v in VARIANTS], ids=str)

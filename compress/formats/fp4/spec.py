@@ -205,6 +205,9 @@ class TableFormat(Protocol):
     def variant(self) -> str: ...
 
     @property
+    def code_bits(self) -> int: ...
+
+    @property
     def block(self) -> int: ...
 
     @property
@@ -215,6 +218,8 @@ class TableFormat(Protocol):
 
     @property
     def scale_dtype(self) -> torch.dtype: ...
+
+    def __hash__(self) -> int: ...  # frozen dataclasses: kernels cache tables per format
 
     def label(self) -> str: ...
 

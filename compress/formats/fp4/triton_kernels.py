@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compress.formats.fp4.packed import PackedFP4
+from compress.formats.table import PackedTable
 from compress.formats.triton_tiles import Tile, linear
 
 __all__ = ["tile", "triton_linear"]
@@ -56,7 +56,7 @@ def _fp4_tile(
     return value * scale
 
 
-def tile(w: PackedFP4) -> Tile:
+def tile(w: PackedTable) -> Tile:
     """This format's tile decode and its arguments, for :mod:`compress.formats.triton_tiles`."""
     fmt = w.fmt
     coded = w.scales.dtype == torch.uint8
@@ -73,6 +73,6 @@ def tile(w: PackedFP4) -> Tile:
     )
 
 
-def triton_linear(x: torch.Tensor, w: PackedFP4, kernel: str | None = None) -> torch.Tensor:
+def triton_linear(x: torch.Tensor, w: PackedTable, kernel: str | None = None) -> torch.Tensor:
     """``FP4Linear.forward`` on the GPU: split-K GEMV for decode, dequant-GEMM for prefill."""
     return linear(x, tile(w), w.out_features, w.in_features, w.bias, kernel)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compress.formats.fp6.packed import PackedFP6
+from compress.formats.table import PackedTable
 from compress.formats.triton_tiles import Tile, extract_bits, linear
 
 __all__ = ["tile", "triton_linear"]
@@ -55,7 +55,7 @@ def _fp6_tile(
     return value * scale
 
 
-def tile(w: PackedFP6) -> Tile:
+def tile(w: PackedTable) -> Tile:
     """This format's tile decode and its arguments, for :mod:`compress.formats.triton_tiles`."""
     fmt = w.fmt
     device = w.qweight.device
@@ -65,6 +65,6 @@ def tile(w: PackedFP6) -> Tile:
     return Tile(_fp6_tile, tensors, [w.qweight.shape[1], fmt.block, w.scales.shape[1]], [])
 
 
-def triton_linear(x: torch.Tensor, w: PackedFP6, kernel: str | None = None) -> torch.Tensor:
+def triton_linear(x: torch.Tensor, w: PackedTable, kernel: str | None = None) -> torch.Tensor:
     """``FP6Linear.forward`` on the GPU: split-K GEMV for decode, dequant-GEMM for prefill."""
     return linear(x, tile(w), w.out_features, w.in_features, w.bias, kernel)

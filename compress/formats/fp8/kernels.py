@@ -24,59 +24,31 @@ have uses the reference and says so once in the log.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from compress.formats.base import select_packed_kernel, triton_kernel
+from compress.formats.base import PackedKernels
 from compress.formats.fp8 import cpu
 from compress.formats.fp8.packed import PackedFP8
 from compress.formats.fp8.spec import FP8Format
 
 __all__ = ["KERNELS", "Kernel", "describe", "log_choice", "run", "select"]
 
-log = logging.getLogger(__name__)
-
-_LOGGED: set[tuple[str, str]] = set()
-
 Kernel = Callable[[torch.Tensor, PackedFP8], torch.Tensor]
 """``(x, packed) -> x @ W.T + bias`` in the activation dtype."""
 
-
-def _reference(x: torch.Tensor, w: PackedFP8) -> torch.Tensor:
-    weight = w.dequantize(x.dtype)
-    bias = w.bias.to(x.dtype) if w.bias is not None else None
-    return F.linear(x, weight, bias)
-
-
-def _cpu_gemv(x: torch.Tensor, w: PackedFP8) -> torch.Tensor:
-    return cpu.gemv(x, w)
-
-
-_TRITON_MODULE = "compress.formats.fp8.triton_kernels"  # the `gpu` extra
-KERNELS: dict[str, Kernel] = {
-    "reference": _reference,
-    "cpu_gemv": _cpu_gemv,
-    "triton_gemv": triton_kernel(_TRITON_MODULE, "gemv"),
-    "triton_gemm": triton_kernel(_TRITON_MODULE, "gemm"),
-}
-
-
-def select(
-    fmt: FP8Format, in_features: int, *, rows: int, dtype: torch.dtype, device: str = "cpu"
-) -> str:
-    """The kernel for a format, input width, activation dtype, row count and device."""
-    return select_packed_kernel(
-        KERNELS,
-        rows=rows,
-        device=device,
-        native=cpu.native,
-        native_rows=cpu.MAX_ROWS,
-        fallback="reference",
-        what="the fp8 format",
-    )
+_TABLE = PackedKernels(
+    cpu=cpu,
+    triton_module="compress.formats.fp8.triton_kernels",  # the `gpu` extra
+    module_class="FP8Linear",
+    what="the fp8 format",
+    tiled=False,
+)
+KERNELS: dict[str, Kernel] = _TABLE.KERNELS
+select = _TABLE.select
+log_choice = _TABLE.log_choice
+run = _TABLE.run
 
 
 def describe(fmt: FP8Format, in_features: int, device: str = "cpu") -> str:
@@ -86,16 +58,3 @@ def describe(fmt: FP8Format, in_features: int, device: str = "cpu") -> str:
         isa = "vector" if cpu.vectorized() else "portable"
         return f"cpu_gemv (native fused, {isa}; ≤{cpu.MAX_ROWS} rows), {reference}"
     return reference
-
-
-def log_choice(kernel: str, fmt: FP8Format) -> None:
-    """Log, once per (kernel, format), which path FP8Linear takes."""
-    key = (kernel, fmt.label())
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log.info("FP8Linear %s uses kernel %r", key[1], kernel)
-
-
-def run(kernel: str, x: torch.Tensor, w: PackedFP8) -> torch.Tensor:
-    log_choice(kernel, w.fmt)
-    return KERNELS[kernel](x, w)

@@ -7,10 +7,10 @@ from types import ModuleType
 from typing import ClassVar
 
 import torch
-from torch import nn
 
-from compress.formats.base import KernelDispatch, derived_from, share_buffers
+from compress.formats.base import derived_from
 from compress.formats.int.packed import unpack_zeros
+from compress.formats.modules import PackedLinear
 from compress.formats.nm import cpu, kernels
 from compress.formats.nm.packed import PackedNM, pack_nm
 from compress.formats.nm.spec import NMIntFormat
@@ -19,77 +19,29 @@ from compress.ir import QuantizedWeight
 
 __all__ = ["NMLinear"]
 
-_BUFFERS = ("qweight", "qindex", "scales", "qzeros")
 
-
-class NMLinear(KernelDispatch, nn.Module):
+class NMLinear(PackedLinear):
     """Linear layer over the kept codes of an N:M sparse weight; never holds a dense weight."""
 
     kernels: ClassVar[ModuleType] = kernels  # the format's kernel table, for KernelDispatch
     decode_rows = cpu.MAX_ROWS
+    format_type = NMIntFormat
+    format_what = "N:M sparse integer formats"
+    optional_buffers = ("qzeros",)  # symmetric formats store none
 
     qweight: torch.Tensor
     qindex: torch.Tensor
     scales: torch.Tensor
     qzeros: torch.Tensor | None
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        fmt: NMIntFormat,
-        *,
-        bias: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        persistent: bool = True,
-    ) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.fmt = fmt
-        for stored in fmt.stored_tensors(out_features, in_features):
-            self.register_buffer(
-                stored.name,
-                torch.empty(stored.shape, dtype=stored.dtype, device=device),
-                persistent=persistent,
-            )
-        if fmt.symmetric:
-            self.qzeros = None
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
-        )
-
-    @classmethod
-    def from_record(cls, linear: nn.Linear, record: QuantizedWeight) -> NMLinear:
-        """Pack a quantized Linear's IR record (dense codes, N:M sparse) into a new module.
-
-        Raises :class:`ValueError` when the codes are not N:M sparse."""
-        fmt = record.fmt
-        if not isinstance(fmt, NMIntFormat):
-            raise TypeError(f"{cls.__name__} packs N:M sparse integer formats, not {fmt.label()}")
-        module = cls(
-            linear.in_features,
-            linear.out_features,
-            fmt,
-            bias=linear.bias is not None,
-            dtype=linear.weight.dtype,
-            device=record.codes.device,
-        )
-        qweight, qindex = pack_nm(record.codes, record.zeros, fmt)
-        module.qweight.copy_(qweight)
-        module.qindex.copy_(qindex)
-        module.scales.copy_(record.scales)
-        if record.zeros is not None and module.qzeros is not None:
-            module.qzeros.copy_(pack_codes(record.zeros.reshape(1, -1), fmt.bits)[0])
-        if linear.bias is not None and module.bias is not None:
-            module.bias.data.copy_(linear.bias.detach())
-        return module
-
-    def share_buffers(self, source: nn.Module) -> None:
-        share_buffers(self, source, _BUFFERS)
+    def fill(self, record: QuantizedWeight) -> None:
+        """Raises :class:`ValueError` when the record's codes are not N:M sparse."""
+        qweight, qindex = pack_nm(record.codes, record.zeros, self.fmt)
+        self.qweight.copy_(qweight)
+        self.qindex.copy_(qindex)
+        self.scales.copy_(record.scales)
+        if record.zeros is not None and self.qzeros is not None:
+            self.qzeros.copy_(pack_codes(record.zeros.reshape(1, -1), self.fmt.bits)[0])
 
     def packed(self) -> PackedNM:
         """The stored tensors and the format: what the kernels read."""
@@ -116,7 +68,3 @@ class NMLinear(KernelDispatch, nn.Module):
             return zeros.contiguous()
 
         return derived_from(self, "_zeros_cache", qzeros, unpack)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense (N, K) weight; for the reference kernel and tests only."""
-        return self.packed().dequantize(dtype)

@@ -14,8 +14,8 @@ from types import ModuleType
 
 import torch
 
-from compress.formats.fp4.packed import PackedFP4
 from compress.formats.fp4.spec import FP4Format
+from compress.formats.table import PackedTable
 from compress.utils.native import build_in_background, build_isa, is_built, load_native
 
 __all__ = ["MAX_ROWS", "gemv", "int16_path", "native", "prebuild", "vectorized"]
@@ -76,7 +76,7 @@ def _int16_table(fmt: FP4Format) -> tuple[torch.Tensor, float]:
     return (table / unit).round().to(torch.int16), unit
 
 
-def gemv(x: torch.Tensor, w: PackedFP4, int16_acts: bool | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: PackedTable, int16_acts: bool | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for rows of ``x`` (..., K) (:data:`MAX_ROWS` a call), in ``x``'s
     dtype.
 

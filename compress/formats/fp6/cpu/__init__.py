@@ -14,8 +14,8 @@ from types import ModuleType
 
 import torch
 
-from compress.formats.fp6.packed import PackedFP6
 from compress.formats.fp6.spec import FP6Format
+from compress.formats.table import PackedTable
 from compress.utils.native import build_in_background, build_isa, is_built, load_native
 
 __all__ = ["MAX_ROWS", "gemv", "native", "prebuild", "vectorized"]
@@ -63,7 +63,7 @@ def _tables(fmt: FP6Format) -> tuple[torch.Tensor, torch.Tensor]:
     return table, fmt.effective_scales(_BYTES, None).contiguous()
 
 
-def gemv(x: torch.Tensor, w: PackedFP6) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: PackedTable) -> torch.Tensor:
     """``x @ W.T + bias`` for rows of ``x`` (..., K) (:data:`MAX_ROWS` a call), in ``x``'s
     dtype: table values, products and sums in fp32 (the weights are not rounded to ``x``'s
     dtype as the reference does)."""
