@@ -191,7 +191,7 @@ def measure_speed(size: int = 4096, repeats: int = 5) -> dict[str, Any]:
     from compress.formats.fp4 import cpu as fp4_cpu
     from compress.formats.fp4 import kernels as fp4_kernels
     from compress.formats.fp4.packed import pack_fp4_codes
-    from compress.formats.table import PackedTable
+    from compress.formats.fp4.table import PackedTable
 
     torch.set_num_threads(1)
     weight = torch.randn(size, size, generator=torch.Generator().manual_seed(0)) * 0.02

@@ -5,6 +5,8 @@ state dict is the export's tensors and nothing else. What differs between format
 record fills those buffers (``fill``), the packed weight the kernels read (``packed``) and, for
 an embedding, how a lookup decodes the rows it gathers (``lookup``); the rest (construction,
 ``from_record``, the bias, tied ``lm_head`` buffer sharing, ``dequantize``) is here once.
+A ``record`` is an IR :class:`~compress.ir.QuantizedWeight`, typed ``Any`` here: the IR is a
+layer above the formats.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from compress.formats.base import (
     register_runtime,
     share_buffers,
 )
-from compress.ir import QuantizedWeight
 from compress.utils.modules import embed_scale_of
 
 __all__ = ["PackedEmbedding", "PackedLinear", "register_packed_runtime"]
@@ -50,7 +51,8 @@ def _register_stored(
     return (*names, *(n for n in optional if n not in names))
 
 
-def _checked_format(cls: type, record: QuantizedWeight, format_type: type, what: str) -> Any:
+def _checked_format(cls: type, record: Any, format_type: type, what: str) -> Any:
+    """``record.fmt``, or a TypeError when a record of another format reached this module."""
     if not isinstance(record.fmt, format_type):
         raise TypeError(f"{cls.__name__} packs {what}, not {record.fmt.label()}")
     return record.fmt
@@ -96,7 +98,7 @@ class PackedLinear(KernelDispatch, nn.Module):
         )
 
     @classmethod
-    def from_record(cls, linear: nn.Linear, record: QuantizedWeight) -> Self:
+    def from_record(cls, linear: nn.Linear, record: Any) -> Self:
         """Pack a Linear's IR record into a new module (same device as the codes)."""
         fmt = _checked_format(cls, record, cls.format_type, cls.format_what)
         module = cls(
@@ -112,7 +114,7 @@ class PackedLinear(KernelDispatch, nn.Module):
             module.bias.data.copy_(linear.bias.detach())
         return module
 
-    def fill(self, record: QuantizedWeight) -> None:
+    def fill(self, record: Any) -> None:
         """Copy a record's codes, scales (and whatever else the format stores) into the
         buffers, packed as the format lays them out."""
         raise NotImplementedError
@@ -160,7 +162,7 @@ class PackedEmbedding(nn.Module):
         )
 
     @classmethod
-    def from_record(cls, embedding: nn.Embedding, record: QuantizedWeight) -> Self:
+    def from_record(cls, embedding: nn.Embedding, record: Any) -> Self:
         """Pack an embedding's IR record into a new module (same device as the codes)."""
         fmt = _checked_format(cls, record, cls.format_type, cls.format_what)
         module = cls(
@@ -174,7 +176,7 @@ class PackedEmbedding(nn.Module):
         module.fill(record)
         return module
 
-    def fill(self, record: QuantizedWeight) -> None:
+    def fill(self, record: Any) -> None:
         """As :meth:`PackedLinear.fill`."""
         raise NotImplementedError
 

@@ -17,10 +17,10 @@ from compress.formats import triton_tiles
 from compress.formats.fp4 import FP4Format, quantize_fp4
 from compress.formats.fp4 import triton_kernels as fp4_tk
 from compress.formats.fp4.packed import pack_fp4_codes
+from compress.formats.fp4.table import PackedTable
 from compress.formats.fp8 import FP8Format
 from compress.formats.fp8 import triton_kernels as fp8_tk
 from compress.formats.fp8.packed import PackedFP8
-from compress.formats.table import PackedTable
 
 if torch.cuda.is_available() == triton_tiles.INTERPRETED:  # imported earlier in the other mode
     triton_tiles = importlib.reload(triton_tiles)

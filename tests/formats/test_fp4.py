@@ -24,7 +24,7 @@ from compress.formats.fp4 import cpu as fp4_cpu
 from compress.formats.fp4 import kernels as fp4_kernels
 from compress.formats.fp4.linear import FP4Embedding, FP4Linear
 from compress.formats.fp4.packed import pack_fp4_codes, unpack_fp4_codes
-from compress.formats.table import PackedTable
+from compress.formats.fp4.table import PackedTable
 from compress.ir import QuantizedWeight, get_quantized
 from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline

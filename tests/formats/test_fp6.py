@@ -17,13 +17,13 @@ import compress  # noqa: F401  (registers the transformers quantizer)
 from compress.errors import FormatError, RecipeError
 from compress.formats import base as formats_base
 from compress.formats import format_from_dict, format_kinds, runtime_for
+from compress.formats.fp4.table import PackedTable
 from compress.formats.fp6 import VARIANTS, FP6Format, dequantize_fp6, quantize_fp6
 from compress.formats.fp6 import cpu as fp6_cpu
 from compress.formats.fp6 import kernels as fp6_kernels
 from compress.formats.fp6 import spec as fp6_spec
 from compress.formats.fp6.linear import FP6Embedding, FP6Linear
 from compress.formats.fp6.packed import pack_fp6_codes, unpack_fp6_codes
-from compress.formats.table import PackedTable
 from compress.ir import QuantizedWeight, get_quantized
 from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline

@@ -15,10 +15,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="the `gpu` extra is not installed")
 
 from compress.formats import triton_tiles
+from compress.formats.fp4.table import PackedTable
 from compress.formats.fp6 import VARIANTS, FP6Format, quantize_fp6
 from compress.formats.fp6 import triton_kernels as fp6_tk
 from compress.formats.fp6.packed import pack_fp6_codes
-from compress.formats.table import PackedTable
 
 if torch.cuda.is_available() == triton_tiles.INTERPRETED:  # imported earlier in the other mode
     triton_tiles = importlib.reload(triton_tiles)

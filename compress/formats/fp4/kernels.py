@@ -1,6 +1,6 @@
 """Kernels of the 4-bit table formats, and the one function that picks one.
 
-Every kernel takes the activations and a :class:`~compress.formats.table.PackedTable` (the
+Every kernel takes the activations and a :class:`~compress.formats.fp4.table.PackedTable` (the
 stored tensors and the format), never the module that holds them.
 
 ``reference``: the whole weight decoded (nibbles -> table values -> times the expanded block
@@ -33,7 +33,7 @@ import torch
 from compress.formats.base import PackedKernels
 from compress.formats.fp4 import cpu
 from compress.formats.fp4.spec import FP4Format
-from compress.formats.table import PackedTable
+from compress.formats.fp4.table import PackedTable
 
 __all__ = ["KERNELS", "Kernel", "describe", "log_choice", "run", "select"]
 

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from compress.formats.fp4 import cpu, kernels
 from compress.formats.fp4.spec import FP4Format
-from compress.formats.table import TableEmbedding, TableLinear
+from compress.formats.fp4.table import TableEmbedding, TableLinear
 
 __all__ = ["FP4Embedding", "FP4Linear"]
 

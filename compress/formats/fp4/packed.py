@@ -1,5 +1,5 @@
 """Packing of 4-bit table codes; the packed weight the kernels read is
-:class:`compress.formats.table.PackedTable`, which every table format shares."""
+:class:`compress.formats.fp4.table.PackedTable`, which every table format shares."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from compress.formats.table import PackedTable
+from compress.formats.fp4.table import PackedTable
 from compress.formats.triton_tiles import Tile, linear
 
 __all__ = ["tile", "triton_linear"]

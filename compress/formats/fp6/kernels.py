@@ -1,6 +1,6 @@
 """Kernels of the MXFP6 formats, and the one function that picks one.
 
-Every kernel takes the activations and a :class:`~compress.formats.table.PackedTable` (the
+Every kernel takes the activations and a :class:`~compress.formats.fp4.table.PackedTable` (the
 stored tensors and the format), never the module that holds them.
 
 ``reference``: the whole weight decoded (6-bit codes -> table values -> times the expanded
@@ -30,9 +30,9 @@ from collections.abc import Callable
 import torch
 
 from compress.formats.base import PackedKernels
+from compress.formats.fp4.table import PackedTable
 from compress.formats.fp6 import cpu
 from compress.formats.fp6.spec import FP6Format
-from compress.formats.table import PackedTable
 
 __all__ = ["KERNELS", "Kernel", "describe", "log_choice", "run", "select"]
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 from types import ModuleType
 from typing import ClassVar
 
+from compress.formats.fp4.table import TableEmbedding, TableLinear
 from compress.formats.fp6 import cpu, kernels
 from compress.formats.fp6.spec import FP6Format
-from compress.formats.table import TableEmbedding, TableLinear
 
 __all__ = ["FP6Embedding", "FP6Linear"]
 

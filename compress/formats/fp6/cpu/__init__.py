@@ -14,8 +14,8 @@ from types import ModuleType
 
 import torch
 
+from compress.formats.fp4.table import PackedTable
 from compress.formats.fp6.spec import FP6Format
-from compress.formats.table import PackedTable
 from compress.utils.native import build_in_background, build_isa, is_built, load_native
 
 __all__ = ["MAX_ROWS", "gemv", "native", "prebuild", "vectorized"]
