@@ -36,6 +36,7 @@ from torch import nn
 
 from compress.adapters.corrections import spectrum_delta, spectrum_rows
 from compress.adapters.runtime import device_of
+from compress.formats.base import derived_from
 
 __all__ = ["QWHAConfig", "QWHALayer", "QWHAModel"]
 
@@ -129,17 +130,23 @@ class QWHALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _rows(self, adapter: str) -> torch.Tensor:
-        # from the counts every call (O(nnz)): a loaded state dict may have replaced them
-        return spectrum_rows(self.qwha_row_counts[adapter])
+        """The row of each coefficient, kept until the counts change (a loaded state dict
+        copies into them): rebuilt every call it cost a third of a decode step's adapter time."""
+        counts = self.qwha_row_counts[adapter]
+        return derived_from(self, f"_qwha_rows_{adapter}", counts, lambda: spectrum_rows(counts))
+
+    def _cols(self, adapter: str) -> torch.Tensor:
+        """The column of each coefficient as int64 (what indexing takes), kept likewise."""
+        cols = self.qwha_cols[adapter]
+        return derived_from(self, f"_qwha_cols_{adapter}", cols, lambda: cols.to(torch.int64))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``ΔW = F H``, dense ``(out, in)``."""
         from compress.adapters.corrections import spectrum_delta_weight
 
         values = self.qwha_values[adapter]
-        cols = self.qwha_cols[adapter].to(torch.int64)
         shape = (self.out_features, self.in_features)
-        return spectrum_delta_weight(self._rows(adapter), cols, values, shape)
+        return spectrum_delta_weight(self._rows(adapter), self._cols(adapter), values, shape)
 
 
 class QWHALinear(nn.Module, QWHALayer):
@@ -161,8 +168,8 @@ class QWHALinear(nn.Module, QWHALayer):
             if adapter not in self.qwha_values:
                 continue
             values = self.qwha_values[adapter]
-            cols = self.qwha_cols[adapter].to(torch.int64)
-            delta = spectrum_delta(x, self._rows(adapter), cols, values, self.out_features)
+            rows, cols = self._rows(adapter), self._cols(adapter)
+            delta = spectrum_delta(x, rows, cols, values, self.out_features)
             result = result + delta.to(result.dtype)
         return result
 

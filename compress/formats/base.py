@@ -265,7 +265,7 @@ def share_buffers(target: nn.Module, source: nn.Module, names: tuple[str, ...]) 
 
 
 def derived_from(
-    module: nn.Module, name: str, source: torch.Tensor, derive: Callable[[], torch.Tensor]
+    module: object, name: str, source: torch.Tensor, derive: Callable[[], torch.Tensor]
 ) -> torch.Tensor:
     """``derive()``, kept on ``module`` under ``name`` until ``source`` changes (its storage,
     version or device): what a packed module computes from a stored buffer once rather than on

@@ -53,7 +53,9 @@ def test_get_peft_model_trains_only_the_coefficients(model_dir: Path) -> None:
 
 def test_save_and_load_keep_a_chosen_support(model_dir: Path, tmp_path: Path) -> None:
     """The support travels with the adapter: a layer whose coefficients sit elsewhere than the
-    seed would draw them is reproduced exactly after ``PeftModel.from_pretrained``."""
+    seed would draw them is reproduced exactly after ``PeftModel.from_pretrained``; and a layer
+    that has already run follows a support changed in place (its derived indices are not
+    stale)."""
     import peft
 
     from compress.adapters.qwha import QWHAConfig
@@ -62,6 +64,7 @@ def test_save_and_load_keep_a_chosen_support(model_dir: Path, tmp_path: Path) ->
     tuned = peft.get_peft_model(model, QWHAConfig(target_modules=["v_proj"], rank=1, seed=5))
     layer = tuned.base_model.model.model.layers[0].self_attn.v_proj
     count = layer.qwha_values["default"].numel()
+    _logits(tuned)  # the layer now holds the seed's support, derived for decoding
     with torch.no_grad():
         layer.qwha_row_counts["default"].zero_()[0] = count  # every coefficient in row 0
         layer.qwha_cols["default"].copy_(torch.arange(count) % 64)
