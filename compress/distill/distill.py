@@ -20,6 +20,7 @@ Example recipe entry::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Literal
@@ -31,7 +32,7 @@ from torch import nn
 from compress.data import calibration_batch
 from compress.distill.losses import LossKind
 from compress.distill.student import prepare_student
-from compress.distill.trainer import History, TrainSettings, train_student
+from compress.distill.trainer import History, TrainSettings, cpu_precision, train_student
 from compress.errors import PassError
 from compress.models import load_model
 from compress.registry import PassConfig, PassContext, PassReport, register_pass
@@ -228,6 +229,10 @@ def distill(model: nn.Module, config: DistillConfig, context: PassContext) -> Pa
             hint="name a teacher of the same family and tokenizer",
         )
     settings = _settings(config)
+    precision, precision_note = cpu_precision(settings.mixed_precision)
+    if precision_note is not None:
+        context.progress.log(f"distill: {precision_note}")
+        settings = dataclasses.replace(settings, mixed_precision=precision)
     student = prepare_student(
         model, train=config.train, freeze=config.freeze, quantized=config.quantized
     )
@@ -250,7 +255,8 @@ def distill(model: nn.Module, config: DistillConfig, context: PassContext) -> Pa
         )
     finally:
         student.finish()
-    return _report(history, student.frozen_notes, trainable, time.perf_counter() - start)
+    notes = student.frozen_notes + ([precision_note] if precision_note else [])
+    return _report(history, notes, trainable, time.perf_counter() - start)
 
 
 def _report(history: History, notes: list[str], trainable: int, seconds: float) -> PassReport:

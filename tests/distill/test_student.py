@@ -151,6 +151,23 @@ def test_two_passes_with_different_precision_in_one_process(tiny_llama) -> None:
         assert history.step == [1]
 
 
+def test_bf16_on_a_cpu_without_bf16_arithmetic_trains_in_fp32(monkeypatch) -> None:
+    """Emulated bf16 autocast is many times slower than fp32 on CPUs without AVX512-BF16 or AMX:
+    there a bf16 request runs in fp32 with a note; elsewhere, and for other requests, it stands."""
+    from compress.distill import trainer
+
+    monkeypatch.setattr(trainer, "_has_accelerator", lambda: False)
+    monkeypatch.setattr(trainer, "bf16_arithmetic", lambda: False)
+    precision, note = trainer.cpu_precision("bf16")
+    assert precision == "no" and note is not None and "AVX512-BF16" in note
+    assert trainer.cpu_precision("no") == ("no", None)
+    monkeypatch.setattr(trainer, "bf16_arithmetic", lambda: True)
+    assert trainer.cpu_precision("bf16") == ("bf16", None)
+    monkeypatch.setattr(trainer, "bf16_arithmetic", lambda: False)
+    monkeypatch.setattr(trainer, "_has_accelerator", lambda: True)
+    assert trainer.cpu_precision("bf16") == ("bf16", None)
+
+
 def test_scales_stored_as_codes_stay_frozen_with_a_note(tiny_llama) -> None:
     """MXFP4 keeps E8M0 scale codes (uint8): training them as floats and casting back would
     corrupt them, so they stay as they are and the report says why."""

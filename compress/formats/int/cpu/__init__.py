@@ -22,9 +22,9 @@ from types import ModuleType
 import torch
 
 from compress.utils.native import (
+    bf16_arithmetic,
     build_in_background,
     build_isa,
-    cpu_flags,
     is_built,
     load_native,
 )
@@ -118,7 +118,7 @@ def bf16_gemm_native() -> bool:
     tiles beat fp32 ones. Without it torch converts, and its bf16 GEMM is slower than fp32.
 
     A property of the CPU, not of our build: torch picks its own kernels."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return bf16_arithmetic()
 
 
 def gemv_max_rows(dtype: torch.dtype) -> int:
