@@ -55,6 +55,16 @@ __all__ = [
 _RUN_FILE = "run.json"
 
 
+def _common_prefix(saved: list[str], current: list[str]) -> int:
+    """How many leading pass fingerprints two runs share."""
+    count = 0
+    for a, b in zip(saved, current, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
 def work_dir_for(export_dir: Path) -> Path:
     """Where a run exporting to ``export_dir`` keeps its layer checkpoints (a hidden sibling)."""
     export_dir = Path(export_dir)
@@ -151,10 +161,14 @@ class LayerStore(LayerAccess):
         work_dir: Path,
         *,
         fingerprint: str,
+        pass_fingerprints: list[str] | None = None,
         resume: bool = False,
         source: SourceWeights | None = None,
         read_only: bool = False,
     ) -> None:
+        """``pass_fingerprints[i]``: what passes ``0..i`` depend on (model, calibration and their
+        settings). On ``--resume`` with a changed recipe, the checkpoints of the unchanged
+        leading passes are kept (:attr:`kept_passes` says how many) and the rest removed."""
         self.model = model
         # another process of the same run (rank > 0) writes nothing: it reads rank 0's
         # checkpoints on --resume and otherwise recomputes what rank 0 saves
@@ -165,6 +179,8 @@ class LayerStore(LayerAccess):
         self.pass_index = 0
         self._latest: dict[int, Path] = {}
         self._resume = resume
+        self._pass_fingerprints = list(pass_fingerprints or [])
+        self.kept_passes: int | None = None  # set when a changed recipe resumes from a prefix
         self._open(fingerprint)
 
     @property
@@ -180,13 +196,19 @@ class LayerStore(LayerAccess):
                     f"--resume: no checkpoint of an earlier run in {self.work_dir}",
                     hint="run without --resume (nothing to continue from)",
                 )
-            saved = json.loads(run_file.read_text()).get("fingerprint")
-            if saved != fingerprint:
-                raise RecipeError(
-                    f"--resume: the checkpoint in {self.work_dir} was made by a different recipe "
-                    "or model",
-                    hint="rerun without --resume to start over",
-                )
+            run = json.loads(run_file.read_text())
+            if run.get("fingerprint") != fingerprint:
+                kept = _common_prefix(run.get("passes") or [], self._pass_fingerprints)
+                if kept == 0:
+                    raise RecipeError(
+                        f"--resume: the checkpoint in {self.work_dir} was made by a different "
+                        "recipe or model (its first pass, model or calibration differ)",
+                        hint="rerun without --resume to start over",
+                    )
+                self._discard_passes_from(kept)
+                self.kept_passes = kept
+                if not self.read_only:
+                    run_file.write_text(json.dumps(self._run_record()))
             return
         if self.read_only:
             return
@@ -213,8 +235,28 @@ class LayerStore(LayerAccess):
         """Create the work folder with its run file (fingerprint), on the first checkpoint."""
         if not self.read_only and not (self.work_dir / _RUN_FILE).is_file():
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            run = {"fingerprint": self._fingerprint, "layers": len(self.blocks)}
-            (self.work_dir / _RUN_FILE).write_text(json.dumps(run))
+            (self.work_dir / _RUN_FILE).write_text(json.dumps(self._run_record()))
+
+    def _run_record(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self._fingerprint,
+            "passes": self._pass_fingerprints,
+            "layers": len(self.blocks),
+        }
+
+    def _discard_passes_from(self, first: int) -> None:
+        """Remove the checkpoints of pass ``first`` and every later one (they ran with other
+        settings, or after a pass that did)."""
+        if self.read_only:
+            return
+        for path in self.work_dir.glob("pass*-*"):
+            index = path.name[4:6]
+            if not index.isdigit() or int(index) < first:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -534,10 +534,13 @@ class Pipeline:
             return None
         return self._folder()
 
-    def _fingerprint(self) -> str:
-        """What the checkpoints depend on: model, calibration and passes (not export, eval)."""
+    def _fingerprint(self, passes: int | None = None) -> str:
+        """What the checkpoints depend on: model, calibration and passes (not export, eval);
+        with ``passes``, only the first that many (what their checkpoints depend on)."""
         recipe = self.resolved_recipe()
         key = {k: recipe.get(k) for k in ("model", "calibration", "passes")}
+        if passes is not None:
+            key["passes"] = (key["passes"] or [])[:passes]
         key["compress"] = __version__
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -554,12 +557,23 @@ class Pipeline:
             model,
             work_dir,
             fingerprint=self._fingerprint(),
+            pass_fingerprints=[self._fingerprint(i + 1) for i in range(len(self.passes))],
             resume=self.resume,
             source=source,
             read_only=self._follower,
         )
         if self.resume:
             self.progress.log(f"resuming from the checkpoints in {work_dir}")
+        if store.kept_passes is not None:
+            names = [config_for(c).name for c in self.passes]
+            kept = store.kept_passes
+            redo = "nothing to redo"
+            if kept < len(names):
+                redo = f"passes {kept + 1}-{len(names)} run again"
+            self.progress.log(
+                f"the recipe changed after its first {kept} pass(es) "
+                f"({', '.join(names[:kept])}): their checkpoints are kept; {redo}"
+            )
         return store
 
     def _spec(self) -> ModelSpec:

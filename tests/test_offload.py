@@ -151,6 +151,43 @@ def test_resume_with_another_recipe_is_refused(model_dir, text_file, tmp_path, m
         _pipeline(model_dir, text_file, out, passes=other, resume=True).run()
 
 
+def test_resume_with_a_changed_later_pass_keeps_the_earlier_passes(
+    model_dir, text_file, tmp_path, monkeypatch
+) -> None:
+    """Killed in gptq after awq finished; resumed with other gptq settings: awq's layers are
+    restored (not recomputed), gptq runs again with the new settings, and the bytes equal an
+    uninterrupted run of the new recipe."""
+    out, fresh = tmp_path / "export", tmp_path / "fresh"
+    original = LayerStore.finish
+    calls: list[tuple[int, int]] = []
+
+    def dying_finish(self, index, name, module, hidden, report):
+        original(self, index, name, module, hidden, report)
+        calls.append((self.pass_index, index))
+        if (self.pass_index, index) == (1, 1):
+            raise _Killed
+
+    monkeypatch.setattr(LayerStore, "finish", dying_finish)
+    with pytest.raises(_Killed):
+        _pipeline(model_dir, text_file, out).run()
+    monkeypatch.setattr(LayerStore, "finish", original)
+    changed = [_passes()[0], GPTQConfig(bits=3, group_size=32, act_order=True, observer="mse")]
+    _pipeline(model_dir, text_file, fresh, passes=changed).run()
+
+    redone: list[tuple[int, int]] = []
+
+    def counting_finish(self, index, name, module, hidden, report):
+        redone.append((self.pass_index, index))
+        original(self, index, name, module, hidden, report)
+
+    monkeypatch.setattr(LayerStore, "finish", counting_finish)
+    _pipeline(model_dir, text_file, out, passes=changed, resume=True).run()
+    assert not [c for c in redone if c[0] == 0]  # awq: every layer restored
+    assert sorted(c for c in redone if c[0] == 1) == [(1, i) for i in range(LAYERS)]
+    assert _weight_bytes(out) == _weight_bytes(fresh)
+    assert not work_dir_for(out).exists()
+
+
 def test_resume_without_checkpoints_says_so(model_dir, text_file, tmp_path) -> None:
     with pytest.raises(RecipeError, match="no checkpoint"):
         _pipeline(model_dir, text_file, tmp_path / "export", resume=True).run()
