@@ -47,6 +47,7 @@ def full_result() -> RunResult:
                 "skipped": {"lm_head": "ignored by recipe"},
                 "metrics": {"mean_relative_error": 0.0712345, "max_relative_error": 0.5},
                 "per_module": per_module,
+                "notes": ["widths: int4 100.0% of weights"],
             }
         ],
         "size": {
@@ -192,6 +193,7 @@ def test_markdown_of_a_full_result_holds_the_key_numbers() -> None:
         "65,408 predicted tokens in 128 windows of 512",
         "| rtn | 13 | 1 | mean_relative_error 0.07123, max_relative_error 0.5 |",
         "- `lm_head`: ignored by recipe",
+        "Notes of rtn:\n- widths: int4 100.0% of weights",
         "| `model.layers.0.self_attn.q_proj` | rtn | 0.5000 |",
         "| int4 g64 sym | 210 | 106,168,320 | 4.250 |",
         "The capital of France is",

@@ -476,6 +476,11 @@ def _passes(result: Mapping[str, Any]) -> list[str]:
         )
     lines = ["## Passes", "", *_table(["pass", "touched", "skipped", "metrics"], rows), ""]
     for entry in entries:
+        notes = entry.get("notes")
+        if isinstance(notes, list) and notes:  # e.g. allocate_bits' widths, distill's ending
+            lines.append(f"Notes of {entry.get('name', '?')}:")
+            lines += [f"- {note}" for note in notes]
+            lines.append("")
         skipped = entry.get("skipped")
         if isinstance(skipped, Mapping) and skipped:
             lines.append(f"Skipped by {entry.get('name', '?')}:")
