@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,14 @@ from transformers import (
 from compress.utils.native import ISA_LEVELS, cpu_isa
 
 TINY_LLAMA_SEED = 0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, split the cores between the workers: each worker's torch would
+    otherwise start one thread per core, and two workers on two cores would fight."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
