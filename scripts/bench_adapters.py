@@ -64,7 +64,9 @@ def _quality(metrics: Any) -> dict[str, float]:
     return {"kl": float(metrics.kl_mean), "top1": float(metrics.top1_agreement)}
 
 
-def run_bits(bits: int, variants: list[str], adapter_lr: float) -> list[dict[str, Any]]:
+def run_bits(
+    bits: int, variants: list[str], adapter_lr: float, steps: int, dtype: str
+) -> list[dict[str, Any]]:
     from compress.adapters.runtime import adapter_hooks
     from compress.cli import RichProgress
     from compress.data import calibration_batch
@@ -74,7 +76,7 @@ def run_bits(bits: int, variants: list[str], adapter_lr: float) -> list[dict[str
     from compress.quant.gptq import GPTQConfig
     from compress.registry import PassContext, config_for
 
-    model, tokenizer, windows = smollm2_and_eval_windows(EVAL_WINDOWS, SEQ_LEN)
+    model, tokenizer, windows = smollm2_and_eval_windows(EVAL_WINDOWS, SEQ_LEN, dtype)
     reference = copy.deepcopy(model)
     rows = []
     with RichProgress() as progress:
@@ -109,7 +111,7 @@ def run_bits(bits: int, variants: list[str], adapter_lr: float) -> list[dict[str
                 row |= init
                 start -= seconds  # the row's time includes its initialisation
             if variant.endswith("+distill"):
-                distill = DistillConfig(**DISTILL, adapter_lr=adapter_lr)
+                distill = DistillConfig(**{**DISTILL, "steps": steps}, adapter_lr=adapter_lr)
                 report = config_for(distill).fn(student, distill, context)
                 row["distill"] = {k: float(v) for k, v in report.metrics.items()}
             row["seconds"] = time.perf_counter() - start
@@ -202,15 +204,18 @@ def render_speed(speeds: dict[str, Any]) -> str:
 
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| bits | variant | trainable params | weighted error after init | KL | top-1 | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| bits | variant | trainable params | weighted error after init | distill steps | "
+        "model dtype | KL | top-1 | seconds | date |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         params = f"{row['trainable_params'] / 1e6:.2f}M" if "trainable_params" in row else "-"
         ratio = f"{row['init_error_ratio']:.3f}" if "init_error_ratio" in row else "-"
+        steps = row.get("steps", DISTILL["steps"]) if row["variant"].endswith("+distill") else "-"
         lines.append(
-            f"| {row['bits']} | {row['variant']} | {params} | {ratio} | {row['kl']:.4f} | "
-            f"{100 * row['top1']:.1f}% | {row['seconds']:.0f} |"
+            f"| {row['bits']} | {row['variant']} | {params} | {ratio} | {steps} | "
+            f"{row.get('dtype', 'auto')} | {row['kl']:.4f} | {100 * row['top1']:.1f}% | "
+            f"{row['seconds']:.0f} | {row.get('date', '')} |"
         )
     lines += ["", f"Machine: {meta['machine']}. Distill budget: {meta['distill']}."]
     return "\n".join(lines) + "\n"
@@ -221,6 +226,13 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--adapter-lr", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=DISTILL["steps"], help="distill steps")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="model dtype (auto: bf16 as published; float32 where the CPU lacks bf16 arithmetic)",
+    )
     parser.add_argument("--merge", action="store_true", help="keep rows of other bit widths")
     parser.add_argument("--table", action="store_true", help="print the table of the JSON")
     parser.add_argument("--speed", metavar="EXPORT", help="decode speed with and without adapter")
@@ -243,8 +255,13 @@ def main() -> None:
             print("\n" + render_speed(saved["speed"]), end="")
         return
     rows = load_rows(out, "case", args.merge)
-    for row in run_bits(args.bits, args.variants, args.adapter_lr):
-        rows[row["case"]] = {**row, "date": datetime.date.today().isoformat()}
+    for row in run_bits(args.bits, args.variants, args.adapter_lr, args.steps, args.dtype):
+        rows[row["case"]] = {
+            **row,
+            "steps": args.steps,
+            "dtype": args.dtype,
+            "date": datetime.date.today().isoformat(),
+        }
     meta = {
         "eval": f"builtin:wiki evaluation, {EVAL_WINDOWS} x {SEQ_LEN}",
         "machine": f"{machine()} ({cpu_flags()})",

@@ -45,13 +45,16 @@ def write_rows(
     return ordered
 
 
-def smollm2_and_eval_windows(windows: int = 32, seq_len: int = 512) -> tuple[Any, Any, Any]:
-    """The builtin SmolLM2-135M, its tokenizer, and ``windows`` x ``seq_len`` token windows of
-    the builtin:wiki evaluation split: what the quality benchmarks score on."""
+def smollm2_and_eval_windows(
+    windows: int = 32, seq_len: int = 512, dtype: str = "auto"
+) -> tuple[Any, Any, Any]:
+    """The builtin SmolLM2-135M (in ``dtype``; ``auto``: its published bf16), its tokenizer, and
+    ``windows`` x ``seq_len`` token windows of the builtin:wiki evaluation split: what the
+    quality benchmarks score on."""
     from compress.data import load_texts, token_windows
     from compress.models import load_model
 
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = load_model("smollm2-135m", dtype=dtype)
     texts = load_texts("builtin:wiki", "evaluation")
     return model, tokenizer, token_windows(tokenizer, texts, seq_len, windows)
 
