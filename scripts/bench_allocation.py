@@ -54,6 +54,12 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows of the KL")
     parser.add_argument("--fisher-samples", type=int, default=32)
     parser.add_argument("--out", default="allocation_proxy")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="model dtype (auto: bf16 as published; float32 where the CPU lacks bf16 arithmetic)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -66,7 +72,7 @@ def main() -> None:
     from compress.utils.modules import select_decoder_linears
 
     torch.set_num_threads(2)
-    model, tokenizer, windows = smollm2_and_eval_windows(args.windows)
+    model, tokenizer, windows = smollm2_and_eval_windows(args.windows, dtype=args.dtype)
     model.eval()
     calibration = token_windows(
         tokenizer, load_texts("builtin:wiki", "calibration"), 512, args.fisher_samples
@@ -109,6 +115,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": "python scripts/bench_allocation.py " + " ".join(sys.argv[1:]),
         "bits": args.bits,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "summary": summary,
         "rows": rows,
     }
@@ -121,7 +128,8 @@ def main() -> None:
         f"Machine: {data['machine']} ({data['cpu_flags']}); {data['date']}.",
         f"Command: `{data['command']}`",
         "",
-        f"SmolLM2-135M (bf16), every {args.stride}th decoder Linear ({len(rows)} layers) rounded "
+        f"SmolLM2-135M ({str(model.dtype).removeprefix('torch.')}), every {args.stride}th "
+        f"decoder Linear ({len(rows)} layers) rounded "
         f"alone to int{args.bits} g64 asymmetric (MSE ranges); KL on {args.windows} x 512 "
         f"evaluation tokens; Fisher from {args.fisher_samples} x 512 calibration tokens "
         f"({fisher_s:.0f} s).",

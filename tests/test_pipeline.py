@@ -119,7 +119,8 @@ def test_smollm2_int8_recipe_quality(tmp_path):
     recipe = recipe.model_copy(
         update={
             "export": recipe.export.model_copy(update={"dir": tmp_path / "w8"}),
-            "evaluate": recipe.evaluate.model_copy(update={"max_windows": 8}),
+            # speed is timed elsewhere (test_speed.py); here it would only add minutes
+            "evaluate": recipe.evaluate.model_copy(update={"max_windows": 8, "speed": False}),
         }
     )
     result = Pipeline.from_recipe(recipe).run()
