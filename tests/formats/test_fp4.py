@@ -17,15 +17,14 @@ from compress import cli
 from compress.errors import FormatError, RecipeError
 from compress.export.summary import summarize_export
 from compress.export.writer import export_model
-from compress.formats import base as formats_base
-from compress.formats import format_from_dict, format_kinds, runtime_for
+from compress.formats import format_from_dict, format_kinds
 from compress.formats.fp4 import NF4, VARIANTS, FP4Format, dequantize_fp4, quantize_fp4
 from compress.formats.fp4 import cpu as fp4_cpu
 from compress.formats.fp4 import kernels as fp4_kernels
 from compress.formats.fp4.linear import FP4Embedding, FP4Linear
 from compress.formats.fp4.packed import pack_fp4_codes, unpack_fp4_codes
 from compress.formats.fp4.table import PackedTable
-from compress.ir import QuantizedWeight, get_quantized
+from compress.ir import get_quantized
 from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline
 from compress.quant.awq import AWQConfig
@@ -34,15 +33,22 @@ from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import load_recipe, parse_recipe
 from compress.registry import PassContext
 from tests.conftest import NATIVE_TEST_LEVELS, force_native_build, run_passes_on_tiny_model
+from tests.formats.table_checks import TableKit, seeded
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
 FORMATS = [FP4Format(v) for v in VARIANTS] + [FP4Format("nf4", 32), FP4Format("fp4", 48)]
 SHAPES = [(1, 1), (7, 5), (37, 70), (64, 128), (96, 33), (3, 17)]
+
+KIT = TableKit(
+    quantize=quantize_fp4,
+    linear=FP4Linear,
+    embedding=FP4Embedding,
+    kernels=fp4_kernels,
+    cpu=fp4_cpu,
+)
+packed_linear = KIT.packed_linear
+
 E2M1_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
-
-
-def seeded(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------ the tables
@@ -240,26 +246,10 @@ def test_pack_unpack_round_trip_is_bit_exact(shape):
 # ----------------------------------------------------------------------------- packed modules
 
 
-def packed_linear(fmt: FP4Format, out_features: int, in_features: int, *, bias: bool = True):
-    linear = torch.nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(seeded(out_features, in_features, seed=5) * 0.1)
-    codes, scales, zeros = quantize_fp4(linear.weight, fmt)
-    record = QuantizedWeight(codes, scales, zeros, fmt)
-    return linear, record, FP4Linear.from_record(linear, record)
-
-
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
 def test_buffers_are_exactly_the_stored_tensors(fmt, out_features, in_features):
-    _, _, module = packed_linear(fmt, out_features, in_features)
-    declared = fmt.stored_tensors(out_features, in_features)
-    buffers = dict(module.named_buffers())
-    assert list(buffers) == [t.name for t in declared]
-    for tensor in declared:
-        assert buffers[tensor.name].shape == tensor.shape
-        assert buffers[tensor.name].dtype == tensor.dtype
-    assert not any(name == "weight" for name, _ in module.named_parameters())
+    KIT.check_buffers_are_the_stored_tensors(fmt, out_features, in_features)
 
 
 @pytest.mark.parametrize("kernel", sorted(k for k in fp4_kernels.KERNELS if "triton" not in k))
@@ -267,59 +257,27 @@ def test_buffers_are_exactly_the_stored_tensors(fmt, out_features, in_features):
 @pytest.mark.parametrize(("out_features", "in_features"), [*SHAPES, (300, 257)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_the_reference(kernel, fmt, out_features, in_features, dtype, monkeypatch):
-    monkeypatch.setattr(formats_base, "TILED_SLAB_BYTES", 4 * in_features * 7)  # slabs of 7 rows
-    _, record, module = packed_linear(fmt, out_features, in_features)
-    x = seeded(3, in_features, seed=2).to(dtype)
-    expected = F.linear(x, record.dequantize(dtype), module.bias.to(dtype))
-    got = fp4_kernels.KERNELS[kernel](x, module.packed())
-    assert got.dtype == dtype
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
-    monkeypatch.setenv("COMPRESS_KERNEL", kernel)
-    torch.testing.assert_close(module(x), expected, rtol=tolerance, atol=tolerance)
+    KIT.check_kernel_matches_the_reference(
+        kernel, fmt, out_features, in_features, dtype, monkeypatch
+    )
 
 
 def test_decode_takes_the_native_gemv_and_prefill_the_tiles(monkeypatch):
-    assert fp4_cpu.native() is not None, "the native fp4 GEMV did not build here"
-    fmt = FP4Format("nvfp4")
-    assert fp4_kernels.select(fmt, 64, rows=1, dtype=torch.bfloat16) == "cpu_gemv"
-    assert fp4_kernels.select(fmt, 64, rows=100, dtype=torch.bfloat16) == "cpu_tiled"
-    assert "cpu_gemv" in fp4_kernels.describe(fmt, 64)
-    monkeypatch.setenv("COMPRESS_KERNEL", "cpu_gemv_int")
-    assert fp4_kernels.select(fmt, 64, rows=1, dtype=torch.float32) == "cpu_gemv"
-    _, record, module = packed_linear(fmt, 24, 40)
-    for rows in (1, 20):  # the module's choice follows the row count
-        x = seeded(rows, 40)
-        expected = F.linear(x, record.dequantize(), module.bias)
-        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+    KIT.check_decode_takes_the_gemv_and_prefill_the_tiles(FP4Format("nvfp4"), monkeypatch)
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=str)
 def test_native_gemv_takes_any_row_count(fmt):
-    _, record, module = packed_linear(fmt, 19, 70)
-    x = seeded(2, 11, 70, seed=3).to(torch.bfloat16)  # 22 rows: three calls of at most 8
-    got = fp4_kernels.KERNELS["cpu_gemv"](x, module.packed())
-    expected = F.linear(x.float(), record.dequantize(), module.bias).to(torch.bfloat16)
-    assert got.shape == (2, 11, 19) and got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+    KIT.check_native_gemv_takes_any_row_count(fmt)
 
 
 @pytest.mark.parametrize("fmt", FORMATS[:4], ids=str)
 def test_embedding_gathers_the_dequantized_rows(fmt):
-    embedding = torch.nn.Embedding(50, 40)
-    codes, scales, zeros = quantize_fp4(embedding.weight, fmt)
-    record = QuantizedWeight(codes, scales, zeros, fmt)
-    module = FP4Embedding.from_record(embedding, record)
-    ids = torch.tensor([[0, 49, 7], [7, 7, 3]])
-    assert torch.equal(module(ids), F.embedding(ids, record.dequantize()))
+    KIT.check_embedding_gathers_the_dequantized_rows(fmt)
 
 
 def test_runtime_is_registered():
-    runtime = runtime_for(FP4Format("mxfp4"))
-    assert runtime.linear_from_record == FP4Linear.from_record
-    assert runtime.describe_kernels is not None
-    assert "cpu_tiled" in runtime.describe_kernels(FP4Format("mxfp4"), 64)
-    assert runtime.prepare is not None
+    KIT.check_runtime_is_registered(FP4Format("nvfp4"))
 
 
 # -------------------------------------------------------------------------------- rtn recipes
