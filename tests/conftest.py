@@ -180,6 +180,36 @@ def run_passes_on_tiny_model(passes: list[Any], folder: Path, *, seed: int) -> t
     return result, AutoModelForCausalLM.from_pretrained(folder / "export").eval()
 
 
+def entropy_coded_export_reloads(
+    model: Any, tokenizer: Any, folder: Path, rtn_format: str
+) -> dict[str, Any]:
+    """RTN to ``rtn_format`` and the entropy-coding stage (codes coded from the IR, packed back
+    on load) exported to ``folder / "export"``; checks the reloaded export's logits equal the
+    pipeline model's bit for bit and that codes were coded. Returns the manifest's entropy
+    block for format-specific checks."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from compress.lossless.entropy_code import EntropyCodeConfig
+    from compress.pipeline import Pipeline
+    from compress.quant.rtn import RTNConfig
+
+    result = Pipeline(
+        model=model,
+        passes=[RTNConfig(format=rtn_format), EntropyCodeConfig(floats=False, min_numel=1)],
+        tokenizer=tokenizer,
+        export=folder / "export",
+    ).run()
+    manifest = json.loads((result.export_dir / "compress_manifest.json").read_text())
+    assert manifest["entropy"]["tensors"], f"no {rtn_format} codes were entropy-coded"
+    loaded = AutoModelForCausalLM.from_pretrained(result.export_dir).eval()
+    ids = torch.arange(24).reshape(2, 12)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+    return dict(manifest["entropy"])
+
+
 def make_byte_tokenizer() -> PreTrainedTokenizerFast:
     """GPT-2-style byte-level tokenizer with no merges: one token per UTF-8 byte, 256 tokens."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())

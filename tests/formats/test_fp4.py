@@ -25,14 +25,18 @@ from compress.formats.fp4.linear import FP4Embedding, FP4Linear
 from compress.formats.fp4.packed import pack_fp4_codes, unpack_fp4_codes
 from compress.formats.fp4.table import PackedTable
 from compress.ir import get_quantized
-from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline
 from compress.quant.awq import AWQConfig
 from compress.quant.gptq import GPTQConfig
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import load_recipe, parse_recipe
 from compress.registry import PassContext
-from tests.conftest import NATIVE_TEST_LEVELS, force_native_build, run_passes_on_tiny_model
+from tests.conftest import (
+    NATIVE_TEST_LEVELS,
+    entropy_coded_export_reloads,
+    force_native_build,
+    run_passes_on_tiny_model,
+)
 from tests.formats.table_checks import TableKit, seeded
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
@@ -399,18 +403,7 @@ def test_tied_pair_is_stored_once_and_reloads(tiny_llama, byte_tokenizer, tmp_pa
 
 
 def test_entropy_coded_export_reloads(tiny_llama_copy, byte_tokenizer, tmp_path):
-    result = Pipeline(
-        model=tiny_llama_copy,
-        passes=[RTNConfig(format="nf4"), EntropyCodeConfig(floats=False, min_numel=1)],
-        tokenizer=byte_tokenizer,
-        export=tmp_path / "export",
-    ).run()
-    manifest = json.loads((result.export_dir / "compress_manifest.json").read_text())
-    assert manifest["entropy"]["tensors"], "no 4-bit codes were entropy-coded"
-    loaded = AutoModelForCausalLM.from_pretrained(result.export_dir).eval()
-    ids = torch.arange(24).reshape(2, 12)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+    entropy_coded_export_reloads(tiny_llama_copy, byte_tokenizer, tmp_path, "nf4")
 
 
 def test_inspect_reads_an_fp4_export(tiny_llama_copy, byte_tokenizer, tmp_path, capsys):

@@ -4,7 +4,6 @@ the reference, rtn recipes, export and reload."""
 from __future__ import annotations
 
 import importlib
-import json
 import math
 from pathlib import Path
 
@@ -24,12 +23,11 @@ from compress.formats.fp6 import spec as fp6_spec
 from compress.formats.fp6.linear import FP6Embedding, FP6Linear
 from compress.formats.fp6.packed import pack_fp6_codes, unpack_fp6_codes
 from compress.ir import get_quantized
-from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import load_recipe, parse_recipe
 from compress.registry import PassContext
-from tests.conftest import NATIVE_TEST_LEVELS, force_native_build
+from tests.conftest import NATIVE_TEST_LEVELS, entropy_coded_export_reloads, force_native_build
 from tests.formats.table_checks import TableKit, seeded
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
@@ -427,16 +425,5 @@ def test_export_reloads_with_equal_logits(tiny_llama_copy, byte_tokenizer, tmp_p
 
 def test_entropy_coded_export_reloads(tiny_llama_copy, byte_tokenizer, tmp_path):
     """6-bit codes through the entropy-coding stage (coded from the IR, packed back on load)."""
-    result = Pipeline(
-        model=tiny_llama_copy,
-        passes=[RTNConfig(format="mxfp6_e3m2"), EntropyCodeConfig(floats=False, min_numel=1)],
-        tokenizer=byte_tokenizer,
-        export=tmp_path / "export",
-    ).run()
-    manifest = json.loads((result.export_dir / "compress_manifest.json").read_text())
-    assert manifest["entropy"]["tensors"], "no 6-bit codes were entropy-coded"
-    assert {e["pack_bits"] for e in manifest["entropy"]["tensors"].values()} == {6}
-    loaded = AutoModelForCausalLM.from_pretrained(result.export_dir).eval()
-    ids = torch.arange(24).reshape(2, 12)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+    entropy = entropy_coded_export_reloads(tiny_llama_copy, byte_tokenizer, tmp_path, "mxfp6_e3m2")
+    assert {e["pack_bits"] for e in entropy["tensors"].values()} == {6}

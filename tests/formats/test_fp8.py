@@ -26,11 +26,11 @@ from compress.formats import format_from_dict, format_kinds, runtime_for
 from compress.formats.fp8 import FP8Format, dequantize_fp8, quantize_fp8
 from compress.formats.fp8.linear import FP8Embedding, FP8Linear
 from compress.ir import QuantizedWeight, get_quantized
-from compress.lossless.entropy_code import EntropyCodeConfig
 from compress.pipeline import Pipeline
 from compress.quant.rtn import RTNConfig, rtn
 from compress.recipe import parse_recipe
 from compress.registry import PassContext
+from tests.conftest import entropy_coded_export_reloads
 
 VARIANTS = ["e4m3", "e5m2"]
 MANTISSA_BITS = {"e4m3": 3, "e5m2": 2}
@@ -470,18 +470,7 @@ def test_tied_fp8_pair_is_stored_once_and_reloads(tiny_llama, byte_tokenizer, tm
 
 
 def test_entropy_coded_fp8_export_reloads(tiny_llama_copy, byte_tokenizer, tmp_path):
-    result = Pipeline(
-        model=tiny_llama_copy,
-        passes=[RTNConfig(format="fp8_e4m3"), EntropyCodeConfig(floats=False, min_numel=1)],
-        tokenizer=byte_tokenizer,
-        export=tmp_path / "export",
-    ).run()
-    manifest = json.loads((result.export_dir / "compress_manifest.json").read_text())
-    assert manifest["entropy"]["tensors"], "no fp8 codes were entropy-coded"
-    loaded = AutoModelForCausalLM.from_pretrained(result.export_dir).eval()
-    ids = torch.arange(24).reshape(2, 12)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+    entropy_coded_export_reloads(tiny_llama_copy, byte_tokenizer, tmp_path, "fp8_e4m3")
 
 
 def test_inspect_reads_an_fp8_export(tiny_llama_copy, byte_tokenizer, tmp_path, capsys):
