@@ -31,6 +31,7 @@ from typing import Any
 
 from benchrows import (
     BENCHMARKS,
+    add_dtype_argument,
     cpu_flags,
     load_rows,
     machine,
@@ -227,12 +228,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--adapter-lr", type=float, default=2e-4)
     parser.add_argument("--steps", type=int, default=DISTILL["steps"], help="distill steps")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="model dtype (auto: bf16 as published; float32 where the CPU lacks bf16 arithmetic)",
-    )
+    add_dtype_argument(parser)
     parser.add_argument("--merge", action="store_true", help="keep rows of other bit widths")
     parser.add_argument("--table", action="store_true", help="print the table of the JSON")
     parser.add_argument("--speed", metavar="EXPORT", help="decode speed with and without adapter")

@@ -20,7 +20,13 @@ import sys
 import time
 from typing import Any
 
-from benchrows import BENCHMARKS, cpu_flags, machine, smollm2_and_eval_windows
+from benchrows import (
+    BENCHMARKS,
+    add_dtype_argument,
+    cpu_flags,
+    machine,
+    smollm2_and_eval_windows,
+)
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -54,12 +60,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows of the KL")
     parser.add_argument("--fisher-samples", type=int, default=32)
     parser.add_argument("--out", default="allocation_proxy")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="model dtype (auto: bf16 as published; float32 where the CPU lacks bf16 arithmetic)",
-    )
+    add_dtype_argument(parser)
     args = parser.parse_args()
 
     import torch
@@ -74,6 +75,7 @@ def main() -> None:
     torch.set_num_threads(2)
     model, tokenizer, windows = smollm2_and_eval_windows(args.windows, dtype=args.dtype)
     model.eval()
+    dtype = str(model.dtype).removeprefix("torch.")
     calibration = token_windows(
         tokenizer, load_texts("builtin:wiki", "calibration"), 512, args.fisher_samples
     )
@@ -115,7 +117,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "command": "python scripts/bench_allocation.py " + " ".join(sys.argv[1:]),
         "bits": args.bits,
-        "dtype": str(model.dtype).removeprefix("torch."),
+        "dtype": dtype,
         "summary": summary,
         "rows": rows,
     }
@@ -128,7 +130,7 @@ def main() -> None:
         f"Machine: {data['machine']} ({data['cpu_flags']}); {data['date']}.",
         f"Command: `{data['command']}`",
         "",
-        f"SmolLM2-135M ({str(model.dtype).removeprefix('torch.')}), every {args.stride}th "
+        f"SmolLM2-135M ({dtype}), every {args.stride}th "
         f"decoder Linear ({len(rows)} layers) rounded "
         f"alone to int{args.bits} g64 asymmetric (MSE ranges); KL on {args.windows} x 512 "
         f"evaluation tokens; Fisher from {args.fisher_samples} x 512 calibration tokens "
