@@ -39,15 +39,16 @@ CALIBRATION = {"dataset": "builtin:wiki", "samples": 32, "seq_len": 512, "seed":
 EVALUATE = {"perplexity": ["builtin:wiki"], "seq_len": 512, "max_windows": 32, "kl": True}
 
 
-def run_kl(sparsity: float) -> tuple[dict[str, Any], Any]:
+def run_kl(sparsity: float, score: str, allocation: str, dtype: str) -> tuple[dict[str, Any], Any]:
     from compress.pipeline import Pipeline
     from compress.recipe import parse_recipe
 
+    settings = {"sparsity": sparsity, "score": score, "allocation": allocation}
     recipe = parse_recipe(
         {
-            "model": MODEL,
+            "model": {"name": MODEL, "dtype": dtype},
             "calibration": CALIBRATION,
-            "passes": [{"pass": "contextual", "sparsity": sparsity}],
+            "passes": [{"pass": "contextual", **settings}],
             "evaluate": {**EVALUATE, "batch_size": 4},
         },
         source=f"contextual-{sparsity}",
@@ -58,7 +59,8 @@ def run_kl(sparsity: float) -> tuple[dict[str, Any], Any]:
     entry = quality[0] if isinstance(quality, list) else quality
     report = result.report["passes"][0]
     row = {
-        "sparsity": sparsity,
+        **settings,
+        "dtype": dtype,
         "calibration_sparsity": report["metrics"]["calibration_sparsity"],
         "quality": entry,
         "run_seconds": time.perf_counter() - start,
@@ -88,6 +90,15 @@ def timed(fn: Any) -> tuple[float, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sparsities", nargs="*", type=float, default=[0.3, 0.4, 0.5])
+    parser.add_argument(
+        "--scores", nargs="*", default=["magnitude"], choices=["magnitude", "weighted"],
+        help="kl phase: the pass's score(s); speed and generation use the first",
+    )  # fmt: skip
+    parser.add_argument("--allocation", default="uniform", choices=["uniform", "greedy"])
+    parser.add_argument(
+        "--kl-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+        help="kl phase: the model's dtype (float32 on CPUs without bf16 arithmetic)",
+    )  # fmt: skip
     parser.add_argument("--prompts", type=int, default=30)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
@@ -97,7 +108,8 @@ def main() -> None:
         "--variants",
         nargs="*",
         default=["2", "4", "8:0.1", "16:0.05"],
-        help="Sirius variants of the generation phase: period, or period:min_prob (lenient)",
+        help="Sirius variants of the generation phase: PERIOD, with :MIN_PROB (lenient "
+        "acceptance) and/or /CONFIDENCE (check early after an unsure draft), e.g. 8/0.5",
     )
     parser.add_argument("--phases", nargs="*", default=["kl", "speed", "generation"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -142,19 +154,19 @@ def main() -> None:
         commands = saved["meta"].get("commands") or {"earlier phases": saved["meta"]["command"]}
         data = {**saved, "meta": {**saved["meta"], **data["meta"]}}
         data["meta"]["commands"] = {**commands, " ".join(args.phases): command(args) + " --merge"}
-        if "kl" in args.phases:
-            data["kl"] = []
     spec = None
-    for sparsity in args.sparsities if "kl" in args.phases else []:
-        print(f"== KL at {sparsity}", flush=True)
-        row, result = run_kl(sparsity)
-        data["kl"].append(row)
-        print(json.dumps(row, default=str), flush=True)
-        if sparsity == max(args.sparsities):
-            spec = getattr(result.model.config, CONFIG_KEY)
-            data["meta"]["speed_sparsity"] = sparsity
-        del result
-        write(out, data)
+    for score in args.scores if "kl" in args.phases else []:
+        for sparsity in args.sparsities:
+            print(f"== KL at {sparsity} ({score}, {args.allocation})", flush=True)
+            row, result = run_kl(sparsity, score, args.allocation, args.kl_dtype)
+            data["kl"] = [r for r in data["kl"] if kl_key(r) != kl_key(row)] + [row]
+            data["kl"].sort(key=kl_key)
+            print(json.dumps(row, default=str), flush=True)
+            if sparsity == max(args.sparsities) and score == args.scores[0]:
+                spec = getattr(result.model.config, CONFIG_KEY)
+                data["meta"]["speed_sparsity"] = sparsity
+            del result
+            write(out, data)
     if not {"speed", "generation"} & set(args.phases):
         return
     dense, tokenizer = load_model(MODEL, dtype=args.dtype)
@@ -163,7 +175,10 @@ def main() -> None:
         sparsity = max(args.sparsities)
         settings = {k: v for k, v in CALIBRATION.items() if k != "dataset"}
         ids = calibration_batch(tokenizer, str(CALIBRATION["dataset"]), **settings)
-        contextual(sparse, ContextualConfig(sparsity=sparsity), PassContext(calibration=ids))
+        config = ContextualConfig(
+            sparsity=sparsity, score=args.scores[0], allocation=args.allocation
+        )
+        contextual(sparse, config, PassContext(calibration=ids))
         spec = getattr(sparse.config, CONFIG_KEY)
         data["meta"]["speed_sparsity"] = sparsity
     else:
@@ -229,11 +244,15 @@ def measure_generation(
     # often two numerically different dense paths agree (the ceiling for Sirius's agreement)
     variants: dict[str, dict[str, Any]] = {"sparse": {}, "dense-path": {}}
     for variant in args.variants:
-        period, _, min_prob = variant.partition(":")
+        rest, _, confidence = variant.partition("/")
+        period, _, min_prob = rest.partition(":")
         settings: dict[str, Any] = {"period": int(period)}
         if min_prob:
             settings["min_prob"] = float(min_prob)
-        variants[f"sirius-p{period}" + (f"-min{min_prob}" if min_prob else "")] = settings
+        if confidence:
+            settings["draft_confidence"] = float(confidence)
+        name = f"sirius-p{period}" + (f"-min{min_prob}" if min_prob else "")
+        variants[name + (f"-conf{confidence}" if confidence else "")] = settings
     totals = {name: {"agree": 0, "seconds": 0.0, "checks": 0, "steps": 0} for name in variants}
     dense_seconds = 0.0
     for index, prompt in enumerate(prompts):
@@ -277,6 +296,17 @@ def measure_generation(
     print(json.dumps(generation, indent=1), flush=True)
 
 
+def kl_key(row: dict[str, Any]) -> tuple[str, str, str, float]:
+    """Rows of the quality table are one per score, allocation, dtype and sparsity (rows from
+    before the weighted score and the dtype option are magnitude, uniform, bf16)."""
+    return (
+        row.get("score", "magnitude"),
+        row.get("allocation", "uniform"),
+        row.get("dtype", "bfloat16"),
+        row["sparsity"],
+    )
+
+
 def command(args: Any) -> str:
     """The command line that reproduces this run (every option spelled out)."""
     parts = ["OMP_NUM_THREADS=1 python scripts/bench_contextual.py"]
@@ -309,16 +339,18 @@ def render(data: dict[str, Any]) -> str:
         "",
         "## Quality (teacher-forced, 32 x 512 tokens of builtin:wiki evaluation split)",
         "",
-        "| sparsity | calibration sparsity | ppl | KL | top-1 |",
-        "|---|---|---|---|---|",
+        "| score | allocation | dtype | sparsity | calibration sparsity | ppl | KL | top-1 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     reference = None
     for row in data["kl"]:
         q = next(iter(row["quality"].values()))
         reference = q.get("reference_perplexity", reference)
+        score, allocation, dtype, _ = kl_key(row)
         lines.append(
-            f"| {row['sparsity']:.2f} | {row['calibration_sparsity']:.3f} | "
-            f"{q['perplexity']:.2f} | {q['kl_mean']:.3f} | {100 * q['top1_agreement']:.1f}% |"
+            f"| {score} | {allocation} | {dtype} | {row['sparsity']:.2f} | "
+            f"{row['calibration_sparsity']:.3f} | {q['perplexity']:.2f} | {q['kl_mean']:.3f} | "
+            f"{100 * q['top1_agreement']:.1f}% |"
         )
     if reference is not None:
         lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
@@ -358,7 +390,12 @@ def render(data: dict[str, Any]) -> str:
             if not isinstance(row, dict):
                 continue
             recovered = "" if row["recovered"] is None else f"{100 * row['recovered']:.0f}%"
-            label = name if "min_prob" not in row else f"{name} (keep p >= {row['min_prob']})"
+            notes = []
+            if "min_prob" in row:
+                notes.append(f"keep p >= {row['min_prob']}")
+            if "draft_confidence" in row:
+                notes.append(f"check after a draft of p < {row['draft_confidence']}")
+            label = name + (f" ({'; '.join(notes)})" if notes else "")
             lines.append(
                 f"| {label} | {100 * row['agreement']:.1f}% | {recovered} | "
                 f"{row['cost_vs_sparse']:.2f}x | {row['cost_vs_dense']:.2f}x | "

@@ -16,6 +16,12 @@ the full model's greedy output whatever the sparsity (up to float rounding betwe
 parallel forwards). ``min_prob`` relaxes it as the paper's likelihood criterion does: a draft the
 full model gives at least that probability is kept, trading agreement for fewer rollbacks.
 
+``draft_confidence`` ends a round of drafting early: after a draft to which the sparse model
+itself gives less than that probability, the full model checks at once instead of after
+``period`` drafts. The sparse model's wrong tokens are mostly its unsure ones, and every draft
+after a wrong one is thrown away, so this saves the sparse steps a fixed period would waste,
+without changing what is accepted (the output is still the full model's greedy output).
+
 Invariant of the loop: the cache holds full-model entries for every verified token but the last
 (the "pending" one, not yet fed to the model).
 
@@ -43,7 +49,13 @@ from transformers import DynamicCache
 from compress.errors import PassError
 from compress.prune.contextual import CONFIG_KEY, dense_mode
 
-__all__ = ["SiriusStats", "configured_period", "sirius_decoding", "sirius_generate"]
+__all__ = [
+    "SiriusStats",
+    "configured_draft_confidence",
+    "configured_period",
+    "sirius_decoding",
+    "sirius_generate",
+]
 
 
 @dataclass
@@ -57,16 +69,28 @@ class SiriusStats:
     accepted: int = 0
     rejected: int = 0  # drafts dropped (the corrected one and those after it)
     corrections: int = 0  # checks that rolled back
+    early_checks: int = 0  # rounds ended by an unsure draft (draft_confidence)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
-def configured_period(model: nn.Module) -> int | None:
-    """The Sirius period an export's ``config.json`` asks for, if any."""
+def _configured(model: nn.Module) -> dict[str, Any]:
     spec = getattr(getattr(model, "config", None), CONFIG_KEY, None) or {}
     sirius = spec.get("sirius") if isinstance(spec, dict) else None
-    return int(sirius["period"]) if isinstance(sirius, dict) and sirius.get("period") else None
+    return sirius if isinstance(sirius, dict) else {}
+
+
+def configured_period(model: nn.Module) -> int | None:
+    """The Sirius period an export's ``config.json`` asks for, if any."""
+    period = _configured(model).get("period")
+    return int(period) if period else None
+
+
+def configured_draft_confidence(model: nn.Module) -> float | None:
+    """The ``draft_confidence`` an export's ``config.json`` asks for, if any."""
+    confidence = _configured(model).get("draft_confidence")
+    return float(confidence) if confidence else None
 
 
 def _logits(model: nn.Module, tokens: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
@@ -90,12 +114,14 @@ def sirius_generate(
     period: int,
     eos_token_id: int | list[int] | None = None,
     min_prob: float | None = None,
+    draft_confidence: float | None = None,
 ) -> tuple[torch.Tensor, SiriusStats]:
     """Greedy generation with Sirius correction; returns (1, prompt + new) ids and the stats.
 
-    ``input_ids`` (1, prompt) with at least one token; ``period`` drafts between checks;
-    ``min_prob`` (None: exact greedy) keeps a draft the full model gives at least that
-    probability."""
+    ``input_ids`` (1, prompt) with at least one token; ``period`` drafts between checks, or
+    fewer: a check follows at once a draft the sparse model gives less than
+    ``draft_confidence`` (None: never); ``min_prob`` (None: exact greedy) keeps a draft the full
+    model gives at least that probability."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
         raise PassError(
             f"Sirius generation takes one non-empty sequence, got input shape "
@@ -126,10 +152,15 @@ def sirius_generate(
         feed = tokens[-1]
         while len(drafts) < min(period, budget):
             step = torch.tensor([[feed]], device=device)
-            feed = int(_logits(model, step, cache)[-1].argmax())
+            scores = _logits(model, step, cache)[-1]  # (vocab,)
+            feed = int(scores.argmax())
             stats.sparse_steps += 1
             drafts.append(feed)
             if feed in stops:
+                break
+            unsure = draft_confidence is not None and len(drafts) < min(period, budget)
+            if unsure and float(scores.softmax(-1)[feed]) < float(draft_confidence or 0):
+                stats.early_checks += 1
                 break
         _crop_to(cache, verified - 1)  # drop the sparse entries: pending token onwards
         check = torch.tensor([[tokens[-1], *drafts]], device=device)
@@ -168,11 +199,13 @@ def sirius_decoding(
     streamer: Any = None,
     sirius_period: int | None = None,
     sirius_min_prob: float | None = None,
+    sirius_draft_confidence: float | None = None,
     **model_kwargs: Any,
 ) -> torch.Tensor:
     """A ``custom_generate`` callable for ``model.generate``: greedy, batch 1, Sirius.
 
-    ``sirius_period`` defaults to the export's configured period (else 8). Only
+    ``sirius_period`` and ``sirius_draft_confidence`` default to the export's configured ones
+    (else period 8, no early checks). Only
     ``max_new_tokens`` / ``max_length`` and ``eos_token_id`` of the generation config are used;
     sampling is refused."""
     if generation_config is not None and getattr(generation_config, "do_sample", False):
@@ -191,6 +224,7 @@ def sirius_decoding(
         period=int(period),
         eos_token_id=eos,
         min_prob=sirius_min_prob,
+        draft_confidence=sirius_draft_confidence or configured_draft_confidence(model),
     )
     if streamer is not None:
         streamer.put(tokens[:, input_ids.shape[1] :].cpu())

@@ -28,7 +28,9 @@ from compress.prune.contextual import (
     dense_mode,
     error_curve,
     greedy_allocation,
+    install_from_config_,
     magnitude_threshold,
+    site_column_scale,
 )
 from compress.prune.contextual_kernel import (
     masked_linear_reference,
@@ -89,8 +91,8 @@ def test_thresholds_hit_the_target_on_calibration_data(tiny_llama, sparsity):
     zeroed: dict[str, list[float]] = {name: [] for name in modules}
 
     def seen(name: str, x: torch.Tensor) -> None:
-        threshold = modules[name].threshold
-        zeroed[name].append(float((x.abs() <= threshold).float().mean()))
+        masked = modules[name].masked(x, modules[name].threshold)
+        zeroed[name].append(float((masked == 0).float().mean()))
 
     with capture_inputs(modules, seen), torch.no_grad():
         model(calibration())  # the calibration text, through the sparse model
@@ -147,9 +149,10 @@ def test_sparse_model_changes_logits_and_dense_mode_restores_them(tiny_llama):
         assert not torch.allclose(model(ids).logits, dense, atol=1e-3)
 
 
-def test_one_token_decode_equals_the_masked_forward(tiny_llama):
+@pytest.mark.parametrize("score", ["magnitude", "weighted"])
+def test_one_token_decode_equals_the_masked_forward(uneven_llama, score):
     """The kernel path (one token) and the masked dense path (several tokens) agree."""
-    model, _ = sparse_copy(tiny_llama, 0.5)
+    model, _ = sparse_copy(uneven_llama, 0.5, score=score)
     ids = calibration(1, 12)
     with torch.no_grad():
         whole = model(ids).logits[0, -1]
@@ -245,6 +248,25 @@ def test_sirius_lenient_acceptance_checks_less(tiny_llama):
     assert lenient.rejected == 0 and lenient.accepted >= strict.accepted
 
 
+def test_sirius_draft_confidence_checks_early_and_keeps_the_dense_output(tiny_llama):
+    """A random tiny model is unsure of every token (p well below 0.5): each round then ends
+    after one draft, so fewer drafts are thrown away than with the fixed period, the output is
+    still the dense greedy one; a confidence no draft falls below changes nothing."""
+    model, _ = sparse_copy(tiny_llama, 0.7)
+    ids = calibration(1, 6)
+    expected = greedy(tiny_llama, ids, 24)
+    tokens, fixed = sirius_generate(model, ids, max_new_tokens=24, period=8)
+    early_tokens, early = sirius_generate(
+        model, ids, max_new_tokens=24, period=8, draft_confidence=0.5
+    )
+    assert torch.equal(tokens, expected) and torch.equal(early_tokens, expected)
+    assert early.sparse_steps == early.dense_checks - 1  # one draft per round (and the prompt)
+    assert early.early_checks >= early.dense_checks - 2  # all but a last round of budget 1
+    assert early.rejected < fixed.rejected and fixed.early_checks == 0
+    _, never = sirius_generate(model, ids, max_new_tokens=24, period=8, draft_confidence=1e-12)
+    assert never == fixed
+
+
 def test_sirius_through_generate(tiny_llama):
     model, _ = sparse_copy(tiny_llama, 0.7, sirius_period=3)
     ids = calibration(1, 6)
@@ -282,15 +304,17 @@ PLAIN = textwrap.dedent(
 def test_export_reloads_sparse_with_sirius_and_plain_transformers_loads_it_dense(
     tiny_llama, tmp_path
 ):
-    model, _ = sparse_copy(tiny_llama, 0.7, sirius_period=4)
+    model, _ = sparse_copy(tiny_llama, 0.7, sirius_period=4, sirius_draft_confidence=0.25)
     folder = export_model(model, None, tmp_path / "export")
     saved = json.loads((folder / "config.json").read_text())
     assert saved["model_type"] == "llama"  # not guarded: the weights are plain
-    assert saved[CONFIG_KEY]["sparsity"] == 0.7 and saved[CONFIG_KEY]["sirius"] == {"period": 4}
+    assert saved[CONFIG_KEY]["sparsity"] == 0.7
+    assert saved[CONFIG_KEY]["sirius"] == {"period": 4, "draft_confidence": 0.25}
     assert len(saved[CONFIG_KEY]["thresholds"]) == 2
 
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert sum(isinstance(m, ContextualLinear) for m in loaded.modules()) == 14
+    assert sirius_module.configured_draft_confidence(loaded) == 0.25
     ids = calibration(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
@@ -328,6 +352,57 @@ def test_export_without_sirius_generates_sparse(tiny_llama, tmp_path):
     )
 
 
+def test_weighted_score_zeroes_the_entries_that_move_the_output_least():
+    """At the same sparsity, ranking entries by |x| * column norm (WINA) leaves a far smaller
+    output error than ranking by |x| when the columns' norms differ."""
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        norms = torch.logspace(-1, 1, 64)[torch.randperm(64, generator=generator)]
+        linear.weight.copy_(torch.randn(48, 64, generator=generator) * norms)
+    x = torch.randn(2000, 64, generator=generator)
+    scale = site_column_scale(torch.nn.ModuleDict({"p": linear}), ("p",))
+    assert float(scale.square().mean()) == pytest.approx(1.0)
+    errors = {}
+    for name, layer_scale in (("magnitude", None), ("weighted", scale)):
+        scores = x.abs() if layer_scale is None else x.abs() * layer_scale
+        threshold = magnitude_threshold(scores, 0.5)
+        assert threshold is not None
+        layer = ContextualLinear.from_linear(copy.deepcopy(linear), threshold, layer_scale)
+        masked = layer.masked(x, threshold)
+        assert float((masked == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+        with torch.no_grad():
+            errors[name] = float((layer(x) - linear(x)).square().sum() / linear(x).square().sum())
+    assert errors["weighted"] < 0.5 * errors["magnitude"]
+
+
+def test_weighted_export_recomputes_the_column_scales_and_version_1_reads_as_magnitude(
+    uneven_llama, tmp_path
+):
+    ids = calibration(2, 16)
+    weighted, _ = sparse_copy(uneven_llama, 0.5, score="weighted")
+    magnitude, _ = sparse_copy(uneven_llama, 0.5)
+    folder = export_model(weighted, None, tmp_path / "weighted")
+    spec = json.loads((folder / "config.json").read_text())[CONFIG_KEY]
+    assert (spec["version"], spec["score"]) == (2, "weighted")
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    scaled = [m for m in loaded.modules() if isinstance(m, ContextualLinear)]
+    assert len(scaled) == 14 and all(m.input_scale is not None for m in scaled)
+    assert "input_scale" not in "".join(loaded.state_dict())  # recomputed, not stored
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, weighted(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(magnitude(ids).logits, weighted(ids).logits, atol=1e-3)
+
+    old = {"version": 1, "sparsity": 0.5, "sirius": None,
+           "thresholds": magnitude.config.contextual_sparsity["thresholds"]}  # fmt: skip
+    dense = copy.deepcopy(uneven_llama)
+    assert install_from_config_(dense, old) == 14
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, magnitude(ids).logits, rtol=0, atol=0)
+    with pytest.raises(PassError, match="score"):
+        install_from_config_(copy.deepcopy(uneven_llama), {**spec, "score": "wina"})
+
+
 # --- pipeline and recipes -----------------------------------------------------------------------
 
 
@@ -361,6 +436,8 @@ def test_shipped_recipe_validates():
         ({"sparsity": 1.0}, "sparsity"),
         ({"sparsity": -0.1}, "sparsity"),
         ({"sirius_period": 0}, "sirius_period"),
+        ({"sirius_draft_confidence": 0.5}, "sirius_draft_confidence"),
+        ({"sirius_period": 4, "sirius_draft_confidence": 1.0}, "sirius_draft_confidence"),
         ({"sites": ["mlp"]}, "sites"),
         ({"sparsty": 0.5}, "sparsty"),
     ],
