@@ -68,6 +68,47 @@ def run_kl(sparsity: float, score: str, allocation: str, dtype: str) -> tuple[di
     return row, result
 
 
+def run_scores(variants: list[str], windows: int) -> list[dict[str, Any]]:
+    """The ``scores`` phase: each SCORE:ALLOCATION[:SPARSITY] variant calibrated in-process on the
+    float32 model (the same calibration as the kl phase) and scored teacher-forced against it on
+    ``windows`` evaluation windows: a cheaper comparison of the pass's options than the kl phase
+    (no export, no bf16, which CPUs without bf16 arithmetic emulate slowly)."""
+    from compress.data.corpora import calibration_batch, load_texts, token_windows
+    from compress.evaluate.quality import compare_to_reference
+    from compress.models import load_model
+    from compress.prune.contextual import ContextualConfig, contextual
+    from compress.registry import PassContext
+
+    model, tokenizer = load_model(MODEL, dtype="float32")
+    texts = load_texts("builtin:wiki", "evaluation")
+    eval_windows = token_windows(tokenizer, texts, 512, windows)
+    settings = {k: v for k, v in CALIBRATION.items() if k != "dataset"}
+    ids = calibration_batch(tokenizer, str(CALIBRATION["dataset"]), **settings)
+    rows = []
+    for variant in variants:
+        score, allocation, *rest = variant.split(":")
+        sparsity = float(rest[0]) if rest else 0.5
+        sparse = copy.deepcopy(model)
+        config = ContextualConfig(sparsity=sparsity, score=score, allocation=allocation)
+        context = PassContext(calibration=ids)
+        start = time.perf_counter()
+        contextual(sparse, config, context)
+        seconds = time.perf_counter() - start
+        quality = compare_to_reference(sparse, model, eval_windows)
+        row = {
+            "score": score,
+            "allocation": allocation,
+            "sparsity": sparsity,
+            "windows": windows,
+            "kl": float(quality.kl_mean),
+            "top1": float(quality.top1_agreement),
+            "calibration_seconds": seconds,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 @torch.no_grad()
 def greedy(model: Any, ids: torch.Tensor, new: int) -> torch.Tensor:
     """Plain greedy decode over a DynamicCache: ``new`` tokens after ``ids`` (1, prompt)."""
@@ -111,7 +152,16 @@ def main() -> None:
         help="Sirius variants of the generation phase: PERIOD, with :MIN_PROB (lenient "
         "acceptance) and/or /CONFIDENCE (check early after an unsure draft), e.g. 8/0.5",
     )
-    parser.add_argument("--phases", nargs="*", default=["kl", "speed", "generation"])
+    parser.add_argument(
+        "--phases", nargs="*", default=["kl", "speed", "generation"],
+        choices=["kl", "speed", "generation", "scores"],
+    )  # fmt: skip
+    parser.add_argument(
+        "--score-variants", nargs="*",
+        default=["magnitude:uniform", "weighted:uniform", "magnitude:greedy", "weighted:greedy"],
+        help="scores phase: SCORE:ALLOCATION[:SPARSITY] (sparsity 0.5 when left out)",
+    )  # fmt: skip
+    parser.add_argument("--score-windows", type=int, default=16, help="scores phase: windows")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument(
         "--merge", action="store_true", help="keep the saved results of phases not rerun"
@@ -152,8 +202,14 @@ def main() -> None:
     if args.merge and out.exists():
         saved = json.loads(out.read_text())
         commands = saved["meta"].get("commands") or {"earlier phases": saved["meta"]["command"]}
+        machines = saved["meta"].get("machines") or dict.fromkeys(commands, where(saved["meta"]))
         data = {**saved, "meta": {**saved["meta"], **data["meta"]}}
-        data["meta"]["commands"] = {**commands, " ".join(args.phases): command(args) + " --merge"}
+        phases = " ".join(args.phases) + (f" ({args.dtype})" if args.dtype != "bfloat16" else "")
+        data["meta"]["commands"] = {**commands, phases: command(args) + " --merge"}
+        data["meta"]["machines"] = {**machines, phases: where(data["meta"])}
+    if "scores" in args.phases:
+        data["scores"] = run_scores(args.score_variants, args.score_windows)
+        write(out, data)
     spec = None
     for score in args.scores if "kl" in args.phases else []:
         for sparsity in args.sparsities:
@@ -319,6 +375,11 @@ def command(args: Any) -> str:
     return " ".join(parts)
 
 
+def where(meta: dict[str, Any]) -> str:
+    """The machine line of a run's meta."""
+    return f"{meta['machine']} ({meta['cpu_flags']})"
+
+
 def write(out: Any, data: dict[str, Any]) -> None:
     out.write_text(json.dumps(data, indent=1, default=str) + "\n")
     (out.parent / "contextual.md").write_text(render(data))
@@ -326,11 +387,13 @@ def write(out: Any, data: dict[str, Any]) -> None:
 
 def render(data: dict[str, Any]) -> str:
     meta = data["meta"]
-    lines = [
-        "# Contextual sparsity (TEAL) and Sirius correction: SmolLM2-135M",
+    lines = ["# Contextual sparsity (TEAL) and Sirius correction: SmolLM2-135M", ""]
+    machines = meta.get("machines") or {"all phases": where(meta)}
+    lines += [f"Machine ({phases}): {line}" for phases, line in machines.items()]
+    lines += [
         "",
-        f"Machine: {meta['machine']} ({meta['cpu_flags']}), {meta['threads']} thread(s); "
-        f"native decode kernel: {'built' if meta.get('native_kernel') else 'unavailable'}.",
+        f"{meta['threads']} thread(s); native decode kernel: "
+        f"{'built' if meta.get('native_kernel') else 'unavailable'}.",
         "",
     ]
     commands = meta.get("commands") or {"all phases": meta["command"]}
@@ -354,6 +417,27 @@ def render(data: dict[str, Any]) -> str:
         )
     if reference is not None:
         lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
+    if data.get("scores"):
+        rows = data["scores"]
+        lines += [
+            "",
+            f"## The pass's options compared (float32, in-process, {rows[0]['windows']} x 512 "
+            "evaluation tokens)",
+            "",
+            "| score | allocation | sparsity | KL | top-1 |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['score']} | {r['allocation']} | {r['sparsity']:.2f} | {r['kl']:.3f} | "
+            f"{100 * r['top1']:.1f}% |"
+            for r in rows
+        ]
+        lines += [
+            "",
+            "`weighted`: an entry's score is |x| times the norm of the weight column it reads "
+            "(WINA); `greedy`: per-site sparsities of each layer chosen on the output-error model "
+            "of `error_curve`, their mean by weight count at the target.",
+        ]
     if "speed" in data:
         lines += [
             "",
