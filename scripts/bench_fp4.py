@@ -243,6 +243,14 @@ def peer_notes(kl: dict[str, float]) -> list[str]:
             f"- {peer} KL {kl[peer]:.4f}; our best {fmt} ({best}) {kl[best]:.4f} = "
             f"{ratio:.2f} of it{verdict}."
         )
+        rounded = [case for case in (f"{fmt}-rtn", f"{fmt}-rtn-mse") if case in kl]
+        if rounded:  # the peers round to nearest: like against like
+            nearest = min(rounded, key=kl.__getitem__)
+            relation = "below" if kl[nearest] < kl[peer] else "above"
+            notes.append(
+                f"  Round-to-nearest against it: our best ({nearest}) {kl[nearest]:.4f}, "
+                f"{relation} the peer's."
+            )
     return notes
 
 
