@@ -31,6 +31,7 @@ from typing import Any
 
 from benchrows import (
     BENCHMARKS,
+    add_dtype_argument,
     cpu_flags,
     load_rows,
     machine,
@@ -106,7 +107,7 @@ def bnb_weights(block: int, quant_type: str) -> dict[str, Any]:
     return weights
 
 
-def run_peer(name: str, llmc_python: str | None) -> dict[str, Any]:
+def run_peer(name: str, llmc_python: str | None, dtype: str) -> dict[str, Any]:
     """A peer's weights, scored like our cases."""
     from compress.data import calibration_batch
     from compress.formats.fp4 import FP4Format
@@ -127,7 +128,7 @@ def run_peer(name: str, llmc_python: str | None) -> dict[str, Any]:
         )
         options = ["--scheme", entry["scheme"]]
         weights, measured = run_llmc_peer(llmc_python, "llmc_scheme.py", options, ids)
-    quality = score_decoder_weights(weights, EVALUATE["max_windows"], EVALUATE["seq_len"])
+    quality = score_decoder_weights(weights, EVALUATE["max_windows"], EVALUATE["seq_len"], dtype)
     return {
         "case": name,
         "entry": entry,
@@ -143,14 +144,15 @@ def run_peer(name: str, llmc_python: str | None) -> dict[str, Any]:
     }
 
 
-def run_one(name: str) -> dict[str, Any]:
+def run_one(name: str, dtype: str) -> dict[str, Any]:
     from compress.formats.fp4 import FP4Format
     from compress.pipeline import Pipeline
     from compress.recipe import parse_recipe
 
     entry = CASES[name]
     passes = entry.get("passes", [entry])
-    recipe: dict[str, Any] = {"model": MODEL, "passes": passes, "evaluate": EVALUATE}
+    model = {"name": MODEL, "dtype": dtype}
+    recipe: dict[str, Any] = {"model": model, "passes": passes, "evaluate": EVALUATE}
     if any(step["pass"] != "rtn" for step in passes):
         recipe["calibration"] = CALIBRATION
     parsed = parse_recipe(recipe, source=name)
@@ -303,6 +305,13 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             + "; ".join(f"{', '.join(cases)} on {where}" for where, cases in elsewhere.items())
             + ".",
         ]
+    in_float32 = [row["case"] for row in rows if row.get("dtype") == "float32"]
+    if in_float32:
+        lines += [
+            "",
+            "Rows scored with the model in float32 (`--dtype float32`; the others in its "
+            f"published bf16): {', '.join(in_float32)}.",
+        ]
     kl = {row["case"]: next(iter(row["quality"].values()))["kl_mean"] for row in rows}
 
     def pair(a: str, b: str) -> str:
@@ -355,6 +364,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=[*CASES, *PEERS])
     parser.add_argument("--llmc-python", help="python of llm-compressor's venv (llmc-* peers)")
     parser.add_argument("--merge", action="store_true", help="keep rows of cases not rerun")
+    add_dtype_argument(parser)
     parser.add_argument("--table", action="store_true", help="write the table of the JSON only")
     parser.add_argument(
         "--speed", action="store_true", help="time the kernels (kept in the JSON), run no case"
@@ -393,8 +403,13 @@ def main() -> None:
             kept.setdefault("machine", saved["meta"].get("machine"))
     for name in args.cases:
         print(f"== {name}", flush=True)
-        row = run_peer(name, args.llmc_python) if name in PEERS else run_one(name)
-        rows[name] = {**row, "machine": machine(), "date": datetime.date.today().isoformat()}
+        row = (
+            run_peer(name, args.llmc_python, args.dtype)
+            if name in PEERS
+            else run_one(name, args.dtype)
+        )
+        today = datetime.date.today().isoformat()
+        rows[name] = {**row, "machine": machine(), "date": today, "dtype": args.dtype}
         print(json.dumps(rows[name], indent=1, default=str), flush=True)
         ordered = write_rows(out, meta, rows, [*CASES, *PEERS])
         (BENCHMARKS / "fp4.md").write_text(render(meta, ordered))

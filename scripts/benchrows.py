@@ -109,15 +109,16 @@ def run_llmc_peer(
 
 
 def score_decoder_weights(
-    weights: dict[str, Any], windows: int = 32, seq_len: int = 512
+    weights: dict[str, Any], windows: int = 32, seq_len: int = 512, dtype: str = "auto"
 ) -> dict[str, float]:
-    """Quality of SmolLM2 with these decoder weights put in (``{module}.weight`` keys, every one
-    must name a module), against the original, as the pipeline's evaluation reports it."""
+    """Quality of SmolLM2 (in ``dtype``) with these decoder weights put in (``{module}.weight``
+    keys, every one must name a module), against the original, as the pipeline's evaluation
+    reports it."""
     from compress.evaluate.quality import compare_to_reference
     from compress.models import load_model
 
-    reference, _, ids = smollm2_and_eval_windows(windows, seq_len)
-    model, _ = load_model("smollm2-135m")
+    reference, _, ids = smollm2_and_eval_windows(windows, seq_len, dtype)
+    model, _ = load_model("smollm2-135m", dtype=dtype)
     for key, tensor in weights.items():
         module = model.get_submodule(key.removesuffix(".weight"))
         module.weight.data.copy_(tensor.to(module.weight.dtype))
