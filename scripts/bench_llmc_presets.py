@@ -1,0 +1,195 @@
+"""llm-compressor's FP8 presets against our FP8 round-to-nearest, weight-only, side by side.
+
+Each case quantizes every Linear of SmolLM2-135M's 30 decoder layers and is scored in one process
+on the same evaluation windows against the same original:
+
+* ``llmc-fp8-dynamic`` / ``llmc-fp8-block``: llm-compressor's ``FP8_DYNAMIC`` (E4M3, one scale
+  per output channel) and ``FP8_BLOCK`` (E4M3, 128 x 128 blocks) presets, run in its own venv by
+  ``scripts/peers/llmc_scheme.py``; only their weights are taken (the presets also quantize
+  activations, which this weight-only comparison leaves out);
+* ``ours-fp8-channel`` / ``ours-fp8-block64``: our ``rtn`` pass, ``format: fp8_e4m3`` with
+  ``scaling: channel`` or ``scaling: block, scale_block: 64`` (SmolLM2's 576 and 192 are not
+  multiples of 128);
+* ``ours-fp8-channel-gptq``: our ``gptq`` onto the per-channel E4M3 grid, act-order, 64 x 512
+  calibration tokens (``recipes/smollm2-fp8.yaml``).
+
+    python scripts/bench_llmc_presets.py --llmc-python /tmp/llmc/venv/bin/python --dtype float32
+    python scripts/bench_llmc_presets.py --table      # the markdown of the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import shlex
+import sys
+import time
+from typing import Any
+
+from benchrows import (
+    BENCHMARKS,
+    add_dtype_argument,
+    cpu_flags,
+    load_rows,
+    machine,
+    run_llmc_peer,
+    score_decoder_weights,
+    smollm2_and_eval_windows,
+    write_rows,
+)
+
+WINDOWS = 32
+SEQ_LEN = 512
+CASES: dict[str, dict[str, Any]] = {
+    "llmc-fp8-dynamic": {"scheme": "FP8_DYNAMIC"},
+    "llmc-fp8-block": {"scheme": "FP8_BLOCK"},
+    "ours-fp8-channel": {"pass": "rtn", "format": "fp8_e4m3", "scaling": "channel"},
+    "ours-fp8-block64": {
+        "pass": "rtn",
+        "format": "fp8_e4m3",
+        "scaling": "block",
+        "scale_block": 64,
+    },
+    "ours-fp8-channel-gptq": {  # recipes/smollm2-fp8.yaml
+        "pass": "gptq",
+        "format": "fp8_e4m3",
+        "scaling": "channel",
+        "act_order": True,
+    },
+}
+GPTQ_CALIBRATION = 64  # windows of SEQ_LEN tokens, as recipes/smollm2-fp8.yaml
+
+
+def run_case(name: str, llmc_python: str | None, dtype: str) -> dict[str, Any]:
+    """One case's quality (and how long its quantization took)."""
+    from compress.data import calibration_batch
+    from compress.evaluate.quality import compare_to_reference
+    from compress.models import load_model
+    from compress.registry import PassContext, get_pass
+
+    entry = CASES[name]
+    start = time.perf_counter()
+    if "scheme" in entry:
+        if not llmc_python:
+            raise SystemExit(f"{name} needs --llmc-python (see scripts/peers/llmc_gptq.py)")
+        _, tokenizer = load_model("smollm2-135m")
+        ids = calibration_batch(tokenizer, "builtin:wiki", 16, SEQ_LEN, 0)  # its RTN reads none
+        weights, measured = run_llmc_peer(
+            llmc_python, "llmc_scheme.py", ["--scheme", entry["scheme"]], ids
+        )
+        quality = score_decoder_weights(weights, WINDOWS, SEQ_LEN, dtype)
+        return {"quality": quality, "quantize_s": measured["seconds"]}
+    reference, _, windows = smollm2_and_eval_windows(WINDOWS, SEQ_LEN, dtype)
+    model = copy.deepcopy(reference)
+    registered = get_pass(entry["pass"])
+    context = PassContext()
+    if registered.calibrated:
+        _, tokenizer = load_model("smollm2-135m")
+        context.calibration = calibration_batch(
+            tokenizer, "builtin:wiki", GPTQ_CALIBRATION, SEQ_LEN, 0
+        )
+    settings = {k: v for k, v in entry.items() if k != "pass"}
+    registered.fn(model, registered.config_cls(**settings), context)
+    seconds = time.perf_counter() - start
+    metrics = compare_to_reference(model, reference, windows, batch_size=4)
+    quality = {
+        "perplexity": metrics.perplexity,
+        "reference_perplexity": metrics.reference_perplexity,
+        "kl_mean": metrics.kl_mean,
+        "top1_agreement": metrics.top1_agreement,
+        "tokens": metrics.tokens,
+    }
+    return {"quality": quality, "quantize_s": seconds}
+
+
+def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "# FP8 weight-only: llm-compressor's presets and our rtn, side by side (SmolLM2-135M)",
+        "",
+        *(f"    {command}" for command in meta["commands"]),
+        "",
+        f"Machine: {meta['machine']} ({meta['cpu_flags']}). Every Linear of the 30 decoder "
+        f"layers quantized (embeddings and lm_head kept); {WINDOWS} windows x {SEQ_LEN} tokens "
+        "of the builtin:wiki evaluation split, KL(original ‖ quantized) in nats/token against "
+        "the original in the same dtype. llm-compressor 0.14 in its own venv; its presets also "
+        "quantize activations, left out here (weights only, like ours).",
+        "",
+        "| case | what | model dtype | ppl | KL | top-1 | date |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        q = row["quality"]
+        what = CASES[row["case"]]
+        lines.append(
+            f"| {row['case']} | {', '.join(f'{k}: {v}' for k, v in what.items())} | "
+            f"{row['dtype']} | {q['perplexity']:.2f} | {q['kl_mean']:.4f} | "
+            f"{100 * q['top1_agreement']:.1f}% | {row['date']} |"
+        )
+    if rows:
+        reference = rows[0]["quality"]["reference_perplexity"]
+        lines += ["", f"Original model perplexity on the same windows: {reference:.2f}."]
+    kl = {row["case"]: row["quality"]["kl_mean"] for row in rows}
+    notes = []
+    if {"llmc-fp8-dynamic", "ours-fp8-channel"} <= set(kl):
+        peer, ours = kl["llmc-fp8-dynamic"], kl["ours-fp8-channel"]
+        same = abs(peer - ours) <= 1e-9 * max(peer, 1e-12)
+        notes.append(
+            "Per-channel round-to-nearest: "
+            + (
+                f"the same KL to nine digits for both ({ours:.6f}): one algorithm (the row's "
+                "absmax over 448 as its scale, nearest E4M3 code)."
+                if same
+                else f"ours {ours:.4f}, llm-compressor's {peer:.4f}."
+            )
+        )
+    for ours_case in ("ours-fp8-block64", "ours-fp8-channel-gptq"):
+        if ours_case in kl and "llmc-fp8-block" in kl:
+            ratio = kl[ours_case] / kl["llmc-fp8-block"]
+            notes.append(
+                f"{ours_case}: KL {kl[ours_case]:.4f}, {ratio:.2f} of llm-compressor's best "
+                f"preset (FP8_BLOCK, {kl['llmc-fp8-block']:.4f})."
+            )
+    if notes:
+        lines += ["", "Notes:", "", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--llmc-python", help="python of llm-compressor's venv (llmc-* cases)")
+    parser.add_argument("--merge", action="store_true", help="keep rows of cases not rerun")
+    parser.add_argument("--table", action="store_true", help="write the markdown of the JSON")
+    add_dtype_argument(parser)
+    args = parser.parse_args()
+    out = BENCHMARKS / "llmc_presets.json"
+    if args.table:
+        saved = json.loads(out.read_text())
+        (BENCHMARKS / "llmc_presets.md").write_text(render(saved["meta"], saved["rows"]))
+        return
+    rows = load_rows(out, "case", args.merge)
+    saved_meta = json.loads(out.read_text())["meta"] if args.merge and out.exists() else {}
+    command = shlex.join(["python", "scripts/bench_llmc_presets.py", *sys.argv[1:]])
+    meta = {
+        "machine": machine(),
+        "cpu_flags": cpu_flags(),
+        "commands": [*saved_meta.get("commands", []), command],
+    }
+    for name in args.cases:
+        print(f"== {name}", flush=True)
+        row = run_case(name, args.llmc_python, args.dtype)
+        rows[name] = {
+            "case": name,
+            **row,
+            "dtype": args.dtype,
+            "date": datetime.date.today().isoformat(),
+        }
+        print(json.dumps(rows[name], indent=1, default=str), flush=True)
+        ordered = write_rows(out, meta, rows, CASES)
+        (BENCHMARKS / "llmc_presets.md").write_text(render(meta, ordered))
+
+
+if __name__ == "__main__":
+    main()
