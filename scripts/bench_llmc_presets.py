@@ -106,7 +106,7 @@ def run_case(name: str, llmc_python: str | None, dtype: str) -> dict[str, Any]:
 
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
-        "# FP8 weight-only: llm-compressor's presets and our rtn, side by side (SmolLM2-135M)",
+        "# FP8 weight-only on SmolLM2-135M: llm-compressor's presets, our rtn and gptq",
         "",
         *(f"    {command}" for command in meta["commands"]),
         "",
