@@ -130,6 +130,11 @@ def sirius_generate(
         )
     if period < 1:
         raise PassError(f"Sirius period must be at least 1, got {period}")
+    if draft_confidence is not None and not 0.0 < draft_confidence < 1.0:
+        raise PassError(
+            f"Sirius draft_confidence must be between 0 and 1, got {draft_confidence}",
+            hint="a probability such as 0.5; None never checks early",
+        )
     stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     stats = SiriusStats()
     cache = DynamicCache()

@@ -279,6 +279,8 @@ def test_sirius_refuses_batches_and_sampling(tiny_llama):
     model, _ = sparse_copy(tiny_llama, 0.5)
     with pytest.raises(PassError, match="one non-empty sequence"):
         sirius_generate(model, calibration(2, 6), max_new_tokens=4, period=2)
+    with pytest.raises(PassError, match=r"draft_confidence must be between 0 and 1, got 1\.5"):
+        sirius_generate(model, calibration(1, 6), max_new_tokens=4, period=2, draft_confidence=1.5)
     with pytest.raises(PassError, match="greedy"):
         model.generate(calibration(1, 6), max_new_tokens=4, do_sample=True, pad_token_id=0,
                        custom_generate=sirius_decoding)  # fmt: skip
