@@ -26,8 +26,9 @@ weighted score drops the entries whose removal changes the output least (WINA, C
 2025, "Weight Informed Neuron Activation"), at no run-time cost beyond one multiply per input
 entry. The column norms are not stored: the loader recomputes them from the weights. On
 SmolLM2-135M the weighted score did worse than plain magnitude at 50% (KL 0.519 against 0.493,
-fp32, 16 evaluation windows; ``benchmarks/contextual.md``): the per-entry error model ignores the
-cross terms between columns, and this model's column norms vary little.
+fp32, 16 evaluation windows; ``benchmarks/contextual.md``); our reading, not tested: the
+per-entry error model ignores the cross terms between columns and how an error reaches the
+logits.
 
 Results: the projections become :class:`ContextualLinear` (an ``nn.Linear`` holding its weight
 transposed, so parameter names and the state dict are unchanged). Multi-token inputs (prefill,
