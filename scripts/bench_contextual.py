@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 import torch
-from benchrows import BENCHMARKS, cpu_flags, machine
+from benchrows import BENCHMARKS, cpu_flags, machine, smollm2_and_eval_windows
 from transformers import DynamicCache
 
 MODEL = "smollm2-135m"
@@ -73,15 +73,12 @@ def run_scores(variants: list[str], windows: int) -> list[dict[str, Any]]:
     float32 model (the same calibration as the kl phase) and scored teacher-forced against it on
     ``windows`` evaluation windows: a cheaper comparison of the pass's options than the kl phase
     (no export, no bf16, which CPUs without bf16 arithmetic emulate slowly)."""
-    from compress.data.corpora import calibration_batch, load_texts, token_windows
+    from compress.data.corpora import calibration_batch
     from compress.evaluate.quality import compare_to_reference
-    from compress.models import load_model
     from compress.prune.contextual import ContextualConfig, contextual
     from compress.registry import PassContext
 
-    model, tokenizer = load_model(MODEL, dtype="float32")
-    texts = load_texts("builtin:wiki", "evaluation")
-    eval_windows = token_windows(tokenizer, texts, 512, windows)
+    model, tokenizer, eval_windows = smollm2_and_eval_windows(windows, 512, "float32")
     settings = {k: v for k, v in CALIBRATION.items() if k != "dataset"}
     ids = calibration_batch(tokenizer, str(CALIBRATION["dataset"]), **settings)
     rows = []

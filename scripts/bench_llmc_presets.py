@@ -34,6 +34,7 @@ from benchrows import (
     cpu_flags,
     load_rows,
     machine,
+    quality_row,
     run_llmc_peer,
     score_decoder_weights,
     smollm2_and_eval_windows,
@@ -81,26 +82,18 @@ def run_case(name: str, llmc_python: str | None, dtype: str) -> dict[str, Any]:
         )
         quality = score_decoder_weights(weights, WINDOWS, SEQ_LEN, dtype)
         return {"quality": quality, "quantize_s": measured["seconds"]}
-    reference, _, windows = smollm2_and_eval_windows(WINDOWS, SEQ_LEN, dtype)
+    reference, tokenizer, windows = smollm2_and_eval_windows(WINDOWS, SEQ_LEN, dtype)
     model = copy.deepcopy(reference)
     registered = get_pass(entry["pass"])
     context = PassContext()
     if registered.calibrated:
-        _, tokenizer = load_model("smollm2-135m")
         context.calibration = calibration_batch(
             tokenizer, "builtin:wiki", GPTQ_CALIBRATION, SEQ_LEN, 0
         )
     settings = {k: v for k, v in entry.items() if k != "pass"}
     registered.fn(model, registered.config_cls(**settings), context)
     seconds = time.perf_counter() - start
-    metrics = compare_to_reference(model, reference, windows, batch_size=4)
-    quality = {
-        "perplexity": metrics.perplexity,
-        "reference_perplexity": metrics.reference_perplexity,
-        "kl_mean": metrics.kl_mean,
-        "top1_agreement": metrics.top1_agreement,
-        "tokens": metrics.tokens,
-    }
+    quality = quality_row(compare_to_reference(model, reference, windows, batch_size=4))
     return {"quality": quality, "quantize_s": seconds}
 
 

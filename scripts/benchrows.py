@@ -122,7 +122,11 @@ def score_decoder_weights(
     for key, tensor in weights.items():
         module = model.get_submodule(key.removesuffix(".weight"))
         module.weight.data.copy_(tensor.to(module.weight.dtype))
-    metrics = compare_to_reference(model, reference, ids, batch_size=4)
+    return quality_row(compare_to_reference(model, reference, ids, batch_size=4))
+
+
+def quality_row(metrics: Any) -> dict[str, float]:
+    """The quality fields a benchmark row keeps of a :class:`QualityMetrics`."""
     return {
         "perplexity": metrics.perplexity,
         "reference_perplexity": metrics.reference_perplexity,
