@@ -513,7 +513,7 @@ def test_int16_gemv_decodes_e8m0_and_e4m3_scales_as_their_table_does(variant, ki
         pytest.skip("no int16 path in this build")
     fmt = FP4Format(variant)
     generator = torch.Generator().manual_seed(3)
-    n, k = 512, 64 * 4
+    n, k = 512, 64 * 5  # a last partial octet of sub-blocks for both
     scales = torch.randint(0, 256, (n, k // fmt.block), generator=generator, dtype=torch.uint8)
     scales[:256, 0] = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     qweight = torch.randint(0, 256, (n, k // 2), generator=generator, dtype=torch.uint8)
