@@ -42,6 +42,7 @@ from compress.prune.sirius import sirius_decoding, sirius_generate
 from compress.recipe import CalibrationSpec, ModelSpec, load_recipe
 from compress.registry import PassContext, get_pass
 from compress.utils.hooks import capture_inputs
+from tests.conftest import save_tiny_llama
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-contextual50.yaml"
 
@@ -421,6 +422,48 @@ def test_pipeline_runs_contextual_and_evaluates_the_reloaded_export(model_dir, t
     assert len(passes[0]["touched"]) == 3
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert sum(isinstance(m, ContextualLinear) for m in loaded.modules()) == 3 * 7
+
+
+def test_distill_trains_the_sparse_model_and_a_second_pass_measures_the_thresholds_again(
+    text_file, tmp_path
+):
+    """contextual → distill → contextual (recipes/smollm2-contextual50-distill.yaml): distill
+    trains every decoder weight with the masks in the forward pass (held-out KL falls), the
+    weights it trained are the ones exported, and the second pass puts new thresholds on the
+    trained inputs that cut the target again; the export reloads sparse with those."""
+    from compress.distill.distill import DistillConfig
+
+    # peaked predictions (a larger init): sparsity costs a KL that training can win back
+    model_dir = save_tiny_llama(tmp_path / "model", layers=2, seed=3, initializer_range=0.15)
+    distill = DistillConfig.model_validate(
+        {"dataset": str(text_file), "samples": 16, "seq_len": 32, "held_out": 4, "steps": 12,
+         "gradient_accumulation": 2, "eval_every": 4, "checkpoint_every": 4, "lr": 3e-3,
+         "freeze": ["model.embed_tokens", "lm_head"]}
+    )  # fmt: skip
+    out = tmp_path / "export"
+    result = Pipeline(
+        ModelSpec(name=str(model_dir)),
+        [ContextualConfig(sparsity=0.5), distill, ContextualConfig(sparsity=0.5)],
+        calibration=CalibrationSpec(dataset=str(text_file), samples=8, seq_len=32),
+        export=out,
+    ).run()
+    first, trained, second = result.report["passes"]
+    assert trained["metrics"]["held_out_kl_after"] < 0.8 * trained["metrics"]["held_out_kl_before"]
+    assert second["metrics"]["calibration_sparsity"] == pytest.approx(0.5, abs=0.01)
+    layer = "model.layers.1"
+    moved = [
+        abs(second["per_module"][layer][key] / first["per_module"][layer][key] - 1)
+        for key in first["per_module"][layer]
+        if key.endswith("_threshold")
+    ]
+    assert max(moved) > 0.01  # training moved the inputs, the thresholds followed
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    projection = loaded.model.layers[1].mlp.down_proj
+    assert isinstance(projection, ContextualLinear)
+    assert projection.threshold == pytest.approx(second["per_module"][layer]["down_threshold"])
+    assert not torch.equal(projection.weight, original.model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(loaded.lm_head.weight, original.lm_head.weight)  # frozen
 
 
 def test_shipped_recipe_validates():
