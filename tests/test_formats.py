@@ -28,6 +28,27 @@ def test_symmetric_reconstructs_grid_values_exactly():
     assert torch.equal(dequantize_int(codes, scales, zeros, fmt)[0], grid)
 
 
+def test_symmetric_scale_uses_the_lowest_code_for_a_negative_extreme():
+    """Codes span -8..7 at 4 bits: a row whose extreme is negative gets the step |min| / 8 and
+    code 0 (finer than / 7, nothing clipped); a positive extreme still takes max / 7."""
+    fmt = IntFormat(4, None, True)
+    negative = torch.tensor([[-1.6, -0.3, 0.2, 1.0, 0.7]])
+    codes, scales, _ = quantize_int(negative, fmt)
+    assert float(scales) == pytest.approx(0.2, rel=1e-3) and int(codes[0, 0]) == 0
+    restored = dequantize_int(codes, scales, None, fmt)
+    assert float((restored - negative).abs().max()) <= 0.5 * float(scales) + 1e-6
+    positive = -negative
+    codes, scales, _ = quantize_int(positive, fmt)
+    assert float(scales) == pytest.approx(1.6 / 7, rel=1e-3) and int(codes[0, 0]) == 15
+    # never coarser than the old absmax / 7 step, on random groups
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256)
+    _, scales, _ = quantize_int(weight, IntFormat(4, 64, True))
+    old = weight.reshape(64, 4, 64).abs().amax(dim=-1) / 7
+    assert torch.all(scales.float() <= old * (1 + 1e-3))
+    assert torch.any(scales.float() < old * 0.9)
+
+
 def test_asymmetric_keeps_zero_exact():
     weight = torch.tensor([[0.0, 0.3, 1.7, 2.9, 0.0, 5.1, 0.2, 0.0]])
     fmt = IntFormat(3, 8, False)

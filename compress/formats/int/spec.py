@@ -253,8 +253,13 @@ def quantize_int(
         return codes_2d, fmt.store_scales(scale.squeeze(-1)), None
     tiny = torch.finfo(fmt.torch_scale_dtype).tiny
     if fmt.symmetric:
-        absmax = w.abs().amax(dim=-1, keepdim=True) * ratio
-        scale = (absmax / (fmt.midpoint - 1)).clamp_min(tiny)
+        # codes run from -midpoint to midpoint - 1 around the midpoint (two's complement's
+        # range): the smallest scale that clips neither end, so a group whose extreme is
+        # negative uses code 0 (at 4 bits a step of |min| / 8 rather than / 7)
+        positive = (w.amax(dim=-1, keepdim=True) * ratio).clamp(min=0)
+        negative = (-w.amin(dim=-1, keepdim=True) * ratio).clamp(min=0)
+        scale = torch.maximum(positive / (fmt.midpoint - 1), negative / fmt.midpoint)
+        scale = scale.clamp_min(tiny)
         scale = scale.to(fmt.torch_scale_dtype).to(torch.float32)
         codes = torch.round(w / scale) + fmt.midpoint
         codes = codes.clamp_(0, fmt.levels - 1)
