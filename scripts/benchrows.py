@@ -80,11 +80,12 @@ def save_keyed(out: Path, key: str, value: dict[str, Any]) -> None:
 
 
 def run_llmc_peer(
-    python: str, script: str, options: list[str], calibration: Any
+    python: str, script: str, options: list[str], calibration: Any, peer: str = "llmc"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run ``scripts/peers/<script>`` in llm-compressor's venv (``python``) on SmolLM2 with the
-    ``calibration`` token windows; returns the decoder weights it wrote and what it measured
-    (its last stdout line: oneshot seconds, peak RSS, ...)."""
+    """Run ``scripts/peers/<script>`` in a peer's venv (``python``: llm-compressor's, or
+    torchao's where ``peer`` says so) on SmolLM2 with the ``calibration`` token windows; returns
+    the decoder weights it wrote and what it measured (its last stdout line: seconds, peak
+    RSS, ...)."""
     import tempfile
 
     import torch
@@ -103,7 +104,8 @@ def run_llmc_peer(
         ]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, cwd=root)
         if done.returncode != 0:
-            raise RuntimeError(f"llm-compressor failed: {done.stderr.strip()[-3000:]}")
+            who = "llm-compressor" if peer == "llmc" else peer
+            raise RuntimeError(f"{who} failed: {done.stderr.strip()[-3000:]}")
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         return load_file(f"{tmp}/weights.safetensors"), measured
 

@@ -110,7 +110,9 @@ def test_reloaded_export_computes_the_corrected_model(corrected, model_dir: Path
     original = _logits(AutoModelForCausalLM.from_pretrained(str(model_dir)))
     with_adapters = (_logits(loaded) - original).square().mean()
     without = (_logits(bare) - original).square().mean()
-    assert with_adapters < 0.9 * without  # a wrong or missing adapter is not closer
+    # a missing adapter gives exactly 1.0 (the same export without it), a wrong one more; LoRA
+    # rank 4 measured 0.92 here once symmetric int2 used its lowest code (a smaller error left)
+    assert with_adapters < 0.95 * without
 
 
 def test_peft_model_from_pretrained_loads_the_adapter_on_the_export(corrected) -> None:
