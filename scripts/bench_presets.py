@@ -224,6 +224,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 f"{ours_case} against {peer}: KL {kl[ours_case]:.4f} against "
                 f"{kl[peer]:.4f} ({kl[ours_case] / kl[peer]:.2f} of it)."
             )
+    notes += [f"{row['case']}: {row['note']}" for row in rows if row.get("note")]
     if notes:
         lines += ["", "Notes:", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
