@@ -35,7 +35,7 @@ from benchrows import (
     cpu_flags,
     load_rows,
     machine,
-    run_llmc_peer,
+    run_peer_script,
     score_decoder_weights,
     write_rows,
 )
@@ -127,7 +127,7 @@ def run_peer(name: str, llmc_python: str | None, dtype: str) -> dict[str, Any]:
             tokenizer, CALIBRATION["dataset"], CALIBRATION["samples"], CALIBRATION["seq_len"], 0
         )
         options = ["--scheme", entry["scheme"]]
-        weights, measured = run_llmc_peer(llmc_python, "llmc_scheme.py", options, ids)
+        weights, measured = run_peer_script(llmc_python, "llmc_scheme.py", options, ids)
     quality = score_decoder_weights(weights, EVALUATE["max_windows"], EVALUATE["seq_len"], dtype)
     return {
         "case": name,

@@ -40,7 +40,7 @@ from benchrows import (
     load_rows,
     machine,
     quality_row,
-    run_llmc_peer,
+    run_peer_script,
     score_decoder_weights,
     smollm2_and_eval_windows,
     write_rows,
@@ -134,7 +134,7 @@ def run_case(name: str, peers: dict[str, str | None], dtype: str) -> dict[str, A
             raise SystemExit(f"{name} needs --{peer}-python (see scripts/peers/{setup})")
         _, tokenizer = load_model("smollm2-135m")
         ids = calibration_batch(tokenizer, "builtin:wiki", 16, SEQ_LEN, 0)  # RTN reads none
-        weights, measured = run_llmc_peer(python, script, option, ids, peer=peer)
+        weights, measured = run_peer_script(python, script, option, ids, peer=peer)
         quality = score_decoder_weights(weights, WINDOWS, SEQ_LEN, dtype)
         return {"quality": quality, "quantize_s": measured["seconds"]}
     reference, tokenizer, windows = smollm2_and_eval_windows(WINDOWS, SEQ_LEN, dtype)
@@ -208,7 +208,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 f"{ours_case}: KL {kl[ours_case]:.4f}, {ratio:.2f} of llm-compressor's best "
                 f"preset (FP8_BLOCK, {kl['llmc-fp8-block']:.4f})."
             )
-    pairs = [  # (peer, ours): the same format, round-to-nearest against round-to-nearest
+    pairs = [  # (peer, ours): the same format; ours by round-to-nearest, or by gptq
         ("torchao-int8", "ours-int8-channel"),
         ("torchao-int4-g64-sym", "ours-int4-g64-sym"),
         ("torchao-int4-g64-sym", "ours-int4-g64-sym-gptq"),
@@ -252,9 +252,9 @@ def main() -> None:
         "cpu_flags": cpu_flags(),
         "commands": [*saved_meta.get("commands", []), command],
     }
+    peers = {"llmc": args.llmc_python, "torchao": args.torchao_python}
     for name in args.cases:
         print(f"== {name}", flush=True)
-        peers = {"llmc": args.llmc_python, "torchao": args.torchao_python}
         row = run_case(name, peers, args.dtype)
         rows[name] = {
             "case": name,

@@ -28,7 +28,7 @@ from benchrows import (
     BENCHMARKS,
     load_rows,
     machine,
-    run_llmc_peer,
+    run_peer_script,
     score_decoder_weights,
     write_rows,
 )
@@ -70,7 +70,7 @@ def run_peer(name: str, python: str) -> dict[str, Any]:
     )
     arguments = ["--method", options["method"], "--sparsity", "0.5"]
     arguments += ["--mask-structure", options.get("pattern", "0:0")]
-    weights, measured = run_llmc_peer(python, "llmc_prune.py", arguments, ids)
+    weights, measured = run_peer_script(python, "llmc_prune.py", arguments, ids)
     quality = score_decoder_weights(weights, EVALUATE["max_windows"], EVALUATE["seq_len"])
     return {
         "method": name,

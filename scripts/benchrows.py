@@ -79,7 +79,7 @@ def save_keyed(out: Path, key: str, value: dict[str, Any]) -> None:
     print(json.dumps(value, indent=1))
 
 
-def run_llmc_peer(
+def run_peer_script(
     python: str, script: str, options: list[str], calibration: Any, peer: str = "llmc"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run ``scripts/peers/<script>`` in a peer's venv (``python``: llm-compressor's, or
