@@ -294,7 +294,7 @@ def test_recipes_list_shows_rtn_and_its_options(capsys) -> None:
     )
     _, gptq_options, _ = row_cells(result.out, "gptq")
     assert gptq_options == ", ".join(GPTQConfig.model_fields)
-    assert gptq_options.endswith("damp, act_order, batch_size")
+    assert gptq_options.endswith("damp, act_order, batch_size, scale_refits")
     assert summary.startswith("Round-to-nearest")
 
 

@@ -15,6 +15,11 @@ Example recipe entries::
       - {pass: gptq, format: nvfp4}            # or nf4 (scale_block: 64), fp4, mxfp4
       - {pass: gptq, format: mxfp6_e3m2}       # OCP MXFP6, or mxfp6_e2m3
       - {pass: gptq, format: fp8_e4m3, scaling: channel}
+      - {pass: gptq, bits: 4, group_size: 64, scale_refits: 2}
+
+``scale_refits`` refits the integer group scales by least squares once the codes are chosen
+(GPTQ's own objective, codes fixed; :func:`~compress.quant.gptq_math.refit_group_scales`), then
+sweeps again with them; off by default (each refit costs one more sweep of the layer).
 
 ``format`` takes ``int`` (the default), a 4-bit table format (``nf4``, ``fp4``, ``mxfp4``,
 ``nvfp4``), MXFP6 (``mxfp6_e2m3``, ``mxfp6_e3m2``) or FP8 (``fp8_e4m3``, ``fp8_e5m2``, any
@@ -27,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.errors import PassError
@@ -59,6 +64,23 @@ class GPTQConfig(RTNConfig):
         default=False, description="round columns in order of decreasing Hessian diagonal"
     )
     batch_size: int = Field(default=8, gt=0, description="calibration samples per forward")
+    scale_refits: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="least-squares refits of the group scales for the chosen codes (integer "
+        "formats); each refit after the first sweeps the codes again with the scales fixed",
+    )
+
+    @model_validator(mode="after")
+    def _refits_need_float_scales(self) -> GPTQConfig:
+        if self.scale_refits and (self.format != "int" or self.scale_dtype == "e8m0"):
+            chosen = f"format: {self.format}" if self.format != "int" else "scale_dtype: e8m0"
+            raise ValueError(
+                f"scale_refits {self.scale_refits} refits the float group scales of integer "
+                f"formats, and {chosen} has none to refit; drop scale_refits"
+            )
+        return self
 
     def gptq_format(self) -> IntFormat | FP4Format | FP6Format | FP8Format:
         """The format GPTQ rounds onto: integer, 4-bit table, MXFP6 or FP8 grids."""
@@ -186,6 +208,7 @@ def _quantize_module(
         observer=config.observer,
         consume_hessian=consume,
         keep=None if mask is None else mask.mask,
+        scale_refits=config.scale_refits,
     )
     record = QuantizedWeight(result.codes, result.scales, result.zeros, fmt)
     report.per_module[name] = {

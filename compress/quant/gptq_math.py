@@ -62,7 +62,7 @@ from compress.formats.fp8 import FP8Format, quantize_fp8
 from compress.formats.int import IntFormat, quantize_int
 from compress.quant.observers import Observer, choose_clip
 
-__all__ = ["GPTQResult", "accumulate_hessian", "gptq_quantize"]
+__all__ = ["GPTQResult", "accumulate_hessian", "gptq_quantize", "refit_group_scales"]
 
 _CHOLESKY_RETRIES = 4
 
@@ -132,6 +132,7 @@ def gptq_quantize(
     observer: Observer = "minmax",
     consume_hessian: bool = False,
     keep: torch.Tensor | None = None,
+    scale_refits: int = 0,
 ) -> GPTQResult:
     """GPTQ codes of ``weight`` (out, in) given the input Hessian ``hessian`` (in, in).
 
@@ -147,7 +148,17 @@ def gptq_quantize(
     (:func:`compress.quant.observers.choose_clip`). ``weight`` is not modified; ``hessian``
     is not either unless ``consume_hessian`` (the caller's last use of a float32 CPU Hessian):
     then it becomes the work matrix, which saves a copy of the largest buffer of a wide layer.
+
+    ``scale_refits`` (integer formats with float scales): after the sweep, the group scales are
+    refitted by least squares for the codes it chose (:func:`refit_group_scales`); each further
+    refit first sweeps again with the refitted scales held fixed, so codes and scales alternate,
+    and the round with the lowest objective is kept (``error`` is then that round's undamped
+    ``½ tr(ΔW H ΔWᵀ)``). The Hessian is needed after the sweep and is never consumed.
     """
+    if scale_refits and not (isinstance(fmt, IntFormat) and not fmt.power_of_two_scales):
+        raise ValueError(
+            f"scale_refits needs an integer format with float scales, got {fmt.label()}"
+        )
     if isinstance(fmt, FP4Format | FP6Format):
         return _gptq_table(
             weight, hessian, fmt, block_size, damp, act_order, observer, consume_hessian, keep
@@ -157,6 +168,7 @@ def gptq_quantize(
             raise ValueError(f"fp8 scales come from each block's range; observer {observer!r}")
         return _gptq_fp8(weight, hessian, fmt, block_size, damp, act_order, consume_hessian, keep)
     _check_arguments(weight, hessian, block_size, damp)
+    consume_hessian = consume_hessian and not scale_refits
     out_features, in_features = weight.shape
     groups = fmt.groups(in_features)  # FormatError when the group size does not divide
     size = in_features // groups
@@ -207,10 +219,28 @@ def gptq_quantize(
         # uint8 codes (whole numbers in [0, 255]: the sweep's cast is exact)
         return code, (code - zero) * scale
 
+    start_w = w.clone() if scale_refits else w  # each re-sweep starts from the same weights
     codes, loss = _sweep(w, hinv, block_size, perm, round_column)
     stored_scales = fmt.store_scales(scales)
     stored_zeros = None if fmt.symmetric else zeros.to(torch.uint8)
-    return GPTQResult(codes, stored_scales, stored_zeros, loss)
+    best = GPTQResult(codes, stored_scales, stored_zeros, loss)
+    for refit in range(scale_refits):
+        if refit:  # sweep again, every scale now fixed to the refitted ones
+            dynamic_groups = False
+            w = start_w.clone()
+            codes, _ = _sweep(w, hinv, block_size, perm, round_column)
+        stored_scales = refit_group_scales(weight, hessian, codes, stored_scales, stored_zeros, fmt)
+        scales.copy_(fmt.scale_values(stored_scales))
+        loss = _objective(weight, hessian, fmt.dequantize(codes, stored_scales, stored_zeros)) / 2
+        if refit == 0 or loss < best.error:  # a greedy re-sweep can lose: keep the best round
+            best = GPTQResult(codes, stored_scales, stored_zeros, loss)
+    return best
+
+
+def _objective(weight: torch.Tensor, hessian: torch.Tensor, quantized: torch.Tensor) -> float:
+    """``tr((W - Q) H (W - Q)ᵀ)``: the layer's output error that GPTQ minimises."""
+    error = weight.detach().to(torch.float32) - quantized.to(torch.float32)
+    return float(((error @ hessian.to(torch.float32)) * error).sum())
 
 
 def _check_arguments(
@@ -611,3 +641,88 @@ def _group_params(
     if zero is None:
         return scale_f32, torch.full_like(scale_f32, float(group_fmt.midpoint))
     return scale_f32, zero[:, 0].to(torch.float32)
+
+
+def refit_group_scales(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    fmt: IntFormat,
+    *,
+    ridge: float = 1e-6,
+) -> torch.Tensor:
+    """Least-squares group scales for fixed integer ``codes``: the stored scales that minimise
+    GPTQ's own objective ``tr((W - Q) H (W - Q)ᵀ)`` with ``Q = s · (codes - zero)``.
+
+    Why: GPTQ picks a group's scale before rounding it (up front from the original weight under
+    ``act_order``, from the error-updated weights otherwise) by a range rule, not by the output
+    error; with the codes settled, that error is a quadratic in each row's scales (one small
+    ``groups × groups`` system per row), so the best scales are one batched solve. Never worse
+    on the objective than the scales it starts from (up to the storage dtype's rounding): a row
+    whose system is singular, or whose solution has a non-positive scale, keeps its scales.
+
+    ``weight`` (out, in) is the original weight, ``hessian`` (in, in) the layer's input Hessian,
+    ``codes``/``scales``/``zeros`` GPTQ's result in ``fmt``'s storage (float scales only: e8m0
+    block exponents are not refitted). Returns scales in ``fmt``'s storage dtype.
+    """
+    if fmt.power_of_two_scales:
+        raise ValueError("refit_group_scales: e8m0 (power-of-two) scales cannot be refitted")
+    out_features, in_features = weight.shape
+    groups = fmt.groups(in_features)
+    size = in_features // groups
+    w = weight.detach().to(torch.float32)
+    h = hessian.detach().to(device=w.device, dtype=torch.float32)
+    zero = (
+        torch.full((out_features, groups), float(fmt.midpoint), device=w.device)
+        if zeros is None
+        else zeros.to(device=w.device, dtype=torch.float32)
+    )
+    old = fmt.scale_values(scales).to(device=w.device, dtype=torch.float32)
+    new = torch.empty_like(old)
+    # rows in chunks: the (rows, groups, groups) systems of a wide layer are large
+    chunk = max(1, _REFIT_ELEMENTS // max(groups * groups, in_features))
+    for first in range(0, out_features, chunk):
+        rows = slice(first, min(first + chunk, out_features))
+        # integer steps from the zero point, per weight: Q = s[group] * steps
+        steps = codes[rows].to(device=w.device, dtype=torch.float32)
+        steps -= zero[rows].repeat_interleave(size, dim=1)
+        new[rows] = _least_squares_scales(w[rows], h, steps, old[rows], groups, ridge)
+    stored_value = fmt.scale_values(fmt.store_scales(torch.nan_to_num(new)))
+    usable = (torch.isfinite(new) & torch.isfinite(stored_value) & (stored_value > 0)).all(dim=1)
+    return fmt.store_scales(torch.where(usable.unsqueeze(1), new, old))
+
+
+_REFIT_ELEMENTS = 1 << 24
+"""Floats per row chunk of :func:`refit_group_scales` (64 MB of float32 per work tensor)."""
+
+
+def _least_squares_scales(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    steps: torch.Tensor,
+    old: torch.Tensor,
+    groups: int,
+    ridge: float,
+) -> torch.Tensor:
+    """(rows, groups) scales minimising ``(w - s·steps) H (w - s·steps)ᵀ`` row by row; NaN in a
+    row whose system could not be solved."""
+    rows, in_features = w.shape
+    size = in_features // groups
+    # normal equations per row: A s = b, A[g, g'] = steps_g H steps_g'ᵀ, b[g] = steps_g H wᵀ
+    b = ((w @ h) * steps).reshape(rows, groups, size).sum(dim=-1)  # H symmetric
+    system = torch.empty(rows, groups, groups, device=w.device)
+    for g in range(groups):
+        columns = slice(g * size, (g + 1) * size)
+        through_g = steps[:, columns] @ h[columns, :]  # (rows, in): steps_g H, row by row
+        system[:, :, g] = (through_g * steps).reshape(rows, groups, size).sum(dim=-1)
+    diagonal = torch.diagonal(system, dim1=1, dim2=2)
+    # a ridge towards the old scales keeps a group whose codes are all zero where it was
+    strength = ridge * diagonal.mean(dim=1, keepdim=True).clamp_min(1e-30)
+    system.diagonal(dim1=1, dim2=2).add_(strength)
+    rhs = b + strength * old
+    solution, info = torch.linalg.solve_ex(system.double(), rhs.double().unsqueeze(-1))
+    new = solution.squeeze(-1).to(torch.float32)
+    new[info != 0] = float("nan")
+    return new

@@ -147,3 +147,11 @@ def test_modules_reading_one_input_share_a_hessian(tiny_llama):
         x = module_inputs(tiny_llama, calibration(samples=2, length=8, seed=seed))
         own, count = accumulate_hessian(own, x["model.layers.0.self_attn.k_proj"], count)
     assert own is not None and torch.allclose(k_hessian, own, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"format": "nf4"}, {"bits": 4, "group_size": 32, "scale_dtype": "e8m0"}]
+)
+def test_scale_refits_are_refused_where_there_are_no_float_scales(settings):
+    with pytest.raises(ValueError, match="scale_refits 1 refits the float group scales"):
+        GPTQConfig(scale_refits=1, **settings)

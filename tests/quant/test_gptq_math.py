@@ -5,7 +5,13 @@ import torch
 
 from compress.errors import FormatError, PassError
 from compress.formats.int import IntFormat, dequantize_int, quantize_int
-from compress.quant.gptq_math import GPTQResult, accumulate_hessian, gptq_quantize
+from compress.quant import gptq_math
+from compress.quant.gptq_math import (
+    GPTQResult,
+    accumulate_hessian,
+    gptq_quantize,
+    refit_group_scales,
+)
 from compress.quant.observers import choose_clip
 
 OUT, IN, SAMPLES = 96, 128, 512
@@ -335,3 +341,51 @@ def test_permute_in_place_matches_indexing():
         expected = matrix[perm][:, perm]
         _permute_in_place(matrix.numpy(), perm.numpy())
         assert torch.equal(matrix, expected)
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+@pytest.mark.parametrize(
+    "fmt", [IntFormat(4, 32), IntFormat(3, 32, False), IntFormat(2, None, False)], ids=str
+)
+def test_scale_refits_lower_the_output_error_and_keep_the_codes_layout(layer, fmt, act_order):
+    """Each refit is a least-squares solve for the scales GPTQ's objective wants: the output error
+    falls with the first refit (by a margin a sign or index slip would not give) and does not rise
+    with the next; codes and zeros keep their layout and stay on the grid."""
+    errors = []
+    for refits in (0, 1, 2):
+        result = gptq_quantize(
+            layer.weight, layer.hessian, fmt, act_order=act_order, scale_refits=refits
+        )
+        assert result.scales.dtype == fmt.torch_scale_dtype
+        assert int(result.codes.max()) < fmt.levels
+        errors.append(layer.output_error(dequantized(result, fmt)))
+        delta = layer.weight - dequantized(result, fmt)
+        if refits:  # the reported loss is then the undamped objective of the result
+            loss = float(torch.einsum("oi,ij,oj->", delta, layer.hessian, delta)) / 2
+            assert result.error == pytest.approx(loss, rel=1e-3)
+    assert errors[1] < 0.97 * errors[0]
+    assert errors[2] <= errors[1] * 1.001
+
+
+def test_refit_keeps_a_row_whose_system_is_singular(layer):
+    """A row whose codes all sit on the zero point gives a singular system: its scales stay."""
+    fmt = IntFormat(4, 32)
+    codes, scales, zeros = quantize_int(layer.weight, fmt)
+    codes[0] = fmt.midpoint
+    refitted = refit_group_scales(layer.weight, layer.hessian, codes, scales, zeros, fmt)
+    assert torch.equal(refitted[0], scales[0])
+    assert not torch.equal(refitted[1:], scales[1:])
+
+
+def test_scale_refits_need_float_scales(layer):
+    with pytest.raises(ValueError, match="float scales"):
+        gptq_quantize(layer.weight, layer.hessian, IntFormat(4, 32, True, "e8m0"), scale_refits=1)
+
+
+def test_refit_in_row_chunks_equals_one_solve(layer, monkeypatch):
+    fmt = IntFormat(3, 32, False)
+    codes, scales, zeros = quantize_int(layer.weight, fmt)
+    whole = gptq_math.refit_group_scales(layer.weight, layer.hessian, codes, scales, zeros, fmt)
+    monkeypatch.setattr(gptq_math, "_REFIT_ELEMENTS", 7 * IN)  # chunks of 7 rows, one partial
+    chunked = gptq_math.refit_group_scales(layer.weight, layer.hessian, codes, scales, zeros, fmt)
+    assert torch.allclose(chunked.float(), whole.float(), rtol=1e-3)
