@@ -219,7 +219,7 @@ def gptq_quantize(
         # uint8 codes (whole numbers in [0, 255]: the sweep's cast is exact)
         return code, (code - zero) * scale
 
-    start_w = w.clone() if scale_refits else w  # each re-sweep starts from the same weights
+    start_w = w.clone() if scale_refits > 1 else w  # each re-sweep starts from the same weights
     codes, loss = _sweep(w, hinv, block_size, perm, round_column)
     stored_scales = fmt.store_scales(scales)
     stored_zeros = None if fmt.symmetric else zeros.to(torch.uint8)
