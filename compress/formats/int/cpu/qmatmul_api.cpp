@@ -160,9 +160,14 @@ torch::Tensor gemm_tiles(const torch::Tensor& x, const Packed& p, const torch::T
       const int64_t n0 = t * tile, n1 = std::min(N, n0 + tile);
       auto wt = w.narrow(0, 0, n1 - n0);
       dequant(p, n0, n1, wt.data_ptr());
-      auto y = bias.numel() > 0 ? at::addmm(bias.narrow(0, n0, n1 - n0), x, wt.t())
-                                : at::mm(x, wt.t());
-      out.narrow(1, n0, n1 - n0).copy_(y);
+      // straight into the output's columns (row stride N, which BLAS takes as its ldc): no
+      // temporary tile result and no copy of it
+      auto slice = out.narrow(1, n0, n1 - n0);
+      if (bias.numel() > 0) {
+        at::addmm_out(slice, bias.narrow(0, n0, n1 - n0), x, wt.t());
+      } else {
+        at::mm_out(slice, x, wt.t());
+      }
     }
   });
   return out;
