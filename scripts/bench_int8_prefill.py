@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from benchrows import BENCHMARKS, cpu_flags, machine, smollm2_and_eval_windows
 
+from compress.utils.activations import quantize_activations
+
 ROWS = (8, 32, 128, 512)
 SIZE = 4096
 
@@ -79,16 +81,17 @@ def speed_rows(repeats: int) -> list[dict[str, Any]]:
 
 
 def rounded_input(mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The activation rounding of ``mode``: bf16, int8 per token, or int8 per group of N."""
+    """The activation rounding of ``mode``: bf16, int8 per token (the ``act_quant`` pass's own
+    rounding), or int8 per group of N inputs (the same rounding, each group its own scale)."""
     if mode == "bf16":
         return lambda x: x.bfloat16().to(x.dtype)
-    group = None if mode == "int8 per token" else int(mode.rsplit(" ", 1)[1])
+    if mode == "int8 per token":
+        return lambda x: quantize_activations(x, "int8")
+    group = int(mode.rsplit(" ", 1)[1])
 
     def rounded(x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        blocks = x.reshape(*shape[:-1], shape[-1] // group, group) if group else x
-        scale = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
-        return (torch.round(blocks / scale) * scale).reshape(shape)
+        blocks = x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+        return quantize_activations(blocks, "int8").reshape(x.shape)
 
     return rounded
 
