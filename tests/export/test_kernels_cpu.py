@@ -16,7 +16,7 @@ from compress.errors import ExportError, FormatError
 from compress.formats.int import IntFormat, cpu, kernels, quantize_int
 from compress.formats.int.linear import QuantLinear
 from compress.ir import QuantizedWeight
-from compress.utils.native import ISA_LEVELS, cpu_isa
+from compress.utils.native import ISA_LEVELS, cpu_flags, cpu_isa
 
 _NEEDS = {
     "avx2": "avx2, fma, f16c",
@@ -88,7 +88,15 @@ def test_each_build_reports_its_own_level_and_paths(isa):
     elif not cpu.amx():
         pytest.skip("this kernel refused the process AMX tile state (arch_prctl)")
     tiles = "bf16 tiles" if cpu.bf16_gemm_native() else "fp32 tiles"
-    assert cpu.gemm_path(torch.bfloat16, 128, 4096) == ("amx" if isa == "amx" else tiles)
+    if isa == "amx":
+        want = "amx"
+    elif isa == "avx512" and "avx512_bf16" in cpu_flags():
+        assert cpu.bf16_dot()
+        want = f"avx512-bf16 to {cpu.DOT_MAX_ROWS} rows, then {tiles}"
+    else:
+        assert not cpu.bf16_dot()  # the AVX512-BF16 GEMM exists only in AVX-512 builds
+        want = tiles
+    assert cpu.gemm_path(torch.bfloat16, 128, 4096) == want
     assert cpu.gemm_path(torch.float32, 128, 4096) == "fp32 tiles"
     assert cpu.gemm_path(torch.bfloat16, 40, 4096) != "amx"  # 40-input groups: no whole tiles
 
@@ -164,6 +172,43 @@ def test_bf16_gemm_without_amx_uses_the_requested_tiles(tiles, isa):
     got = cpu.gemm(x, module.qweight, module.scales, None, 4, 64, bf16_tiles=tiles, tile_rows=20)
     assert got.shape == (2, 9, 48) and got.dtype == torch.bfloat16
     assert relative_error(got, oracle) < 4e-3
+
+
+DOT_SHAPES = [  # (out, in, group, tokens): panels, 16-row and 16-token blocks with their rests
+    (48, 256, 64, 9),
+    (130, 96, None, 37),  # N past whole blocks; one group, K = 3 blocks of 32
+    (70, 200, None, 16),  # K with a tail of 8 inputs in its last block
+    (300, 64, 32, 33),
+    (96, 576, 64, 1),
+]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", DOT_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}m{s[3]}")
+def test_avx512_bf16_gemm_matches_bf16_tiles(bits, symmetric, shape, isa):
+    """Our AVX512-BF16 GEMM multiplies the same bf16 weights as the tiles do, exactly, with
+    fp32 sums (only their order differs): outputs within a bf16 rounding of the tile path's,
+    bias included. Runs wherever the CPU has VDPBF16PS (the avx512 build; the AVX2 build reports
+    no such path)."""
+    if not cpu.bf16_dot():
+        if isa == "avx512" and not cpu.amx():
+            assert "avx512_bf16" not in cpu_flags(), "the CPU has VDPBF16PS but the path is off"
+        pytest.skip(f"no AVX512-BF16 GEMM in the {isa} build on this CPU")
+    out_features, in_features, group, tokens = shape
+    module = make(out_features, in_features, IntFormat(bits, group, symmetric))
+    x = torch.randn(2, tokens, in_features).to(torch.bfloat16)
+    args = (x, module.qweight, module.scales, module.qzeros, bits, group)
+    dot = cpu.gemm(*args, bias=module.bias, dot_max_rows=2 * tokens)
+    tiles = cpu.gemm(*args, bias=module.bias, dot_max_rows=0)
+    assert dot.shape == tiles.shape == (2, tokens, out_features) and dot.dtype == torch.bfloat16
+    oracle = F.linear(x.float(), module.dequantize(torch.bfloat16).float(), module.bias.float())
+    assert relative_error(dot, tiles) < 2e-3
+    assert relative_error(dot, oracle) <= max(1.2 * relative_error(tiles, oracle), 1e-3)
+    assert cpu.gemm_path(torch.bfloat16, group, in_features, rows=2 * tokens) == "avx512-bf16"
+    assert cpu.gemm_path(torch.bfloat16, group, in_features, rows=cpu.DOT_MAX_ROWS + 1) != (
+        "avx512-bf16"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -52,10 +52,24 @@ GEMM_TILE_ROWS = 0
 """Weight rows per tile of torch's GEMM paths; 0: 2 MiB of bf16 weights per tile (256 rows at
 4096 inputs, whole SmolLM2 matrices; measured, see qmatmul_api.cpp)."""
 
+DOT_MAX_ROWS = 1024
+"""The most activation rows the AVX512-BF16 GEMM takes; more go to torch's GEMM on bf16 tiles,
+whose own kernel is faster once the rows amortize its weight reorder (measured, see
+benchmarks/kernels_zen4.md)."""
+
 SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "qmatmul_amx.cpp", "qmatmul_api.cpp")
 """The translation unit's parts, in order (each later one uses what the earlier define)."""
 
-_FUNCTIONS = ["amx", "dequantize", "dequantize_bf16", "gemm", "gemv", "isa", "vectorized"]
+_FUNCTIONS = [
+    "amx",
+    "bf16_dot",
+    "dequantize",
+    "dequantize_bf16",
+    "gemm",
+    "gemv",
+    "isa",
+    "vectorized",
+]
 _EMPTY = torch.empty(0, dtype=torch.uint8)
 _EMPTY_FLOAT = torch.empty(0)
 _HALF = (torch.bfloat16, torch.float16)
@@ -112,6 +126,13 @@ def amx() -> bool:
     return bool(ext is not None and ext.amx())
 
 
+def bf16_dot() -> bool:
+    """Whether bf16 prefill of up to :data:`DOT_MAX_ROWS` rows runs our AVX512-BF16 GEMM (an
+    AVX-512 build on a CPU with VDPBF16PS, and no AMX, which goes first)."""
+    ext = native()
+    return bool(ext is not None and ext.bf16_dot() and not ext.amx())
+
+
 @cache
 def bf16_gemm_native() -> bool:
     """Whether torch's bf16 GEMM runs on bf16 hardware here (AVX512-BF16 or AMX): then bf16
@@ -152,12 +173,21 @@ def _crossover(level: str, amx_gemm: bool, dtype: torch.dtype) -> int:
     return 16
 
 
-def gemm_path(dtype: torch.dtype, group_size: int | None, in_features: int) -> str:
-    """How :func:`gemm` multiplies for this activation dtype and format: ``amx``,
-    ``bf16 tiles`` or ``fp32 tiles``."""
+def gemm_path(
+    dtype: torch.dtype, group_size: int | None, in_features: int, rows: int | None = None
+) -> str:
+    """How :func:`gemm` multiplies ``rows`` activation rows (any number if ``None``) of this
+    dtype and format: ``amx``, ``avx512-bf16`` (``avx512-bf16 to N rows, then bf16 tiles``
+    for any number), ``bf16 tiles`` or ``fp32 tiles``."""
     if dtype == torch.bfloat16:
-        if amx() and amx_path(group_size, in_features):
+        panels = amx_path(group_size, in_features)
+        if amx() and panels:
             return "amx"
+        if bf16_dot() and panels:
+            if rows is None:
+                return f"avx512-bf16 to {DOT_MAX_ROWS} rows, then bf16 tiles"
+            if rows <= DOT_MAX_ROWS:
+                return "avx512-bf16"
         if bf16_gemm_native():
             return "bf16 tiles"
     return "fp32 tiles"
@@ -214,10 +244,12 @@ def gemm(
     bias: torch.Tensor | None = None,
     tile_rows: int = GEMM_TILE_ROWS,
     bf16_tiles: bool | None = None,
+    dot_max_rows: int = DOT_MAX_ROWS,
 ) -> torch.Tensor:
     """x (..., K) x packed weight (+ bias) → (..., N) in x's dtype; for many rows (prefill).
 
-    bf16 x: the AMX GEMM on AMX builds; else ``bf16_tiles`` (default
+    bf16 x: the AMX GEMM on AMX builds; else, up to ``dot_max_rows`` rows, the AVX512-BF16
+    GEMM where the build and CPU have it (0 turns it off); else ``bf16_tiles`` (default
     :func:`bf16_gemm_native`) dequantizes tiles of ``tile_rows`` weight rows to bf16 for
     torch's bf16 GEMM, as the reference does, or to fp32 for its fp32 GEMM. Other dtypes: fp32
     tiles (exact for fp32 x)."""
@@ -234,6 +266,7 @@ def gemm(
         _bias(bias),
         tile_rows,
         bf16_tiles,
+        dot_max_rows,
     )
 
 

@@ -253,23 +253,37 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
 }
 
 // x (..., K) fp32/bf16/fp16 -> (..., N) in x's dtype (prefill). bf16 x: the AMX GEMM where this
-// build and the CPU have it, else (bf16_tiles) bf16 tiles through torch's GEMM; everything else
-// fp32 tiles through torch's fp32 GEMM (exact for fp32 x).
+// build and the CPU have it; else, up to dot_max_rows rows, the AVX512-BF16 GEMM where this
+// build and the CPU have that; else (bf16_tiles) bf16 tiles through torch's GEMM; everything
+// else fp32 tiles through torch's fp32 GEMM (exact for fp32 x).
 torch::Tensor gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                    torch::Tensor qzeros, int64_t bits, int64_t group, torch::Tensor bias,
-                   int64_t tile, bool bf16_tiles) {
+                   int64_t tile, bool bf16_tiles, int64_t dot_max_rows) {
   if (x.scalar_type() == torch::kBFloat16) {
     const torch::Tensor xb = as_rows(x, torch::kBFloat16);
     const Packed p = make_packed(qweight, scales, qzeros, bits, group, xb.size(1));
+#ifdef COMPRESS_AVX512
+    const int64_t M = xb.size(0);
+    bool amx_here = false;
 #ifdef COMPRESS_AMX
-    if (amx_ok(p) && amx_ready() && xb.size(0) > 0 && p.N > 0) {
-      auto out = torch::empty({xb.size(0), p.N}, xb.options());
+    amx_here = amx_ready();
+#endif
+    const bool dot_here = !amx_here && M <= dot_max_rows && bf16_dot_supported();
+    if ((amx_here || dot_here) && panel_ok(p) && M > 0 && p.N > 0) {
+      auto out = torch::empty({M, p.N}, xb.options());
       const torch::Tensor b = bias.numel() > 0 ? bias.to(torch::kFloat).contiguous() : bias;
-      const bool done = amx_gemm(p, reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()),
-                                 xb.size(0), b.numel() > 0 ? b.data_ptr<float>() : nullptr,
-                                 reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+      const auto* xs = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+      const float* bp = b.numel() > 0 ? b.data_ptr<float>() : nullptr;
+      auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+      bool done = false;
+#ifdef COMPRESS_AMX
+      done = amx_here && amx_gemm(p, xs, M, bp, op);
+#endif
+      if (!done && dot_here) done = dot_gemm(p, xs, M, bp, op);
       if (done) return reshape_like(out, x);
     }
+#else
+    (void)dot_max_rows;
 #endif
     if (bf16_tiles) {
       return reshape_like(gemm_bf16_tiles(xb, p, bias, tile), x);
@@ -293,6 +307,15 @@ std::string isa() {
 
 // Whether the AMX GEMM runs here: an AMX build and the kernel's permission for tile state.
 bool amx() { return amx_ready(); }
+
+// Whether the AVX512-BF16 GEMM runs here: an AVX-512 build on a CPU with VDPBF16PS.
+bool bf16_dot() {
+#ifdef COMPRESS_AVX512
+  return bf16_dot_supported();
+#else
+  return false;
+#endif
+}
 
 bool vectorized() {
 #ifdef COMPRESS_AVX2
