@@ -67,11 +67,13 @@ NOTES = [
     "fused (AVX-512 VNNI `vpdpwssd`), where the exact fp32 path (fp32 activations, and 7-bit "
     "codes) needs a shift, mask, int->float convert and FMA per 8 codes.",
     "- Prefill (`cpu_gemm`) with bf16 activations: on an AMX build a GEMM of our own (weight "
-    "panels dequantized by lookup table straight into AMX tile blocks, 2x2 tiles); on other "
-    "builds tiles dequantized to bf16 for torch's bf16 GEMM where the CPU has bf16 hardware "
-    "(else fp32 tiles for its fp32 GEMM). A forced lower build on an AMX machine is still "
-    "measured against torch's AMX bf16 GEMM: it pays our dequantization on top of the same "
-    "GEMM, so its prefill ratios are below what that build gets on its own kind of CPU.",
+    "panels dequantized by lookup table straight into AMX tile blocks, 2x2 tiles); on an AVX-512 "
+    "build whose CPU has AVX512-BF16 (Zen 4) the same panels multiplied by `vdpbf16ps`, sixteen "
+    "accumulators a 16-row block, up to 1024 rows; otherwise tiles dequantized to bf16 for "
+    "torch's bf16 GEMM where the CPU has bf16 hardware (else fp32 tiles for its fp32 GEMM). A "
+    "forced lower build is still measured against torch's bf16 GEMM on the CPU's own hardware "
+    "(AMX, AVX512-BF16): it pays our dequantization on top of the same GEMM, so its prefill "
+    "ratios are below what that build gets on its own kind of CPU.",
     "- On a CPU shared with other jobs, multi-threaded timings snap to scheduler time slices "
     "(medians of exactly 4, 8, 12 ms): a 2-thread parallel region waits for a descheduled "
     "thread. The one-thread tables are the steadier comparison there.",
@@ -247,7 +249,7 @@ def bench_kernels(
                 kernel = "cpu_gemv" if rows <= 8 else "cpu_gemm"
             median, best = timed(call, shape_reps, now)
             if kernel == "cpu_gemm" and old is None:
-                kernel += f" ({cpu.gemm_path(torch.bfloat16, probe.fmt.group_size, k)})"
+                kernel += f" ({cpu.gemm_path(torch.bfloat16, probe.fmt.group_size, k, rows)})"
             rows_out.append(
                 {
                     "isa": build,
