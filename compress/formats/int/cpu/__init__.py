@@ -53,9 +53,10 @@ GEMM_TILE_ROWS = 0
 4096 inputs, whole SmolLM2 matrices; measured, see qmatmul_api.cpp)."""
 
 DOT_MAX_ROWS = 1024
-"""The most activation rows the AVX512-BF16 GEMM takes; more go to torch's GEMM on bf16 tiles,
-whose own kernel is faster once the rows amortize its weight reorder (measured, see
-benchmarks/kernels_zen4.md)."""
+"""The most activation rows the AVX512-BF16 GEMM takes; more go to torch's GEMM on bf16 tiles.
+On a Zen 4 it was at least as fast as the tiles from 16 to 1024 rows (4096x4096 and SmolLM2's
+shapes; benchmarks/kernels_zen4.md), and its packed copy of the activations (rows x inputs x 2
+bytes, kept by the calling thread for the next call) stays bounded."""
 
 SOURCES = ("qmatmul.cpp", "qmatmul_avx512.cpp", "qmatmul_amx.cpp", "qmatmul_api.cpp")
 """The translation unit's parts, in order (each later one uses what the earlier define)."""
