@@ -7,7 +7,7 @@ training the adapters alone (``train: ["*.adapter_*"]``), at the same number of 
 parameters (QWHA keeps rank·(in+out) coefficients per Linear, a rank-r LoRA's count). KL and
 top-1 against the original on 32 windows x 512 tokens of the builtin:wiki evaluation split.
 
-    python scripts/bench_adapters.py --bits 3          # -> benchmarks/adapters.{json,md}
+    python scripts/bench_adapters.py --bits 3          # -> benchmarks/adapters.json, a table
     python scripts/bench_adapters.py --bits 2 --merge
     python scripts/bench_adapters.py --table
     python scripts/bench_adapters.py --speed out/smollm2-w3-qwha   # decode overhead of an export
@@ -214,11 +214,15 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         ratio = f"{row['init_error_ratio']:.3f}" if "init_error_ratio" in row else "-"
         steps = row.get("steps", DISTILL["steps"]) if row["variant"].endswith("+distill") else "-"
         lines.append(
-            f"| {row['bits']} | {row['variant']} | {params} | {ratio} | {steps} | "
+            f"| {row['bits']} | {row['case'].split('/', 1)[1]} | {params} | {ratio} | {steps} | "
             f"{row.get('dtype', 'auto')} | {row['kl']:.4f} | {100 * row['top1']:.1f}% | "
             f"{row['seconds']:.0f} | {row.get('date', '')} |"
         )
-    lines += ["", f"Machine: {meta['machine']}. Distill budget: {meta['distill']}."]
+    lines += [
+        "",
+        f"Last run: {meta['machine']}, distill budget {meta['distill']} (each row's own "
+        "machine and steps: adapters.json).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -230,6 +234,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=DISTILL["steps"], help="distill steps")
     add_dtype_argument(parser)
     parser.add_argument("--merge", action="store_true", help="keep rows of other bit widths")
+    parser.add_argument(
+        "--tag", default="", help="appended to the rows' names, so a rerun keeps the earlier rows"
+    )
     parser.add_argument("--table", action="store_true", help="print the table of the JSON")
     parser.add_argument("--speed", metavar="EXPORT", help="decode speed with and without adapter")
     parser.add_argument("--repeats", type=int, default=15, help="--speed: timed runs of each")
@@ -252,11 +259,14 @@ def main() -> None:
         return
     rows = load_rows(out, "case", args.merge)
     for row in run_bits(args.bits, args.variants, args.adapter_lr, args.steps, args.dtype):
-        rows[row["case"]] = {
+        case = row["case"] + (f" {args.tag}" if args.tag else "")
+        rows[case] = {
             **row,
+            "case": case,
             "steps": args.steps,
             "dtype": args.dtype,
             "date": datetime.date.today().isoformat(),
+            "machine": f"{machine()} ({cpu_flags()})",
         }
     meta = {
         "eval": f"builtin:wiki evaluation, {EVAL_WINDOWS} x {SEQ_LEN}",
@@ -264,13 +274,17 @@ def main() -> None:
         "distill": {**DISTILL, "adapter_lr": args.adapter_lr},
         "rank": RANK,
     }
-    order = sorted(rows, key=lambda c: (rows[c]["bits"], list(VARIANTS).index(rows[c]["variant"])))
+    order = sorted(
+        rows,
+        key=lambda c: (rows[c]["bits"], list(VARIANTS).index(rows[c]["variant"]), c),
+    )
     ordered = write_rows(out, meta, rows, order)
     if "speed" in saved:  # write_rows keeps meta and rows alone
         out.write_text(
             json.dumps({**json.loads(out.read_text()), "speed": saved["speed"]}, indent=1) + "\n"
         )
-    (BENCHMARKS / "adapters.md").write_text(render(meta, ordered))
+    # adapters.md is written by hand around these numbers (which run, which machine, what they
+    # mean): print the table for it rather than overwrite it
     print(render(meta, ordered), flush=True)
 
 
