@@ -221,17 +221,19 @@ inline void e4m3_times16(__m128i codes, __m256 times, __m256* lo, __m256* hi) {
 }
 
 // One weight row's E8M0 / E4M3 scale codes decoded once, sixteen at a time, into `ready` in
-// kSlots order with zeros past the last sub-block (`padded`, whole octets): the row loop's
-// octets are then one load each. Decoding an octet in the loop instead cost NVFP4 a third of
-// its time (blocks of 16: an octet every two steps). `natural`: scratch of `padded` rounded up
-// to 16.
+// kSlots order with zeros past the last sub-block (`padded`, whole octets; `ready` has room for
+// `padded` rounded up to 16): the row loop's octets are then one load each. Decoding an octet in
+// the loop instead cost NVFP4 a third of its time (blocks of 16: an octet every two steps).
+// Each decoded half is an octet in natural order, permuted into kSlots order on its way out.
 void decode_row_scales(const uint8_t* codes, int64_t subs, int64_t padded, int kind,
-                       float multiplier, __m256i order, float* natural, float* ready) {
+                       float multiplier, __m256i order, float* ready) {
   const __m256 times = _mm256_set1_ps(multiplier);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   alignas(16) uint8_t tail[16];
   for (int64_t u = 0; u < padded; u += 16) {
     const uint8_t* src = codes + u;
-    if (u + 16 > subs) {  // never read past the row
+    const bool last = u + 16 > subs;
+    if (last) {  // never read past the row
       std::memset(tail, 0, sizeof(tail));
       if (subs > u) std::memcpy(tail, codes + u, static_cast<size_t>(subs - u));
       src = tail;
@@ -244,12 +246,14 @@ void decode_row_scales(const uint8_t* codes, int64_t subs, int64_t padded, int k
     } else {
       e4m3_times16(c, times, &lo, &hi);
     }
-    _mm256_storeu_ps(natural + u, lo);
-    _mm256_storeu_ps(natural + u + 8, hi);
-  }
-  for (int64_t t = subs; t < padded; ++t) natural[t] = 0.f;
-  for (int64_t o = 0; o < padded; o += 8) {
-    _mm256_storeu_ps(ready + o, _mm256_permutevar8x32_ps(_mm256_loadu_ps(natural + o), order));
+    if (last) {  // zeros past the last sub-block (E8M0's code 0 is not zero)
+      const __m256i left = _mm256_set1_epi32(static_cast<int>(subs - u));
+      lo = _mm256_and_ps(lo, _mm256_castsi256_ps(_mm256_cmpgt_epi32(left, iota)));
+      hi = _mm256_and_ps(hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                 left, _mm256_add_epi32(iota, _mm256_set1_epi32(8)))));
+    }
+    _mm256_storeu_ps(ready + u, _mm256_permutevar8x32_ps(lo, order));
+    _mm256_storeu_ps(ready + u + 8, _mm256_permutevar8x32_ps(hi, order));
   }
 }
 
@@ -615,14 +619,12 @@ torch::Tensor gemv_int16(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   const bool decoded = coded && kind != kScaleLut;  // blocks of 16 or 32: per_block == 1
   at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> filled(per_block > 1 ? static_cast<size_t>(subs) : 0);
-    std::vector<float> natural(decoded ? static_cast<size_t>((padded + 15) / 16 * 16) : 0);
-    std::vector<float> ready(decoded ? static_cast<size_t>(padded) : 0);
+    std::vector<float> ready(decoded ? static_cast<size_t>((padded + 15) / 16 * 16) : 0);
     for (int64_t n = begin; n < end; ++n) {
       RowScales ws{nullptr, coded ? cp + n * groups : nullptr, dp,
                    coded ? nullptr : sp + n * groups, nullptr, subs, order};
       if (decoded) {
-        decode_row_scales(cp + n * groups, subs, padded, kind, multiplier, order,
-                          natural.data(), ready.data());
+        decode_row_scales(cp + n * groups, subs, padded, kind, multiplier, order, ready.data());
         ws.ready = ready.data();
       }
       if (per_block > 1) {  // blocks of 128 and more: sub-blocks of 64, no division each
