@@ -131,7 +131,7 @@ def bf16_dot() -> bool:
     """Whether bf16 prefill of up to :data:`DOT_MAX_ROWS` rows runs our AVX512-BF16 GEMM (an
     AVX-512 build on a CPU with VDPBF16PS, and no AMX, which goes first)."""
     ext = native()
-    return bool(ext is not None and ext.bf16_dot() and not ext.amx())
+    return bool(ext is not None and ext.bf16_dot())
 
 
 @cache

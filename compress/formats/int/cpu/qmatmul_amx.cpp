@@ -13,8 +13,9 @@
 //   time, compiled with a function target): sixteen zmm accumulators, one per weight row of a
 //   16-row block, lanes = 16 tokens; each input pair of the activations (one zmm of the same
 //   VNNI blocks) meets the sixteen rows' pairs broadcast from the panel, VDPBF16PS. At 32 rows
-//   of 4096^2 on one Zen 4 core this multiplies at 111 GMAC/s against 74 for torch's bf16
-//   matmul, whose weight reorder does not pay off on so few rows.
+//   of 4096^2 int4 on one Zen 4 core: 5.87 ms, dequantization included, against 7.07 ms for
+//   torch's bf16 matmul, whose weight reorder does not pay off on so few rows
+//   (benchmarks/kernels_zen4.md).
 //
 // Either way C[n][m] = sum_k W[n][k] x[m][k], so the weight needs no transpose; the 16x16
 // result blocks are transposed on their way out (cheaper: there are K times fewer outputs than
@@ -83,8 +84,9 @@ void pack_acts(const uint16_t* x, int64_t M, int64_t K, int64_t KB, uint16_t* xp
 // One 16x16 C block (row n - n0, column m - m0) -> out rows (bf16) plus the bias; only m < M
 // and n < N are written.
 // (_mm512_cvtneps_pbh is AVX512-BF16: compiled for it, called only where the CPU has it.)
-__attribute__((target("avx512bf16"))) void store_block(const float* c, int64_t n0, int64_t m0, int64_t M, int64_t N,
-                        const float* bias, uint16_t* out) {
+__attribute__((target("avx512bf16"))) void store_block(const float* c, int64_t n0, int64_t m0,
+                                                        int64_t M, int64_t N, const float* bias,
+                                                        uint16_t* out) {
   __m512i r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + 16 * i);
   transpose16(r);  // row i: token m0 + i, features n0 .. n0 + 15

@@ -308,10 +308,11 @@ std::string isa() {
 // Whether the AMX GEMM runs here: an AMX build and the kernel's permission for tile state.
 bool amx() { return amx_ready(); }
 
-// Whether the AVX512-BF16 GEMM runs here: an AVX-512 build on a CPU with VDPBF16PS.
+// Whether the AVX512-BF16 GEMM runs here: an AVX-512 build on a CPU with VDPBF16PS, where the
+// AMX GEMM does not go first (gemm's order).
 bool bf16_dot() {
 #ifdef COMPRESS_AVX512
-  return bf16_dot_supported();
+  return bf16_dot_supported() && !amx_ready();
 #else
   return false;
 #endif
